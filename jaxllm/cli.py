@@ -1,0 +1,43 @@
+"""`jaxllm` console script: each sub-command lives in its own module and is imported on demand,
+so `jaxllm --help` does not pay for importing JAX."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("jaxllm.models.cli", "list every model preset with its parameter count"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return ("usage: jaxllm COMMAND [ARGS...]\n\nJAX/Flax training, conversion and inference for "
+            "Llama 2, Baichuan 1/2, CT-LLM and Ziya.\n\ncommands:\n" + rows +
+            "\n\nRun `jaxllm COMMAND --help` for a command's options.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv and "train" in COMMANDS:  # the embedded default: `jaxllm` alone trains the demo
+            argv = ["train"]
+        else:
+            print(_usage())
+            return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        from jaxllm.config import closest
+        print(f"jaxllm: unknown command '{name}'{closest(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

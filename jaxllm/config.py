@@ -1,0 +1,126 @@
+"""Model configuration: one dataclass describes every family; a preset is data.
+
+Validation happens at construction, with one message naming the field at fault.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+POSITIONS = ("rope", "alibi")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+FAMILIES = ("llama", "baichuan", "baichuan2", "ctllm", "ziya")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the one decoder.
+
+    `vocab_size` is the number of embedding rows (padded); `tokenizer_vocab_size` the number of
+    pieces the tokenizer can emit (Ziya 39,410 of 39,424 rows; CT-LLM 125,696 of 125,824).
+    """
+
+    name: str = "custom"
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    max_position_embeddings: int = 4096
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    norm_head: bool = False
+    tie_embeddings: bool = False
+    z_loss_weight: float = 0.0
+    tokenizer_vocab_size: int | None = None
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_pieces(self) -> int:
+        """Token ids the tokenizer can produce (<= vocab_size)."""
+        return self.tokenizer_vocab_size or self.vocab_size
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads} does not divide "
+                              f"model.hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
+                              f"model.num_heads={self.num_heads}")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"model.position must be one of {POSITIONS}, got {self.position!r}"
+                              + closest(str(self.position), POSITIONS))
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.hidden_size/num_heads={self.head_dim} must be even for RoPE")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {FAMILIES}, got {self.family!r}"
+                              + closest(str(self.family), FAMILIES))
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}"
+                              + closest(str(self.remat), REMAT_POLICIES))
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention must be one of {ATTENTION_IMPLS}, got "
+                              f"{self.attention!r}" + closest(str(self.attention), ATTENTION_IMPLS))
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.tokenizer_vocab_size is not None and not (0 < self.tokenizer_vocab_size <= self.vocab_size):
+            raise ConfigError(f"model.tokenizer_vocab_size={self.tokenizer_vocab_size} must be in "
+                              f"(0, vocab_size={self.vocab_size}]")
+        if self.rms_norm_eps <= 0:
+            raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise ConfigError(f"unknown model field '{unknown[0]}'"
+                              + closest(unknown[0], [f.name for f in dataclasses.fields(self)]))
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"unknown model field '{key}'" + closest(key, names))
+        return cls(**dict(data))

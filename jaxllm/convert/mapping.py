@@ -1,0 +1,142 @@
+"""HF ⇄ jaxllm tensor map, as data. One table per layout; both directions come from it.
+
+Each `TensorMap` says which HF tensor feeds which jaxllm leaves (a leaf under `layers/` is one slice of
+the layer-stacked array) and how the shapes change. HF Linear weights are [out, in]; ours are [in, out]
+with heads split out: q [embed, heads, head_dim], o [heads, head_dim, embed].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+LLAMA_LAYOUT_FAMILIES = ("llama", "ctllm", "ziya")
+BAICHUAN_FAMILIES = ("baichuan", "baichuan2")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    leaves: tuple[tuple[str, ...], ...]     # jaxllm paths fed by this tensor
+    layer: int | None                       # slice of the stacked `layers` axis, or None
+    to_jax: Callable[[np.ndarray], list[np.ndarray]]
+    to_hf: Callable[[list[np.ndarray]], np.ndarray]
+
+
+def _in_heads(heads, head_dim):
+    """HF [heads*head_dim, embed] → [embed, heads, head_dim]."""
+    return (lambda w: [np.ascontiguousarray(w.T).reshape(w.shape[1], heads, head_dim)],
+            lambda ws: np.ascontiguousarray(ws[0].reshape(ws[0].shape[0], -1).T))
+
+
+def _out_heads(heads, head_dim):
+    """HF [embed, heads*head_dim] → [heads, head_dim, embed]."""
+    return (lambda w: [np.ascontiguousarray(w.T).reshape(heads, head_dim, w.shape[0])],
+            lambda ws: np.ascontiguousarray(ws[0].reshape(-1, ws[0].shape[-1]).T))
+
+
+_TRANSPOSE = (lambda w: [np.ascontiguousarray(w.T)], lambda ws: np.ascontiguousarray(ws[0].T))
+_SAME = (lambda w: [w], lambda ws: ws[0])
+
+
+def _w_pack(cfg: ModelConfig):
+    """Baichuan's fused [3H, H] = rows q | k | v → three [H, heads, head_dim] leaves."""
+    h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+
+    def to_jax(w):
+        return [np.ascontiguousarray(part.T).reshape(h, n, d) for part in np.split(w, 3, axis=0)]
+
+    def to_hf(ws):
+        return np.concatenate([w.reshape(h, n * d).T for w in ws], axis=0)
+
+    return to_jax, to_hf
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """Every HF tensor of `cfg`'s layout, in HF's usual order (embeddings, layers, norm, head)."""
+    h, f, n, k, d, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, cfg.vocab_size)
+    maps = [TensorMap("model.embed_tokens.weight", (v, h), (("embedding",),), None, *_SAME)]
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        layer = lambda key, shape, leaves, fns: TensorMap(pre + key, shape, leaves, i, *fns)
+        maps.append(layer("input_layernorm.weight", (h,), (("layers", "attn_norm", "scale"),), _SAME))
+        if cfg.family in BAICHUAN_FAMILIES:
+            maps.append(layer("self_attn.W_pack.weight", (3 * h, h),
+                              tuple(("layers", "attn", w) for w in ("wq", "wk", "wv")), _w_pack(cfg)))
+        else:
+            maps.append(layer("self_attn.q_proj.weight", (n * d, h), (("layers", "attn", "wq"),),
+                              _in_heads(n, d)))
+            maps.append(layer("self_attn.k_proj.weight", (k * d, h), (("layers", "attn", "wk"),),
+                              _in_heads(k, d)))
+            maps.append(layer("self_attn.v_proj.weight", (k * d, h), (("layers", "attn", "wv"),),
+                              _in_heads(k, d)))
+        maps.append(layer("self_attn.o_proj.weight", (h, n * d), (("layers", "attn", "wo"),),
+                          _out_heads(n, d)))
+        maps.append(layer("post_attention_layernorm.weight", (h,), (("layers", "mlp_norm", "scale"),),
+                          _SAME))
+        maps.append(layer("mlp.gate_proj.weight", (f, h), (("layers", "mlp", "gate"),), _TRANSPOSE))
+        maps.append(layer("mlp.up_proj.weight", (f, h), (("layers", "mlp", "up"),), _TRANSPOSE))
+        maps.append(layer("mlp.down_proj.weight", (h, f), (("layers", "mlp", "down"),), _TRANSPOSE))
+    maps.append(TensorMap("model.norm.weight", (h,), (("final_norm", "scale"),), None, *_SAME))
+    if not cfg.tie_embeddings:
+        # NormHead: the raw (unnormalised) weight is stored on both sides.
+        maps.append(TensorMap("lm_head.weight", (v, h), (("lm_head",),), None, *_TRANSPOSE))
+    return maps
+
+
+# HF buffers that carry no parameters (recomputed from the config); ignored on load.
+IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+
+
+def is_ignored(hf_key: str) -> bool:
+    return any(hf_key.endswith(suffix) for suffix in IGNORED_HF_KEYS)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
+    """Build the jaxllm parameter tree (numpy) from `get_tensor(hf_key)`; in memory, for small models
+    and tests (`jaxllm.convert` streams instead)."""
+    from jaxllm.models import param_shapes
+
+    shapes = param_shapes(cfg)
+    params: dict = {}
+    for m in tensor_maps(cfg):
+        w = np.asarray(get_tensor(m.hf_key))
+        if tuple(w.shape) != m.hf_shape:
+            raise ValueError(f"tensor {m.hf_key}: expected shape {m.hf_shape}, got {tuple(w.shape)}")
+        for path, value in zip(m.leaves, m.to_jax(w)):
+            if m.layer is None:
+                _set(params, path, value.astype(dtype or value.dtype))
+                continue
+            try:
+                stacked = _get(params, path)
+            except KeyError:
+                stacked = np.empty(_get(shapes, path).shape, dtype or value.dtype)
+                _set(params, path, stacked)
+            stacked[m.layer] = value
+    return params
+
+
+def params_to_hf(params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (hf_key, array) for every HF tensor, one at a time."""
+    for m in tensor_maps(cfg):
+        leaves = [np.asarray(_get(params, p)) for p in m.leaves]
+        if m.layer is not None:
+            leaves = [leaf[m.layer] for leaf in leaves]
+        yield m.hf_key, m.to_hf(leaves)

@@ -1,0 +1,71 @@
+"""Functional model API: parameters are a plain pytree; the model a pure function of them."""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.decoder import Decoder
+from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
+
+__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward",
+           "init_kv_cache", "param_shapes", "param_logical_axes", "count_params"]
+
+
+def _dummy_tokens():
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _boxed_shapes(config: ModelConfig):
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return jax.eval_shape(lambda r: Decoder(config).init(jax.random.wrap_key_data(r), _dummy_tokens()),
+                          rng)["params"]
+
+
+def param_shapes(config: ModelConfig):
+    """Pytree of `jax.ShapeDtypeStruct`, computed without allocating."""
+    return nn.unbox(_boxed_shapes(config))
+
+
+def param_logical_axes(config: ModelConfig):
+    """Pytree of logical `PartitionSpec`s (e.g. ('layers', 'embed', 'heads', 'head_dim'))."""
+    return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def count_params(config: ModelConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, shardings=None):
+    """Random parameters (normal(initializer_range), norms at one). With `shardings` (a pytree of
+    `NamedSharding` matching `param_shapes`) each device materialises only its own shard."""
+    init = jax.jit(lambda r: nn.unbox(Decoder(config).init(r, _dummy_tokens())["params"]),
+                   out_shardings=shardings)
+    return init(rng)
+
+
+def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None, kv_cache=None, *,
+            return_hidden: bool = False):
+    """logits float32[batch, len, vocab] (and the new cache when `kv_cache` is given)."""
+    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
+                                 return_hidden=return_hidden)
+
+
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty cache: k, v [layers, batch, max_len, kv_heads, head_dim]; slots with segment 0 are empty."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "positions": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+KV_CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+                 "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+                 "segment_ids": ("batch", "length"), "positions": ("batch", "length"), "index": ()}

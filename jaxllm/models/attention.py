@@ -1,0 +1,82 @@
+"""Attention pieces: RoPE (HF rotate-half layout), ALiBi slopes, masks, and the attention kernel.
+
+Shapes: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim].
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+    """cos, sin: float32[batch, len, head_dim] for int positions [batch, len] (HF `cat(freqs, freqs)`)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + d/2) of every head; computed in float32 and cast back (Meta, Baichuan2)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """Baichuan's `_get_interleave`: geometric slopes, interleaved for non-power-of-two head counts."""
+
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return np.asarray(slopes, dtype=np.float32)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jax.Array:
+    """bool[batch, 1, q_len, kv_len]: causal by slot index and within the same segment.
+
+    Query t sits at cache slot `q_offset + t`; segment id 0 marks padding and empty cache slots, which
+    real tokens (segment >= 1) never attend to.
+    """
+    q_len, kv_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_slot = q_offset + jnp.arange(q_len)
+    causal = jnp.arange(kv_len)[None, :] <= q_slot[:, None]
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return (causal[None] & same_segment)[:, None]
+
+
+def attend(q, k, v, mask, *, alibi=None, impl: str = "reference") -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    mask: bool[batch, 1, q_len, kv_len]. alibi: (slopes float32[heads], distance float32[batch, q_len,
+    kv_len]) with distance = pos_k - pos_q, so the bias is slope_h * distance (Baichuan's training form;
+    its inference form differs by a per-row constant, which softmax ignores).
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if impl in ("xla", "cudnn") and alibi is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    if impl == "auto" and alibi is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    rep = heads // kv_heads
+    qg = q.reshape(batch, q_len, kv_heads, rep, head_dim)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    if alibi is not None:
+        slopes, distance = alibi
+        bias = slopes.reshape(kv_heads, rep)[None, :, :, None, None] * distance[:, None, None]
+        scores = scores + bias
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)

@@ -1,0 +1,201 @@
+"""The one decoder for every family (Flax linen). Family differences are config fields.
+
+Parameter tree (layers stacked on a leading axis, run with `nn.scan`):
+
+    embedding            [vocab, embed]
+    layers/attn_norm     [layers, embed]
+    layers/attn/wq       [layers, embed, heads, head_dim]
+    layers/attn/wk, wv   [layers, embed, kv_heads, head_dim]
+    layers/attn/wo       [layers, heads, head_dim, embed]
+    layers/mlp_norm      [layers, embed]
+    layers/mlp/gate, up  [layers, embed, mlp]
+    layers/mlp/down      [layers, mlp, embed]
+    final_norm           [embed]
+    lm_head              [embed, vocab]   (absent when embeddings are tied; raw rows for NormHead)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_out": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out"),
+}
+
+
+def _param(module, name, axes, shape, init, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", ("norm",), (x.shape[-1],), nn.initializers.ones, self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, alibi_distance, cache_index, layer_cache):
+        cfg = self.config
+        dt, pdt = cfg.dtype, cfg.param_dtype
+        init = nn.initializers.normal(cfg.initializer_range)
+        h, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "wq", ("embed", "heads", "head_dim"), (h, n, d), init, pdt)
+        wk = _param(self, "wk", ("embed", "kv_heads", "head_dim"), (h, kv, d), init, pdt)
+        wv = _param(self, "wv", ("embed", "kv_heads", "head_dim"), (h, kv, d), init, pdt)
+        wo = _param(self, "wo", ("heads", "head_dim", "embed"), (n, d, h), init, pdt)
+
+        q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
+        if cfg.position == "rope":
+            cos, sin = rope_cos_sin(positions, d, cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = checkpoint_name(q, "query")
+        k = checkpoint_name(k, "key")
+        v = checkpoint_name(v, "value")
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_cache = (cache_k, cache_v)
+            k, v = cache_k.astype(dt), cache_v.astype(dt)
+
+        alibi = None
+        if cfg.position == "alibi":
+            alibi = (jnp.asarray(alibi_slopes(n)), alibi_distance)
+        out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention)
+        out = checkpoint_name(out, "attn_out")
+        return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        shape_in = (cfg.hidden_size, cfg.intermediate_size)
+        gate = _param(self, "gate", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
+        up = _param(self, "up", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
+        down = _param(self, "down", ("mlp", "embed"), shape_in[::-1], init, cfg.param_dtype)
+        hidden = nn.silu(x @ gate.astype(cfg.dtype)) * (x @ up.astype(cfg.dtype))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
+        return hidden @ down.astype(cfg.dtype)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, alibi_distance, cache_index, layer_cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        attn_out, new_cache = Attention(cfg, name="attn")(
+            norm("attn_norm")(x), positions, mask, alibi_distance, cache_index, layer_cache)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_cache
+
+
+class Decoder(nn.Module):
+    """tokens int32[batch, len] → logits float32[batch, len, vocab] (or final hidden states)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        init = nn.initializers.normal(cfg.initializer_range)
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, kv_cache=None, *,
+                 return_hidden: bool = False):
+        """Returns logits (or hidden states), and the updated cache when `kv_cache` is given.
+
+        positions: int32[batch, len], default counting from the cache index. segment_ids:
+        int32[batch, len], tokens attend only within their segment (>= 1; 0 marks padding).
+        kv_cache: dict from `init_kv_cache`; the new tokens are written at its `index`.
+        """
+        cfg = self.config
+        batch, length = tokens.shape
+        index = jnp.int32(0) if kv_cache is None else kv_cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+
+        if kv_cache is None:
+            kv_segments, kv_positions, layer_caches = segment_ids, positions, None
+        else:
+            kv_segments = jax.lax.dynamic_update_slice(kv_cache["segment_ids"], segment_ids, (0, index))
+            kv_positions = jax.lax.dynamic_update_slice(kv_cache["positions"], positions, (0, index))
+            layer_caches = (kv_cache["k"], kv_cache["v"])
+        mask = attention_mask(segment_ids, kv_segments, index)
+        distance = None
+        if cfg.position == "alibi":
+            distance = (kv_positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)
+
+        x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x, new_layer_caches = self.layers(x, positions, mask, distance, index, layer_caches)
+        x = self.final_norm(x)
+        if return_hidden:
+            out = x
+        else:
+            out = jnp.einsum("bte,ev->btv", x, self.output_matrix().astype(cfg.dtype))
+            out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        if kv_cache is None:
+            return out
+        new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1], "segment_ids": kv_segments,
+                     "positions": kv_positions, "index": index + length}
+        return out, new_cache
+
+    def output_matrix(self) -> jax.Array:
+        """[embed, vocab]; NormHead rows (HF `lm_head.weight[v]`) are unit-normalised every call."""
+        cfg = self.config
+        w = self.embedding.T if cfg.tie_embeddings else self.lm_head
+        if cfg.norm_head:
+            w32 = w.astype(jnp.float32)
+            norm = jnp.sqrt(jnp.sum(w32 * w32, axis=0, keepdims=True))
+            w = (w32 / jnp.maximum(norm, 1e-12)).astype(w.dtype)
+        return w

@@ -1,0 +1,176 @@
+"""The one decoder: exact to PyTorch/NumPy references, cache, sharding, packing, config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import sharding
+from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.convert.mapping import hf_to_params
+from jaxllm.models import (PRESETS, count_params, forward, get_preset, init_kv_cache, init_params)
+from jaxllm.models.attention import alibi_slopes
+from reference import baichuan_alibi_slopes, random_hf_state_dict, reference_logits
+
+TINY = ["llama2-tiny", "baichuan-tiny", "baichuan-13b-tiny", "baichuan2-tiny", "baichuan2-13b-tiny",
+        "ctllm-tiny", "ziya-tiny"]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320), ("llama2-70b", 68_976_648_192),
+    ("baichuan-7b", 7_000_559_616), ("baichuan-13b", 13_264_901_120),
+    ("baichuan2-7b", 7_505_973_248), ("baichuan2-13b", 13_896_668_160),
+    ("ctllm-2b", 2_134_509_568), ("ziya-13b", 13_091_886_080)])
+def test_published_parameter_counts_match_spec(name, expected):
+    assert count_params(get_preset(name)) == expected
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_match_numpy_reference(name):
+    cfg = get_preset(name)
+    sd = random_hf_state_dict(cfg, seed=1)
+    params = hf_to_params(sd.__getitem__, cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.num_pieces, size=24)
+    ours = forward(cfg, params, jnp.asarray(tokens)[None])[0]
+    assert rel_err(ours, reference_logits(sd, cfg, tokens)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "ctllm-tiny", "ziya-tiny", "baichuan-tiny"])
+def test_logits_match_transformers_llama(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = get_preset(name)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    sd = random_hf_state_dict(cfg.replace(family="llama"), seed=2)  # q/k/v split, as HF Llama has it
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    tokens = np.random.default_rng(1).integers(0, cfg.num_pieces, size=(2, 20))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(tokens)).logits.numpy()
+    if cfg.family == "baichuan":  # same math as Llama once W_pack is split
+        pack = lambda i: np.concatenate([sd[f"model.layers.{i}.self_attn.{m}_proj.weight"] for m in "qkv"])
+        packed = {f"model.layers.{i}.self_attn.W_pack.weight": pack(i) for i in range(cfg.num_layers)}
+        sd = {**packed, **{k: v for k, v in sd.items() if not any(f"{m}_proj" in k for m in "qkv")}}
+    ours = forward(cfg, hf_to_params(sd.__getitem__, cfg), jnp.asarray(tokens))
+    assert rel_err(ours, expected) < 1e-4
+
+
+def test_alibi_slopes_for_40_heads_match_spec():
+    slopes = alibi_slopes(40)
+    np.testing.assert_allclose(slopes[:4], [0.840896, 0.707107, 0.594604, 0.5], rtol=1e-5)
+    np.testing.assert_allclose(slopes[31], 0.00390625, rtol=1e-6)
+    np.testing.assert_allclose(slopes[32:], [0.917004, 0.771105, 0.648420, 0.545254, 0.458502,
+                                             0.385553, 0.324210, 0.272627], rtol=1e-5)
+    for n in (4, 5, 6, 8, 12, 32, 40, 64):
+        np.testing.assert_allclose(alibi_slopes(n), baichuan_alibi_slopes(n), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan2-13b-tiny"])
+def test_kv_cached_decode_matches_full_forward(name):
+    cfg = get_preset(name)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, cfg.vocab_size)
+    full = forward(cfg, params, tokens)
+    step = jax.jit(lambda p, t, c: forward(cfg, p, t, kv_cache=c))
+    logits, cache = step(params, tokens[:, :8], init_kv_cache(cfg, 2, 32))
+    outs = [logits]
+    for t in range(8, 14):
+        logits, cache = step(params, tokens[:, t:t + 1], cache)
+        outs.append(logits)
+    assert int(cache["index"]) == 14
+    assert rel_err(jnp.concatenate(outs, 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan2-13b-tiny", "ctllm-tiny"])
+def test_sharded_forward_matches_single_device(name):
+    cfg = get_preset(name)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+    single = forward(cfg, params, tokens)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    shardings = sharding.param_shardings(cfg, mesh)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        sharded_params = init_params(cfg, jax.random.key(0), shardings)
+        assert sharded_params["layers"]["mlp"]["gate"].sharding.spec == shardings["layers"]["mlp"]["gate"].spec
+        out = jax.jit(lambda p, t: forward(cfg, p, t))(
+            sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+    assert rel_err(out, single) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan-13b-tiny"])
+def test_packed_segments_equal_documents_one_by_one(name):
+    cfg = get_preset(name)
+    params = init_params(cfg, jax.random.key(0))
+    docs = [np.arange(3, 12), np.arange(40, 47), np.arange(100, 104)]
+    tokens = np.concatenate(docs)[None]
+    segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
+    positions = np.concatenate([np.arange(len(d)) for d in docs])[None]
+    packed = forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))[0]
+    start = 0
+    for doc in docs:
+        alone = forward(cfg, params, jnp.asarray(doc)[None])[0]
+        assert rel_err(packed[start:start + len(doc)], alone) < 1e-5
+        start += len(doc)
+
+
+def test_attention_implementations_agree():
+    base = get_preset("llama2-tiny")
+    params = init_params(base, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, base.vocab_size)
+    ref = forward(base.replace(attention="reference"), params, tokens)
+    assert rel_err(forward(base.replace(attention="xla"), params, tokens), ref) < 1e-5
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_out"])
+def test_remat_policies_do_not_change_gradients(policy):
+    cfg = get_preset("llama2-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    loss = lambda c: jax.grad(lambda p: forward(c, p, tokens).mean())(params)
+    grads, remat_grads = loss(cfg), loss(cfg.replace(remat=policy))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    cfg = get_preset("llama2-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    bf16 = forward(cfg.replace(dtype="bfloat16"), params, tokens)
+    assert bf16.dtype == jnp.float32
+    assert rel_err(bf16, forward(cfg, params, tokens)) < 5e-2
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(hidden_size=64, num_heads=5), "num_heads=5 does not divide model.hidden_size=64"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3 does not divide model.num_heads=4"),
+    (dict(position="alibbi"), "model.position must be one of"),
+    (dict(remat="everything"), "model.remat"),
+    (dict(vocab_size=0), "model.vocab_size must be a positive integer"),
+])
+def test_bad_config_fails_at_construction_naming_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        ModelConfig(**{"hidden_size": 64, "num_heads": 4, "intermediate_size": 128, **fields})
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="unknown preset 'llama2-7B'.*did you mean 'llama2-7b'"):
+        get_preset("llama2-7B")
+
+
+def test_presets_command_prints_every_preset(capsys):
+    from jaxllm.cli import main
+    assert main(["presets", "--all"]) == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in out
+    assert "6,738,415,616" in out and "13,896,668,160" in out and "2,134,509,568" in out
