@@ -48,6 +48,26 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model config: {err}") from None
 
 
+def resolve(directory: str | os.PathLike) -> Path:
+    """The checkpoint directory for DIR: DIR itself, or DIR/checkpoints for a training run directory."""
+    path = Path(directory)
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no such directory")
+    if not (path / MODEL_JSON).is_file() and (path / "checkpoints" / MODEL_JSON).is_file():
+        return path / "checkpoints"
+    return path
+
+
+def find_tokenizer(directory: str | os.PathLike) -> Path | None:
+    """`tokenizer.model` stored with a checkpoint (its directory or the run directory above it)."""
+    path = Path(directory)
+    for candidate in (path / "tokenizer.model", path / "checkpoints" / "tokenizer.model",
+                      path.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def is_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / MODEL_JSON).is_file()
 
@@ -84,6 +104,7 @@ def load_params(directory: str | os.PathLike, config: ModelConfig | None = None,
 
     `shardings`: pytree of NamedSharding to restore straight onto a mesh; `dtype` casts on restore.
     """
+    directory = resolve(directory)
     config = config or read_model_config(directory)
     with manager(directory) as mngr:
         step = mngr.latest_step() if step is None else step

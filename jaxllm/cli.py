@@ -7,6 +7,12 @@ import sys
 
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("jaxllm.train.cli", "pretrain (no arguments: the embedded demo on the shipped corpus)"),
+    "convert": ("jaxllm.convert.cli", "convert HuggingFace / PyTorch / Meta checkpoints to and from jaxllm"),
+    "tokenizer": ("jaxllm.tokenizer.cli", "train, extend, inspect sentencepiece tokenizers"),
+    "generate": ("jaxllm.inference.generate_cli", "sample text from a checkpoint (KV-cached)"),
+    "chat": ("jaxllm.inference.chat", "interactive terminal chat with the family's chat template"),
+    "eval": ("jaxllm.eval.cli", "perplexity and multiple-choice (C-Eval / MMLU) evaluation"),
     "presets": ("jaxllm.models.cli", "list every model preset with its parameter count"),
 }
 
