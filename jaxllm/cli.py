@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `jaxllm presets | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 POSITIONS = ("rope", "alibi")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
+HEADS = ("lm", "none")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama", "baichuan", "baichuan2", "ctllm", "ziya")
@@ -57,6 +58,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    # "none": the backbone alone returns hidden states (reward and value models add their own heads).
+    head: str = "lm"
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -98,6 +101,8 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"model.attention must be one of {ATTENTION_IMPLS}, got "
                               f"{self.attention!r}" + closest(str(self.attention), ATTENTION_IMPLS))
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head must be one of {HEADS}, got {self.head!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

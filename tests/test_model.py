@@ -7,12 +7,17 @@ import pytest
 from jaxllm import sharding
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.convert.mapping import hf_to_params
-from jaxllm.models import (PRESETS, count_params, forward, get_preset, init_kv_cache, init_params)
+from jaxllm.models import PRESETS, count_params, get_preset, init_kv_cache, init_params
+from jaxllm.models import forward as _forward
 from jaxllm.models.attention import alibi_slopes
 from reference import baichuan_alibi_slopes, random_hf_state_dict, reference_logits
 
 TINY = ["llama2-tiny", "baichuan-tiny", "baichuan-13b-tiny", "baichuan2-tiny", "baichuan2-13b-tiny",
         "ctllm-tiny", "ziya-tiny"]
+
+
+# One compiled program per (config, shapes) instead of eager op-by-op dispatch.
+forward = jax.jit(_forward, static_argnums=0)
 
 
 def rel_err(a, b):
@@ -80,7 +85,7 @@ def test_kv_cached_decode_matches_full_forward(name):
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, cfg.vocab_size)
     full = forward(cfg, params, tokens)
-    step = jax.jit(lambda p, t, c: forward(cfg, p, t, kv_cache=c))
+    step = jax.jit(lambda p, t, c: _forward(cfg, p, t, kv_cache=c))
     logits, cache = step(params, tokens[:, :8], init_kv_cache(cfg, 2, 32))
     outs = [logits]
     for t in range(8, 14):
@@ -101,8 +106,7 @@ def test_sharded_forward_matches_single_device(name):
     with jax.set_mesh(mesh), sharding.axis_rules():
         sharded_params = init_params(cfg, jax.random.key(0), shardings)
         assert sharded_params["layers"]["mlp"]["gate"].sharding.spec == shardings["layers"]["mlp"]["gate"].spec
-        out = jax.jit(lambda p, t: forward(cfg, p, t))(
-            sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+        out = forward(cfg, sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
     assert rel_err(out, single) < 1e-5
 
 
@@ -135,7 +139,7 @@ def test_remat_policies_do_not_change_gradients(policy):
     cfg = get_preset("llama2-tiny")
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-    loss = lambda c: jax.grad(lambda p: forward(c, p, tokens).mean())(params)
+    loss = lambda c: jax.jit(jax.grad(lambda p: _forward(c, p, tokens).mean()))(params)
     grads, remat_grads = loss(cfg), loss(cfg.replace(remat=policy))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

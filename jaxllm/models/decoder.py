@@ -143,7 +143,7 @@ class Decoder(nn.Module):
             "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings and cfg.head == "lm":
             self.lm_head = self.param(
                 "lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
                 (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
@@ -179,7 +179,7 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         x, new_layer_caches = self.layers(x, positions, mask, distance, index, layer_caches)
         x = self.final_norm(x)
-        if return_hidden:
+        if return_hidden or cfg.head == "none":
             out = x
         else:
             out = jnp.einsum("bte,ev->btv", x, self.output_matrix().astype(cfg.dtype))
