@@ -1,0 +1,263 @@
+"""SFT and preference data: common jsonl formats → chat messages → token ids + loss mask → rows.
+
+SFT rows are packed (several examples per row, segment ids keep them apart); preference rows hold one
+(chosen, rejected) pair each, padded, so the two sequences of a pair share a row index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bot": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """A data line cannot be used; the message names file:line."""
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counts reported at the end of loading (and logged by the trainer)."""
+    examples: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    reasons: dict = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+        return (f"{self.examples} examples, {self.skipped} skipped{f' ({why})' if why else ''}, "
+                f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long")
+
+
+def _text(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataFormatError(f"field '{field}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_messages(record: dict) -> list[dict]:
+    """One SFT record in any supported format → [{"role", "content"}, ...].
+
+    Formats: Alpaca/BELLE {"instruction", "input"?, "output", "system"?}; ShareGPT {"conversations":
+    [{"from": "human"|"gpt"|"system", "value"}]}; OpenAI-style {"messages": [{"role", "content"}]}.
+    """
+    if not isinstance(record, dict):
+        raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list):
+            raise DataFormatError("field 'messages' must be a list")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+                raise DataFormatError(f"messages[{i}] needs 'role' and 'content'")
+            role = turn["role"]
+            if role not in ("system", "user", "assistant"):
+                raise DataFormatError(f"messages[{i}].role must be system/user/assistant, got {role!r}")
+            messages.append({"role": role, "content": _text(turn["content"], f"messages[{i}].content")})
+        return messages
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise DataFormatError("field 'conversations' must be a list")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise DataFormatError(f"conversations[{i}] needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+            if role is None:
+                raise DataFormatError(f"conversations[{i}].from must be one of "
+                                      f"{sorted(SHAREGPT_ROLES)}, got {turn['from']!r}")
+            messages.append({"role": role, "content": _text(turn["value"], f"conversations[{i}].value")})
+        return messages
+    if "instruction" in record or "output" in record:
+        for field in ("instruction", "output"):
+            if field not in record:
+                raise DataFormatError(f"Alpaca-style record is missing field '{field}'")
+        prompt = _text(record["instruction"], "instruction")
+        extra = _text(record.get("input") or "", "input")
+        if extra.strip():
+            prompt = f"{prompt}\n{extra}"
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(record["output"], "output")}]
+        if record.get("system"):
+            messages.insert(0, {"role": "system", "content": _text(record["system"], "system")})
+        return messages
+    raise DataFormatError("unknown SFT format: expected 'messages', 'conversations' or "
+                          f"'instruction'/'output', got fields {sorted(record)}")
+
+
+def check_conversation(messages: list[dict]) -> None:
+    """Optional system, then user/assistant alternating, ending with an assistant reply; no empty turn."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise DataFormatError("conversation has no user/assistant turns")
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise DataFormatError(f"turn {i} is '{turn['role']}' but '{expected}' was expected "
+                                  f"(turns must alternate user/assistant)")
+        if not turn["content"].strip():
+            raise DataFormatError(f"turn {i} ({turn['role']}) is empty")
+    if turns[-1]["role"] != "assistant":
+        raise DataFormatError("conversation must end with an assistant reply")
+
+
+def read_jsonl(path: str | Path, stats: Stats, on_error: str = "skip") -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", record) for each line; bad JSON / non-UTF-8 skipped+counted or raised."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            if not raw.strip():
+                continue
+            try:
+                yield where, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                reason = "non-UTF-8" if isinstance(err, UnicodeDecodeError) else "bad JSON"
+                if on_error == "raise":
+                    raise DataFormatError(f"{where}: {reason}: {err}") from None
+                stats.skip(reason)
+
+
+def _fail_or_skip(where, err, stats, on_error):
+    if on_error == "raise":
+        raise DataFormatError(f"{where}: {err}") from None
+    stats.skip(str(err).split(":")[0][:60])
+
+
+def encode_sft(files: Iterable[str | Path], tokenizer, template, seq_len: int, *,
+               truncation: str = "truncate", on_error: str = "skip", stats: Stats | None = None):
+    """[(ids, loss_mask)] for every usable conversation. An example longer than seq_len + 1 tokens
+    is cut at the end (`truncation="truncate"`, kept if a learnable token remains) or dropped."""
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    stats = stats if stats is not None else Stats()
+    examples = []
+    for path in files:
+        for where, record in read_jsonl(path, stats, on_error):
+            try:
+                messages = to_messages(record)
+                check_conversation(messages)
+            except DataFormatError as err:
+                _fail_or_skip(where, err, stats, on_error)
+                continue
+            ids, mask = template.render(tokenizer, messages)
+            if len(ids) > seq_len + 1:
+                if truncation == "drop":
+                    stats.dropped_too_long += 1
+                    continue
+                ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+                stats.truncated += 1
+            if not any(mask[1:]):
+                stats.dropped_too_long += 1
+                continue
+            examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.float32)))
+            stats.examples += 1
+    return examples, stats
+
+
+def pack_examples(examples, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Pack (ids, mask) examples, in order, into rows of `seq_len` (next-token form).
+
+    An example of n ids takes n - 1 slots: tokens ids[:-1], targets ids[1:], loss_mask mask[1:].
+    Returns int32/float32 arrays [rows, seq_len]: tokens, targets, loss_mask, segment_ids, positions.
+    """
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    used: list[int] = []
+    for ids, mask in examples:
+        n = len(ids) - 1
+        if rows and used[-1] + n <= seq_len:
+            rows[-1].append((ids, mask))
+            used[-1] += n
+        else:
+            rows.append([(ids, mask)])
+            used.append(n)
+    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("tokens", "targets", "segment_ids",
+                                                                  "positions")}
+    out["tokens"][:] = pad_id
+    out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+    for r, row in enumerate(rows):
+        start = 0
+        for seg, (ids, mask) in enumerate(row, 1):
+            n = len(ids) - 1
+            span = slice(start, start + n)
+            out["tokens"][r, span] = ids[:-1]
+            out["targets"][r, span] = ids[1:]
+            out["loss_mask"][r, span] = mask[1:]
+            out["segment_ids"][r, span] = seg
+            out["positions"][r, span] = np.arange(n)
+            start += n
+    return out
+
+
+def encode_preferences(files, tokenizer, template, seq_len: int, *, margins: dict | None = None,
+                       on_error: str = "skip", stats: Stats | None = None) -> tuple[dict, Stats]:
+    """{"prompt", "chosen", "rejected", "rating"?} records → arrays [pairs, 2, seq_len] (index 0 chosen,
+    1 rejected) of tokens/targets/loss_mask/segment_ids/positions, plus `margin` float32[pairs] from the
+    rating (Llama 2 margins) and `last` int32[pairs, 2], the index of each sequence's last token.
+
+    `prompt` may be a string or a conversation (list of messages ending with a user turn).
+    Pairs longer than seq_len + 1 tokens are cut at the end (both sides) and counted.
+    """
+    stats = stats if stats is not None else Stats()
+    pairs, margin_values = [], []
+    for path in files:
+        for where, record in read_jsonl(path, stats, on_error):
+            try:
+                if not isinstance(record, dict):
+                    raise DataFormatError("expected a JSON object")
+                for field in ("prompt", "chosen", "rejected"):
+                    if field not in record:
+                        raise DataFormatError(f"missing field '{field}'")
+                prompt = record["prompt"]
+                history = ([{"role": "user", "content": _text(prompt, "prompt")}]
+                           if isinstance(prompt, str) else to_messages({"messages": prompt}))
+                sides = []
+                for field in ("chosen", "rejected"):
+                    messages = history + [{"role": "assistant", "content": _text(record[field], field)}]
+                    check_conversation(messages)
+                    sides.append(template.render(tokenizer, messages))
+                rating = record.get("rating")
+                if rating is not None and margins is not None and str(rating).lower() not in margins:
+                    raise DataFormatError(f"unknown rating {rating!r}; expected one of {sorted(margins)}")
+            except DataFormatError as err:
+                _fail_or_skip(where, err, stats, on_error)
+                continue
+            if any(len(ids) > seq_len + 1 for ids, _ in sides):
+                sides = [(ids[: seq_len + 1], mask[: seq_len + 1]) for ids, mask in sides]
+                stats.truncated += 1
+            if not all(any(mask[1:]) for _, mask in sides):
+                stats.dropped_too_long += 1
+                continue
+            pairs.append(sides)
+            margin_values.append(0.0 if rating is None or margins is None else margins[str(rating).lower()])
+            stats.examples += 1
+    n = len(pairs)
+    out = {k: np.zeros((n, 2, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    out["loss_mask"] = np.zeros((n, 2, seq_len), np.float32)
+    out["last"] = np.zeros((n, 2), np.int32)
+    for i, sides in enumerate(pairs):
+        for j, (ids, mask) in enumerate(sides):
+            ids, mask = np.asarray(ids), np.asarray(mask, np.float32)
+            k = len(ids) - 1
+            out["tokens"][i, j, :k] = ids[:-1]
+            out["targets"][i, j, :k] = ids[1:]
+            out["loss_mask"][i, j, :k] = mask[1:]
+            out["segment_ids"][i, j, :k] = 1
+            out["positions"][i, j, :k] = np.arange(k)
+            out["last"][i, j] = k - 1
+    out["margin"] = np.asarray(margin_values, np.float32)
+    return out, stats
