@@ -66,3 +66,21 @@ def test_sequence_logprobs_sum_only_masked_tokens():
     np.testing.assert_allclose(sequence_logprobs(logits, targets, mask), expected, rtol=1e-5)
     np.testing.assert_allclose(token_logprobs(logits, targets),
                                np.take_along_axis(logp, targets[..., None], -1)[..., 0], rtol=1e-5)
+
+
+def test_reward_model_reads_the_last_token_and_ignores_padding():
+    from jaxllm.models import get_preset, init_params
+    from jaxllm.stages import reward
+
+    cfg = get_preset("llama2-tiny")
+    params = reward.from_lm_params(init_params(cfg, jax.random.key(0)), cfg, jax.random.key(1))
+    assert "lm_head" not in params["backbone"]
+    tokens = jnp.asarray([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 10]])
+    segments = jnp.asarray([[1, 1, 1, 1, 0, 0], [1] * 6])
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    out = reward.scores(cfg, params, tokens, positions, segments, jnp.asarray([3, 3]))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6)  # same first 4 tokens; later ones are unseen
+    values = reward.token_values(cfg, params, tokens, positions, segments)
+    np.testing.assert_allclose(values[:, 3], out, rtol=1e-5)
+    grads = jax.grad(lambda p: reward.scores(cfg, p, tokens, positions, segments, jnp.asarray([3, 5])).sum())(params)
+    assert float(jnp.abs(grads["head"]["kernel"]).sum()) > 0
