@@ -1,0 +1,102 @@
+"""`jaxllm tokenizer train | extend | encode | decode | stats`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm tokenizer", description=__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    train = sub.add_parser("train", help="train a BPE model with the Baichuan 2 recipe")
+    train.add_argument("files", nargs="+", help="text, jsonl or jsonl.gz files")
+    train.add_argument("--output", "-o", required=True, help="path of the .model file to write")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    train.add_argument("--max-sentences", type=int, default=10_000_000, help="sentences sampled at most")
+    train.add_argument("--special", action="append", default=[], help="user-defined special token (repeat)")
+
+    extend = sub.add_parser("extend", help="add pieces to a model (Ziya recipe) and resize a checkpoint")
+    extend.add_argument("--model", required=True, help="base tokenizer.model")
+    extend.add_argument("--output", "-o", required=True, help="extended .model to write")
+    extend.add_argument("--pieces-file", help="one piece per line (e.g. common Chinese characters)")
+    extend.add_argument("--from-model", help="add the pieces of another sentencepiece model")
+    extend.add_argument("--special", action="append", default=[], help="atomic special token (repeat)")
+    extend.add_argument("--checkpoint", help="jaxllm checkpoint to resize to the new vocabulary")
+    extend.add_argument("--checkpoint-out", help="where to write the resized checkpoint")
+    extend.add_argument("--pad-multiple", type=int, default=1, help="pad embedding rows to a multiple")
+
+    encode = sub.add_parser("encode", help="print the ids (or pieces) of TEXT")
+    encode.add_argument("--model", required=True)
+    encode.add_argument("text")
+    encode.add_argument("--bos", action="store_true")
+    encode.add_argument("--eos", action="store_true")
+    encode.add_argument("--pieces", action="store_true", help="print pieces instead of ids")
+
+    decode = sub.add_parser("decode", help="print the text of space-separated IDS")
+    decode.add_argument("--model", required=True)
+    decode.add_argument("ids", nargs="+")
+
+    stats = sub.add_parser("stats", help="characters and bytes per token on a corpus")
+    stats.add_argument("--model", required=True, action="append", help="model(s) to compare (repeat)")
+    stats.add_argument("files", nargs="+")
+    stats.add_argument("--text-field", default="text")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from jaxllm.checkpoint import CheckpointError
+    from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, pieces_of, resize_checkpoint,
+                                  tokenizer_stats, train_tokenizer)
+
+    try:
+        if args.action == "train":
+            path = train_tokenizer(args.files, args.output, args.vocab_size, text_field=args.text_field,
+                                   max_sentences=args.max_sentences, user_defined_symbols=args.special)
+            print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
+        elif args.action == "extend":
+            pieces: list[str] = []
+            if args.pieces_file:
+                if not Path(args.pieces_file).is_file():
+                    raise TokenizerError(f"{args.pieces_file}: no such pieces file")
+                pieces += [line.strip() for line in Path(args.pieces_file).read_text("utf-8").splitlines()
+                           if line.strip()]
+            if args.from_model:
+                pieces += pieces_of(args.from_model)
+            if not pieces and not args.special:
+                raise TokenizerError("nothing to add: give --pieces-file, --from-model or --special")
+            before = Tokenizer.load(args.model).vocab_size
+            path = extend_tokenizer(args.model, args.output, pieces, special_tokens=args.special)
+            after = Tokenizer(path).vocab_size
+            print(f"wrote {path}: {before} → {after} pieces (+{after - before})")
+            if args.checkpoint:
+                if not args.checkpoint_out:
+                    raise TokenizerError("--checkpoint needs --checkpoint-out")
+                out = resize_checkpoint(args.checkpoint, args.checkpoint_out, after,
+                                        pad_multiple=args.pad_multiple, tokenizer_path=path)
+                print(f"wrote {out} (embedding rows padded to a multiple of {args.pad_multiple})")
+        elif args.action == "encode":
+            tok = Tokenizer.load(args.model)
+            ids = tok.encode(args.text, bos=args.bos, eos=args.eos)
+            print(" ".join(tok.id_to_piece(i) for i in ids) if args.pieces else " ".join(map(str, ids)))
+        elif args.action == "decode":
+            tok = Tokenizer.load(args.model)
+            try:
+                ids = [int(x) for x in " ".join(args.ids).split()]
+            except ValueError:
+                raise TokenizerError(f"ids must be integers, got {' '.join(args.ids)!r}") from None
+            print(tok.decode(ids))
+        elif args.action == "stats":
+            print(f"{'model':<40} {'pieces':>7} {'tokens':>9} {'chars/token':>11} {'bytes/token':>11}")
+            for model in args.model:
+                tok = Tokenizer.load(model)
+                s = tokenizer_stats(tok, args.files, args.text_field)
+                print(f"{model:<40} {tok.vocab_size:>7} {s['tokens']:>9} {s['chars_per_token']:>11.3f} "
+                      f"{s['bytes_per_token']:>11.3f}")
+    except (TokenizerError, CheckpointError) as err:
+        print(f"jaxllm tokenizer: error: {err}", file=sys.stderr)
+        return 2
+    return 0

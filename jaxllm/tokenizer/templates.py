@@ -1,0 +1,163 @@
+"""Chat templates as data: each turns a conversation into token ids plus a loss mask (assistant
+tokens only) for SFT, and into a prompt for generation.
+
+messages: [{"role": "system"|"user"|"assistant", "content": str}], an optional system message first,
+then user/assistant alternating.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxllm.config import closest
+from jaxllm.tokenizer.sp import Tokenizer, TokenizerError
+
+
+def _turns(messages, *, ends_with: str) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(system, [(user, assistant or None)]), after checking roles alternate and nothing is empty."""
+    if not messages:
+        raise TokenizerError("conversation is empty")
+    system = None
+    if messages[0].get("role") == "system":
+        system, messages = messages[0].get("content", ""), messages[1:]
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != expected:
+            raise TokenizerError(f"message {i}: role '{m.get('role')}' where '{expected}' was expected "
+                                 f"(roles must alternate user/assistant after an optional system)")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise TokenizerError(f"message {i} ({expected}) has empty content")
+    if not messages or messages[-1]["role"] != ends_with:
+        raise TokenizerError(f"conversation must end with a{'n' if ends_with == 'assistant' else ''} "
+                             f"{ends_with} message")
+    users = [m["content"] for m in messages[0::2]]
+    replies = [m["content"] for m in messages[1::2]] + [None] * (len(users) - len(messages[1::2]))
+    return system, list(zip(users, replies))
+
+
+def _encode_marked(tok: Tokenizer, text: str, trainable: list[tuple[int, int]]):
+    """Encode `text` in one go; a piece is trainable when it covers any byte of a trainable char span."""
+    ids, offsets = tok.encode_with_offsets(text)
+    spans = [(len(text[:a].encode()), len(text[:b].encode())) for a, b in trainable]
+    mask = [int(any(begin < hi and end > lo for lo, hi in spans)) for begin, end in offsets]
+    # Byte-fallback pieces of one character are zero-width but the last: they share its fate.
+    for i in range(len(ids) - 2, -1, -1):
+        if offsets[i][0] == offsets[i][1]:
+            mask[i] = mask[i + 1]
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+
+    def render(self, tok: Tokenizer, messages) -> tuple[list[int], list[int]]:
+        """A full conversation (ending with an assistant reply) → (ids, loss_mask)."""
+        system, turns = _turns(messages, ends_with="assistant")
+        return getattr(self, f"_{self.name.replace('-', '_')}")(tok, system, turns)
+
+    def prompt(self, tok: Tokenizer, messages) -> list[int]:
+        """History ending with a user message → ids after which the assistant reply follows."""
+        system, turns = _turns(messages, ends_with="user")
+        ids, _ = getattr(self, f"_{self.name.replace('-', '_')}")(tok, system, turns)
+        return ids
+
+    def stop_ids(self, tok: Tokenizer) -> list[int]:
+        stops = [tok.eos_id]
+        if self.name == "ziya" and tok.has_piece("<human>"):
+            stops.append(tok.piece_to_id("<human>"))
+        return stops
+
+    # Llama 2 chat (spec §3.2): the system prompt joins the first user message; each completed pair is
+    # [BOS] + SP("[INST] {user} [/INST] {answer} ") + [EOS]; an open turn is [BOS] + SP("[INST] {user} [/INST]").
+    def _llama2_chat(self, tok, system, turns):
+        ids, mask = [], []
+        for i, (user, answer) in enumerate(turns):
+            user = user.strip()
+            if i == 0 and system is not None and system.strip():
+                user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
+            head = f"[INST] {user} [/INST]"
+            if answer is None:
+                ids += [tok.bos_id] + tok.encode(head)
+                mask += [0] * (len(ids) - len(mask))
+                continue
+            text = f"{head} {answer.strip()} "
+            piece_ids, piece_mask = _encode_marked(tok, text, [(len(head), len(text))])
+            ids += [tok.bos_id] + piece_ids + [tok.eos_id]
+            mask += [0] + piece_mask + [1]
+        return ids, mask
+
+    # Baichuan 2 chat (spec §6.6): SP(system) + Σ [195] + SP(user) + [196] + SP(reply); no BOS, no EOS
+    # between rounds; SFT ends the conversation with EOS. The official labels also train EOS at each later
+    # user token (195); a mask over input ids keeps the reply tokens and the final EOS.
+    def _baichuan2_chat(self, tok, system, turns):
+        ids = tok.encode(system) if system else []
+        mask = [0] * len(ids)
+        for user, answer in turns:
+            piece = [195] + tok.encode(user) + [196]
+            ids += piece
+            mask += [0] * len(piece)
+            if answer is not None:
+                reply = tok.encode(answer)
+                ids += reply
+                mask += [1] * len(reply)
+        if turns[-1][1] is not None:
+            ids.append(tok.eos_id)
+            mask.append(1)
+        return ids, mask
+
+    # Ziya (spec §8): [BOS] then per turn "<human>:" + query + "\n<bot>:" + output + EOS.
+    def _ziya(self, tok, system, turns):
+        ids, mask = [tok.bos_id], [0]
+        if system:
+            piece = tok.encode(system.strip() + "\n")
+            ids += piece
+            mask += [0] * len(piece)
+        for user, answer in turns:
+            head = "<human>:" + user.strip() + "\n<bot>:"
+            if answer is None:
+                piece = tok.encode(head)
+                ids += piece
+                mask += [0] * len(piece)
+                continue
+            text = head + answer
+            piece_ids, piece_mask = _encode_marked(tok, text, [(len(head), len(text))])
+            ids += piece_ids + [tok.eos_id]
+            mask += piece_mask + [1]
+        return ids, mask
+
+    # Plain: [BOS] system "\n\n", then "User: …\n\nAssistant: " reply EOS per turn.
+    def _plain(self, tok, system, turns):
+        ids, mask = [tok.bos_id], [0]
+        if system:
+            piece = tok.encode(system.strip() + "\n\n")
+            ids += piece
+            mask += [0] * len(piece)
+        for user, answer in turns:
+            head = f"User: {user.strip()}\n\nAssistant:"
+            if answer is None:
+                piece = tok.encode(head)
+                ids += piece
+                mask += [0] * len(piece)
+                continue
+            text = f"{head} {answer.strip()}"
+            piece_ids, piece_mask = _encode_marked(tok, text, [(len(head), len(text))])
+            ids += piece_ids + [tok.eos_id]
+            mask += piece_mask + [1]
+        return ids, mask
+
+
+CHAT_TEMPLATES = {name: ChatTemplate(name) for name in ("llama2-chat", "baichuan2-chat", "ziya", "plain")}
+_FAMILY_TEMPLATES = {"llama": "llama2-chat", "baichuan": "baichuan2-chat", "baichuan2": "baichuan2-chat",
+                     "ziya": "ziya", "ctllm": "plain"}
+
+
+def get_chat_template(name: str) -> ChatTemplate:
+    if name not in CHAT_TEMPLATES:
+        raise TokenizerError(f"unknown chat template '{name}'{closest(name, CHAT_TEMPLATES)}; "
+                             f"known: {', '.join(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[name]
+
+
+def template_for_family(family: str) -> str:
+    """The chat template a family's chat models were trained with (CT-LLM: plain)."""
+    return _FAMILY_TEMPLATES.get(family, "plain")
