@@ -1,0 +1,79 @@
+"""Sampling: repetition penalty, temperature, top-k, top-p (HF semantics), greedy at temperature 0."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# Released generation_config.json defaults (spec §5, §6.6); Llama 2 / Ziya / CT-LLM: Meta's chat defaults.
+FAMILY_DEFAULTS = {
+    "llama": SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=512),
+    "baichuan": SamplingParams(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1, max_new_tokens=2048),
+    "baichuan2": SamplingParams(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05,
+                                max_new_tokens=2048),
+    "ziya": SamplingParams(temperature=0.85, top_p=0.85, repetition_penalty=1.0, max_new_tokens=1024),
+    "ctllm": SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.05, max_new_tokens=512),
+}
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """HF: for tokens already in prompt or output, divide positive logits by the penalty and multiply
+    negative ones. logits float32[batch, vocab], seen bool[batch, vocab]."""
+    if penalty == 1.0:
+        return logits
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def filter_top_k(logits, k: int):
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def filter_top_p(logits, p: float):
+    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = before < p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample(logits, rng, params: SamplingParams, seen=None):
+    """Next token int32[batch] from logits float32[batch, vocab]."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
