@@ -79,11 +79,22 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=item_names)
 
 
-def save_params(directory: str | os.PathLike, params, config: ModelConfig, step: int = 0) -> None:
-    """Write a params-only checkpoint (what `convert` produces). Leaves may be numpy or jax arrays."""
+def save_params(directory: str | os.PathLike, params, config: ModelConfig, step: int = 0,
+                save_concurrent_gb: int = 1) -> None:
+    """Write a params-only checkpoint (what `convert` produces). Leaves may be numpy (memory-mapped)
+    or jax arrays; at most `save_concurrent_gb` is in flight, so host memory stays bounded."""
     write_model_config(directory, config)
-    with manager(directory) as mngr:
-        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    # orbax deep-copies host arrays by default (the whole model at once); ours are not modified while
+    # saving, so they are written straight from their (memory-mapped) buffers.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=save_concurrent_gb,
+                                          type_handler_registry=registry)
+    with ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                               item_handlers={"params": handler}) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params)), force=True)
         mngr.wait_until_finished()
 
 
