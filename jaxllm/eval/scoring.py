@@ -1,0 +1,124 @@
+"""Log-likelihood scoring with one jitted forward per length bucket."""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.inference.generate import bucket
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@functools.lru_cache(maxsize=8)
+def _token_logprobs(config):
+    from jaxllm.models import forward
+
+    @jax.jit
+    def fn(params, tokens, segments):
+        logits = forward(config, params, tokens, None, segments)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return fn
+
+
+def sequence_token_logprobs(config, params, sequences, batch_size: int = 8):
+    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets)."""
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        length = bucket(max(len(s) for s in chunk))
+        tokens = np.zeros((batch_size, length), np.int32)
+        segments = np.zeros((batch_size, length), np.int32)
+        for i, s in enumerate(chunk):
+            tokens[i, :len(s)] = s
+            segments[i, :len(s)] = 1
+        logp = np.asarray(_token_logprobs(config)(params, tokens, segments))
+        out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
+    return out
+
+
+def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size: int = 8) -> dict:
+    """exp(mean NLL per token) over documents, each split into windows of at most `seq_len` tokens."""
+    windows = []
+    for text in texts:
+        ids = tokenizer.encode(text, bos=True)
+        windows += [ids[i:i + seq_len] for i in range(0, max(len(ids) - 1, 1), seq_len - 1)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError("no text to score")
+    nll = [-lp.sum() for lp in sequence_token_logprobs(config, params, windows, batch_size)]
+    tokens = sum(len(w) - 1 for w in windows)
+    return {"tokens": tokens, "nll": float(sum(nll)) / tokens, "perplexity": math.exp(float(sum(nll)) / tokens)}
+
+
+def continuation_logprobs(config, params, tokenizer, prompt: str, continuations, batch_size: int = 8):
+    """Sum of log p over each continuation's tokens after `prompt` (tokenised together, as a model sees it)."""
+    prefix = tokenizer.encode(prompt, bos=True)
+    sequences, starts = [], []
+    for cont in continuations:
+        ids = tokenizer.encode(prompt + cont, bos=True)
+        common = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        sequences.append(ids)
+        starts.append(min(common, len(ids) - 1))
+    logps = sequence_token_logprobs(config, params, sequences, batch_size)
+    return [float(lp[start - 1:].sum()) for lp, start in zip(logps, starts)]
+
+
+def read_questions(path: str | Path, subject: str | None = None) -> list[dict]:
+    """C-Eval CSV (id,question,A,B,C,D,answer[,explanation]) or jsonl with the same fields (+subject)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such question file")
+    rows = []
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [(n + 2, r) for n, r in enumerate(csv.DictReader(f))]
+    else:
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: bad JSON: {err.msg}") from None
+    questions = []
+    for number, row in rows:
+        missing = [k for k in ("question", *LETTERS, "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field '{missing[0]}'")
+        answer = str(row["answer"]).strip().upper()
+        if answer not in LETTERS:
+            raise ValueError(f"{path}:{number}: answer must be one of A-D, got {row['answer']!r}")
+        questions.append({"question": str(row["question"]), "options": [str(row[k]) for k in LETTERS],
+                          "answer": answer, "subject": row.get("subject") or subject or path.stem})
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+def format_question(q: dict) -> str:
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q["options"]))
+    label = "答案：" if any("\u4e00" <= c <= "\u9fff" for c in q["question"]) else "Answer:"
+    return f"{q['question']}\n{options}\n{label}"
+
+
+def choice_accuracy(config, params, tokenizer, questions, batch_size: int = 8) -> dict:
+    """Pick the letter with the highest log-likelihood after the formatted question (zero-shot)."""
+    per_subject = defaultdict(lambda: [0, 0])
+    for q in questions:
+        scores = continuation_logprobs(config, params, tokenizer, format_question(q),
+                                       [f" {letter}" for letter in LETTERS], batch_size)
+        correct = LETTERS[int(np.argmax(scores))] == q["answer"]
+        per_subject[q["subject"]][0] += int(correct)
+        per_subject[q["subject"]][1] += 1
+    right = sum(c for c, _ in per_subject.values())
+    total = sum(n for _, n in per_subject.values())
+    return {"accuracy": right / total, "questions": total,
+            "subjects": {s: {"accuracy": c / n, "questions": n} for s, (c, n) in sorted(per_subject.items())}}
