@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-# command -> (module with `main(argv) -> int`, one-line help)
+# command -> (module with `main(argv) -> int`, or "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jaxllm.train.cli", "pretrain (no arguments: the embedded demo on the shipped corpus)"),
+    "sft": ("jaxllm.stages.cli:sft_main", "supervised fine-tuning on chat data (loss on assistant tokens)"),
+    "dpo": ("jaxllm.stages.cli:dpo_main", "direct preference optimisation against the starting model"),
+    "rm": ("jaxllm.stages.cli:rm_main", "train a reward model (Llama 2 margin ranking loss)"),
     "convert": ("jaxllm.convert.cli", "convert HuggingFace / PyTorch / Meta checkpoints to and from jaxllm"),
     "tokenizer": ("jaxllm.tokenizer.cli", "train, extend, inspect sentencepiece tokenizers"),
     "generate": ("jaxllm.inference.generate_cli", "sample text from a checkpoint (KV-cached)"),
@@ -38,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from jaxllm.config import closest
         print(f"jaxllm: unknown command '{name}'{closest(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
     try:
-        return int(module.main(rest) or 0)
+        return int(entry(rest) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `jaxllm presets | head`

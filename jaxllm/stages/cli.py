@@ -1,0 +1,99 @@
+"""`jaxllm sft | dpo | rm [RECIPE] [key=value ...]`: the post-pretraining stages, on the one train loop.
+
+A recipe is a pretraining-style YAML plus a `stage:` section (template, truncation, beta, margin, …);
+`data.sources` name the jsonl files. Same checkpoints, resume, metrics and progress as `jaxllm train`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from jaxllm.train.cli import find_recipe
+
+DEFAULTS = {"sft": "sft-demo", "dpo": "dpo-demo", "rm": "rm-demo"}
+EXAMPLES = {
+    "sft": "jaxllm sft                 the demo: chat SFT of the demo model (run `jaxllm train` first)\n"
+           "  jaxllm sft llama2-7b-sft --init-from ckpt/llama2-7b data.sources.0.path=my_sft.jsonl",
+    "dpo": "jaxllm dpo                 the demo: DPO from the SFT demo model (run `jaxllm sft` first)\n"
+           "  jaxllm dpo ctllm-2b-dpo --init-from ckpt/ctllm-sft stage.beta=0.1",
+    "rm": "jaxllm rm                  the demo: a reward model from the SFT demo model\n"
+          "  jaxllm rm llama2-7b-rm --init-from ckpt/llama2-7b-chat stage.margin=small",
+}
+
+
+def run(kind: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"jaxllm {kind}", description=__doc__,
+                                     epilog="examples:\n  " + EXAMPLES[kind],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    parser.add_argument("--init-from", metavar="DIR", help="starting checkpoint (jaxllm or a training run)")
+    parser.add_argument("--run-dir", metavar="DIR")
+    parser.add_argument("--print-config", action="store_true")
+    args = parser.parse_args(argv)
+    recipes = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(recipes) > 1:
+        parser.error(f"one recipe at most, got {recipes}")
+    if args.init_from:
+        overrides.append(f"init_from={args.init_from}")
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+
+    from jaxllm.checkpoint import CheckpointError
+    from jaxllm.config import ConfigError, closest
+    from jaxllm.data import DataError
+    from jaxllm.stages.data import DataFormatError
+    from jaxllm.stages.stages import StageOptions, dpo_stage, reward_accuracy, rm_stage, sft_stage
+    from jaxllm.tokenizer import TokenizerError
+    from jaxllm.train.config import load_config, read_yaml
+
+    try:
+        data = read_yaml(find_recipe(recipes[0] if recipes else DEFAULTS[kind]))
+        section = dict(data.pop("stage", None) or {})
+        names = [f.name for f in dataclasses.fields(StageOptions)]
+        for item in [o for o in overrides if o.startswith("stage.")]:
+            key, value = item[len("stage."):].split("=", 1)
+            section[key] = value
+        for key in section:
+            if key not in names:
+                raise ConfigError(f"unknown key 'stage.{key}'" + closest(key, names))
+        types = {f.name: f.type for f in dataclasses.fields(StageOptions)}
+        options = StageOptions(**{k: (float(v) if "float" in str(types[k]) and isinstance(v, str) else v)
+                                  for k, v in section.items()})
+        options.validate()
+        config = load_config(None, [o for o in overrides if not o.startswith("stage.")], base=data)
+        if args.print_config:
+            print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
+                                                          dataclasses.asdict(options).items()), end="")
+            return 0
+        from jaxllm.train.loop import train
+        if kind == "sft":
+            result = train(config, sft_stage(config, options))
+        elif kind == "dpo":
+            result = train(config, dpo_stage(config, options))
+        else:
+            stage, held_out = rm_stage(config, options)
+            result = train(config, stage)
+            if result.exit_code == 0 and len(held_out["tokens"]):
+                accuracy = reward_accuracy(config.model, result.params, held_out)
+                print(f"reward model: held-out accuracy {accuracy:.3f} on {len(held_out['tokens'])} pairs")
+                from pathlib import Path
+                (Path(config.run_dir) / "eval.json").write_text(json.dumps(
+                    {"heldout_accuracy": accuracy, "heldout_pairs": int(len(held_out["tokens"]))}) + "\n")
+    except (ConfigError, DataError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as err:
+        print(f"jaxllm {kind}: error: {err}", file=sys.stderr)
+        return 2
+    return result.exit_code
+
+
+def sft_main(argv):
+    return run("sft", argv)
+
+
+def dpo_main(argv):
+    return run("dpo", argv)
+
+
+def rm_main(argv):
+    return run("rm", argv)

@@ -1,0 +1,203 @@
+"""SFT, DPO and reward-model stages for the one train loop (`jaxllm.train.loop.train`).
+
+Each is a `Stage`: a loss plus a data pipeline over the chat-formatted jsonl files named in
+`data.sources`, rendered with the family's chat template (or `stage.template`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ConfigError
+from jaxllm.models import forward
+from jaxllm.stages import reward
+from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examples
+from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
+from jaxllm.stages.rows import RowIterator
+from jaxllm.train.loss import lm_loss
+from jaxllm.train.stage import Stage
+
+
+@dataclasses.dataclass
+class StageOptions:
+    """The `stage:` section of an SFT / DPO / RM recipe."""
+    template: str | None = None        # chat template; default: the model family's
+    truncation: str = "truncate"       # over-long examples: truncate (at the end) or drop; counted
+    beta: float = 0.1                  # DPO temperature
+    label_smoothing: float = 0.0       # conservative DPO
+    margin: str = "large"              # RM: Llama 2 margin column (large | small | none)
+    eval_fraction: float = 0.1         # RM: pairs held out for accuracy
+
+    def validate(self) -> None:
+        if self.truncation not in ("truncate", "drop"):
+            raise ConfigError(f"stage.truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        if self.margin not in ("large", "small", "none"):
+            raise ConfigError(f"stage.margin must be large, small or none, got {self.margin!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"stage.beta must be > 0, got {self.beta}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"stage.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def _inputs(config):
+    from jaxllm.data import expand_paths, load_tokenizer, resolve_path
+    from jaxllm.tokenizer import get_chat_template, template_for_family
+
+    data = config.data
+    if not data.sources:
+        raise ConfigError("data.sources is empty: give the jsonl file(s) of this stage")
+    if not data.tokenizer:
+        raise ConfigError("data.tokenizer is required (the starting model's tokenizer.model)")
+    files = [f for i, s in enumerate(data.sources) for f in expand_paths(s.path, f"data.sources.{i}.path")]
+    tokenizer = load_tokenizer(data.tokenizer)
+    return files, tokenizer, resolve_path(data.tokenizer)
+
+
+def _template(config, options):
+    from jaxllm.tokenizer import get_chat_template, template_for_family
+    return get_chat_template(options.template or template_for_family(config.model.family))
+
+
+def sft_stage(config, options: StageOptions, log=print) -> Stage:
+    """Masked next-token loss on packed conversations (assistant tokens only)."""
+    files, tokenizer, tok_path = _inputs(config)
+    examples, stats = encode_sft(files, tokenizer, _template(config, options), config.data.seq_len,
+                                 truncation=options.truncation, on_error=config.data.on_error)
+    log(f"sft data: {stats.summary()}")
+    if not examples:
+        raise ConfigError(f"no usable SFT examples in {', '.join(map(str, files))}")
+    rows = pack_examples(examples, config.data.seq_len, tokenizer.pad_id)
+
+    def make_data(batch_rows, seed, shard_index, shard_count):
+        return RowIterator(rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
+
+    return Stage(loss_fn=lm_loss(config.model), make_data=make_data, name="sft",
+                 tokens_per_row=config.data.seq_len, tokenizer_path=tok_path)
+
+
+def _stat_dict(stats: Stats) -> dict:
+    return {"examples": stats.examples, "skipped": stats.skipped, "truncated": stats.truncated,
+            "dropped_too_long": stats.dropped_too_long}
+
+
+def _flat(batch):
+    """[pairs, 2, seq] → [2·pairs, seq] (chosen rows first within each pair)."""
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if v.ndim >= 3}
+
+
+def _reference_logprobs(model_config, params, pairs, batch: int = 8) -> np.ndarray:
+    """float32[pairs, 2] log-probs of chosen/rejected replies under the frozen starting model, computed once."""
+    @jax.jit
+    def score(p, tokens, positions, segments, targets, mask):
+        logits = forward(model_config, p, tokens, positions, segments)
+        return sequence_logprobs(logits, targets, mask)
+
+    n = len(pairs["tokens"])
+    out = np.zeros((n, 2), np.float32)
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(start + batch, n))
+        idx = np.pad(idx, (0, batch - len(idx)), mode="edge")
+        b = _flat({k: pairs[k][idx] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")})
+        logps = np.asarray(score(params, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
+                                 b["loss_mask"])).reshape(-1, 2)
+        out[start:start + batch] = logps[: min(batch, n - start)]
+    return out
+
+
+def _load_start(config, what: str):
+    from jaxllm.checkpoint import load_params
+    if not config.init_from:
+        raise ConfigError(f"{what} starts from a trained model: set init_from (or --init-from DIR)")
+    params, _ = load_params(config.init_from, config.model, dtype="float32")
+    return params
+
+
+def dpo_stage(config, options: StageOptions, log=print) -> Stage:
+    """DPO against the frozen starting checkpoint (`init_from`), whose log-probs are computed once."""
+    if not config.init_from:
+        raise ConfigError("dpo starts from a trained model, its frozen reference: set init_from (or --init-from DIR)")
+    files, tokenizer, tok_path = _inputs(config)
+    pairs, stats = encode_preferences(files, tokenizer, _template(config, options), config.data.seq_len,
+                                      on_error=config.data.on_error)
+    log(f"dpo data: {stats.summary()}")
+    if not stats.examples:
+        raise ConfigError(f"no usable preference pairs in {', '.join(map(str, files))}")
+    pairs["ref_logps"] = _reference_logprobs(config.model, _load_start(config, "dpo"), pairs)
+    del pairs["margin"], pairs["last"]
+    model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
+
+    def loss_fn(params, batch, rng):
+        del rng
+        b = _flat(batch)
+        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"])
+        logps = sequence_logprobs(logits, b["targets"], b["loss_mask"]).reshape(-1, 2)
+        ref = batch["ref_logps"]
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
+        return loss, {"loss": loss, **metrics, "weight": jnp.float32(logps.shape[0])}
+
+    def make_data(batch_rows, seed, shard_index, shard_count):
+        return RowIterator(pairs, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
+
+    return Stage(loss_fn=loss_fn, make_data=make_data, name="dpo", tokens_per_row=2 * config.data.seq_len,
+                 tokenizer_path=tok_path)
+
+
+def rm_stage(config, options: StageOptions, log=print):
+    """Reward model (Llama 2): backbone + scalar head, margin ranking loss; (stage, held-out pairs)."""
+    files, tokenizer, tok_path = _inputs(config)
+    margins = None if options.margin == "none" else LLAMA2_MARGINS[options.margin]
+    pairs, stats = encode_preferences(files, tokenizer, _template(config, options), config.data.seq_len,
+                                      margins=margins, on_error=config.data.on_error)
+    log(f"rm data: {stats.summary()}")
+    n = stats.examples
+    if n < 2:
+        raise ConfigError(f"the reward model needs at least 2 preference pairs, found {n}")
+    order = np.random.default_rng(config.seed).permutation(n)
+    held = max(1, int(round(n * options.eval_fraction))) if options.eval_fraction else 0
+    train_rows = {k: v[order[held:]] for k, v in pairs.items()}
+    eval_rows = {k: v[order[:held]] for k, v in pairs.items()}
+    model_config = config.model
+    start = _load_start(config, "rm") if config.init_from else None
+    config.init_from = None  # the stage initialises its own (backbone + head) parameters
+
+    def init_params(rng):
+        lm = start if start is not None else _random_lm(model_config, rng)
+        return reward.from_lm_params(lm, model_config, jax.random.fold_in(rng, 1))
+
+    def loss_fn(params, batch, rng):
+        del rng
+        b = _flat(batch)
+        scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
+                               batch["last"].reshape(-1)).reshape(-1, 2)
+        loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
+        return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
+
+    def make_data(batch_rows, seed, shard_index, shard_count):
+        return RowIterator(train_rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
+
+    stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
+                  param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
+                  tokenizer_path=tok_path)
+    return stage, eval_rows
+
+
+def _random_lm(model_config, rng):
+    from jaxllm.models import init_params
+    return init_params(model_config, rng)
+
+
+def reward_accuracy(model_config, params, rows, batch: int = 8) -> float:
+    """Fraction of held-out pairs whose chosen reply scores above the rejected one."""
+    score = jax.jit(functools.partial(reward.scores, model_config))
+    right, n = 0, len(rows["tokens"])
+    for start in range(0, n, batch):
+        b = _flat({k: v[start:start + batch] for k, v in rows.items() if k in
+                   ("tokens", "positions", "segment_ids")})
+        s = np.asarray(score(params, b["tokens"], b["positions"], b["segment_ids"],
+                             rows["last"][start:start + batch].reshape(-1))).reshape(-1, 2)
+        right += int((s[:, 0] > s[:, 1]).sum())
+    return right / n
