@@ -41,3 +41,33 @@ def token_values(config: ModelConfig, params: dict, tokens, positions=None, segm
     """Per-token scalar outputs float32[batch, seq] (a PPO value head over the same backbone)."""
     hidden = forward(backbone_config(config), params["backbone"], tokens, positions, segment_ids)
     return hidden.astype(jnp.float32) @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def abstract_params(config: ModelConfig):
+    """ShapeDtypeStructs of a reward/value model's params (nothing allocated)."""
+    from jaxllm.models import param_shapes
+
+    lm = param_shapes(config)
+    return jax.eval_shape(lambda: from_lm_params(lm, config, jax.random.key(0)))
+
+
+def load(directory) -> tuple[ModelConfig, dict]:
+    """(config, params) of a reward model trained by `jaxllm rm` (its run directory or checkpoints)."""
+    import orbax.checkpoint as ocp
+
+    from jaxllm import checkpoint as jckpt
+
+    directory = jckpt.resolve(directory)
+    config = jckpt.read_model_config(directory)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params(config))
+    with jckpt.manager(directory, item_names=("params",)) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise jckpt.CheckpointError(f"{directory}: no saved step")
+        try:
+            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise jckpt.CheckpointError(f"{directory}: not a reward model checkpoint (train one with `jaxllm rm`): "
+                                        f"{str(err).splitlines()[0][:200]}") from None
+    return config, params
