@@ -9,8 +9,6 @@ import dataclasses
 import json
 import sys
 
-from jaxllm.train.cli import find_recipe
-
 DEFAULTS = {"sft": "sft-demo", "dpo": "dpo-demo", "rm": "rm-demo"}
 EXAMPLES = {
     "sft": "jaxllm sft                 the demo: chat SFT of the demo model (run `jaxllm train` first)\n"
@@ -41,28 +39,14 @@ def run(kind: str, argv: list[str]) -> int:
         overrides.append(f"run_dir={args.run_dir}")
 
     from jaxllm.checkpoint import CheckpointError
-    from jaxllm.config import ConfigError, closest
+    from jaxllm.config import ConfigError
     from jaxllm.data import DataError
     from jaxllm.stages.data import DataFormatError
-    from jaxllm.stages.stages import StageOptions, dpo_stage, reward_accuracy, rm_stage, sft_stage
+    from jaxllm.stages.stages import dpo_stage, load_stage_recipe, reward_accuracy, rm_stage, sft_stage
     from jaxllm.tokenizer import TokenizerError
-    from jaxllm.train.config import load_config, read_yaml
 
     try:
-        data = read_yaml(find_recipe(recipes[0] if recipes else DEFAULTS[kind]))
-        section = dict(data.pop("stage", None) or {})
-        names = [f.name for f in dataclasses.fields(StageOptions)]
-        for item in [o for o in overrides if o.startswith("stage.")]:
-            key, value = item[len("stage."):].split("=", 1)
-            section[key] = value
-        for key in section:
-            if key not in names:
-                raise ConfigError(f"unknown key 'stage.{key}'" + closest(key, names))
-        types = {f.name: f.type for f in dataclasses.fields(StageOptions)}
-        options = StageOptions(**{k: (float(v) if "float" in str(types[k]) and isinstance(v, str) else v)
-                                  for k, v in section.items()})
-        options.validate()
-        config = load_config(None, [o for o in overrides if not o.startswith("stage.")], base=data)
+        config, options = load_stage_recipe(recipes[0] if recipes else DEFAULTS[kind], overrides)
         if args.print_config:
             print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
                                                           dataclasses.asdict(options).items()), end="")

@@ -43,6 +43,32 @@ class StageOptions:
             raise ConfigError(f"stage.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
+def load_stage_recipe(recipe: str, overrides=()):
+    """(RunConfig, StageOptions) from a recipe (a YAML path or a name in configs/) plus `key=value`
+    overrides; `stage.*` keys go to StageOptions, the rest to the run config."""
+    from jaxllm.config import closest
+    from jaxllm.train.cli import find_recipe
+    from jaxllm.train.config import load_config, read_yaml
+
+    data = read_yaml(find_recipe(recipe))
+    section = dict(data.pop("stage", None) or {})
+    for item in [o for o in overrides if o.startswith("stage.")]:
+        key, value = item[len("stage."):].split("=", 1)
+        section[key] = value
+    fields = {f.name: f for f in dataclasses.fields(StageOptions)}
+    for key, value in list(section.items()):
+        if key not in fields:
+            raise ConfigError(f"unknown key 'stage.{key}'" + closest(key, fields))
+        if "float" in str(fields[key].type) and isinstance(value, str):
+            try:
+                section[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"stage.{key} must be a number, got {value!r}") from None
+    options = StageOptions(**section)
+    options.validate()
+    return load_config(None, [o for o in overrides if not o.startswith("stage.")], base=data), options
+
+
 def _inputs(config):
     from jaxllm.data import expand_paths, load_tokenizer, resolve_path
     from jaxllm.tokenizer import get_chat_template, template_for_family
