@@ -1,5 +1,8 @@
 """Tokenizers: the real Llama 2 model, Baichuan 2-recipe training, Ziya-style extension, chat templates."""
+import gzip
+import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -11,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from jaxllm.cli import main as cli
-from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, get_chat_template, resize_checkpoint,
-                              template_for_family, tokenizer_stats, train_tokenizer)
+from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, get_chat_template, padded_rows,
+                              pieces_of, resize_checkpoint, template_for_family, tokenizer_stats, train_tokenizer)
 
 DATA = Path(__file__).parent / "data"
 LLAMA = DATA / "llama2-32k.model"
@@ -26,9 +29,27 @@ def llama():
 
 
 @pytest.fixture(scope="module")
+def baichuan():
+    return Tokenizer.load(BAICHUAN)
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "bc2.model"
     return train_tokenizer([CORPUS], out, vocab_size=700, user_defined_symbols=["<human>", "<bot>"])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A llama2-tiny jaxllm checkpoint with the Llama 2 vocabulary (32,000 rows)."""
+    from jaxllm.checkpoint import save_params
+    from jaxllm.models import get_preset, init_params
+
+    cfg = get_preset("llama2-tiny", vocab_size=32000)
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
+    path = tmp_path_factory.mktemp("ckpt") / "llama2-tiny"
+    save_params(path, params, cfg)
+    return path, params
 
 
 def llama_cases():
@@ -40,8 +61,11 @@ def llama_cases():
 def test_llama2_reproduces_every_expected_case(llama):
     cases = llama_cases()
     assert len(cases) == 47
-    for text, ids in cases:
-        assert llama.encode(text) == [int(x) for x in ids.split()], repr(text)
+    expected = [[int(x) for x in ids.split()] for _, ids in cases]
+    for (text, _), ids in zip(cases, expected):
+        assert llama.encode(text) == ids, repr(text)
+    assert llama.encode_batch([text for text, _ in cases]) == expected
+    assert llama.decode_batch(expected[:5]) == [text for text, _ in cases[:5]]
 
 
 def test_ids_and_loading(llama, tmp_path):
@@ -57,6 +81,8 @@ def test_ids_and_loading(llama, tmp_path):
         Tokenizer.load(tmp_path / "missing.model")
     with pytest.raises(TokenizerError, match="has no tokenizer.model"):
         Tokenizer.load(tmp_path)
+    assert llama.is_byte(3) and not llama.is_byte(260) and not llama.is_byte(32000)
+    assert pickle.loads(pickle.dumps(llama)).encode("你好") == llama.encode("你好")  # grain workers pickle it
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="junk.model: not a sentencepiece model"):
         Tokenizer.load(tmp_path / "junk.model")
@@ -70,15 +96,41 @@ def test_trained_model_carries_the_baichuan2_recipe(trained):
     assert spec.split_digits and spec.byte_fallback and spec.allow_whitespace_only_pieces
     assert spec.max_sentencepiece_length == 32
     assert spec.character_coverage == pytest.approx(0.9999)
+    assert spec.input_sentence_size == 10_000_000 and list(spec.user_defined_symbols) == ["<human>", "<bot>"]
     assert proto.normalizer_spec.name == "identity" and not proto.normalizer_spec.add_dummy_prefix
+    assert not proto.normalizer_spec.remove_extra_whitespaces
     tok = Tokenizer(trained)
     assert tok.vocab_size == 700
     assert [tok.id_to_piece(i) for i in tok.encode("2023")] == ["2", "0", "2", "3"]
+    assert [tok.id_to_piece(i)[0] for i in tok.encode("The quick")][:1] == ["T"]  # no dummy prefix "▁"
+    assert "▁▁" in [tok.id_to_piece(i) for i in tok.encode("    return 0")]  # whitespace-only pieces (code)
     assert tok.encode("<human>") == [tok.piece_to_id("<human>")]  # user-defined: atomic
     unseen = "龘"  # not in the corpus → UTF-8 bytes
     pieces = [tok.id_to_piece(i) for i in tok.encode(unseen)]
     assert pieces == [f"<0x{b:02X}>" for b in unseen.encode()]
     assert tok.decode(tok.encode("hello 龘 world")) == "hello 龘 world"
+
+
+def test_training_streams_jsonl_with_a_sentence_cap_and_reserved_ids(tmp_path):
+    records = tmp_path / "corpus.jsonl.gz"
+    lines = CORPUS.read_text("utf-8").splitlines()
+    with gzip.open(records, "wt", encoding="utf-8") as f:
+        for a, b in zip(lines[0::2], lines[1::2]):
+            f.write(json.dumps({"content": f"{a}\n{b}"}, ensure_ascii=False) + "\n")
+    out = train_tokenizer([records], tmp_path / "r.model", vocab_size=800, text_field="content",
+                          max_sentences=200, reserved=194)
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(out.read_bytes())
+    assert proto.trainer_spec.input_sentence_size == 200  # a uniform sample of 200 of the 288 lines
+    tok = Tokenizer(out)
+    assert [tok.id_to_piece(i) for i in (3, 195, 196, 197)] == ["<reserved_0>", "<reserved_192>",
+                                                                  "<reserved_193>", "<0x00>"]
+    # baichuan2-chat needs ids 195/196 free of text: this model has them, the Llama 2 model does not.
+    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好"}]
+    ids, _ = get_chat_template("baichuan2-chat").render(tok, msgs)
+    assert ids[0] == 195 and 196 in ids and 195 in get_chat_template("baichuan2-chat").stop_ids(tok)
+    with pytest.raises(TokenizerError, match=r"ids 195/196, but .*llama2-32k.model has byte piece '<0xC0>'"):
+        get_chat_template("baichuan2-chat").render(Tokenizer(LLAMA), msgs)
 
 
 def test_training_bad_input(tmp_path):
@@ -88,12 +140,19 @@ def test_training_bad_input(tmp_path):
         train_tokenizer([empty], tmp_path / "a.model", vocab_size=500)
     with pytest.raises(TokenizerError, match="smaller than the 256 byte-fallback pieces"):
         train_tokenizer([CORPUS], tmp_path / "b.model", vocab_size=200)
+    with pytest.raises(TokenizerError, match="max_sentences=50 must be > 100"):
+        train_tokenizer([CORPUS], tmp_path / "b.model", vocab_size=500, max_sentences=50)
+    with pytest.raises(TokenizerError, match="sentencepiece training failed: .*[Vv]ocabulary size"):
+        train_tokenizer([CORPUS], tmp_path / "b.model", vocab_size=50_000)  # more pieces than the text has
     bad = tmp_path / "bad.txt"
     bad.write_bytes("第一行\n".encode() + b"\xff\xfe\n")
     with pytest.raises(TokenizerError, match=r"bad.txt:2: not UTF-8"):
         train_tokenizer([bad], tmp_path / "c.model", vocab_size=500)
     with pytest.raises(TokenizerError, match="no such corpus file"):
         train_tokenizer([tmp_path / "nope.txt"], tmp_path / "d.model", vocab_size=500)
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(TokenizerError, match=r"broken.jsonl.gz:1: cannot read"):
+        train_tokenizer([tmp_path / "broken.jsonl.gz"], tmp_path / "f.model", vocab_size=500)
     records = tmp_path / "c.jsonl"
     records.write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(TokenizerError, match=r"c.jsonl:1: no string field 'text'"):
@@ -110,17 +169,19 @@ def chinese_characters(n):
     return list(seen)
 
 
-def test_extension_keeps_old_ids_and_lowers_tokens_per_chinese_character(llama, tmp_path, capsys):
-    from jaxllm.checkpoint import load_params, save_params
-    from jaxllm.models import forward, get_preset, init_params
+def test_extension_keeps_old_ids_and_lowers_tokens_per_chinese_character(llama, tiny_checkpoint, tmp_path,
+                                                                          capsys):
+    from jaxllm.checkpoint import find_tokenizer, load_params
+    from jaxllm.models import forward
 
     chars = chinese_characters(3000)
-    out = extend_tokenizer(LLAMA, tmp_path / "ext.model", chars + ["▁"], special_tokens=["<human>", "<bot>"])
+    out = extend_tokenizer(LLAMA, tmp_path / "ext.model", chars + ["▁", chars[0]],
+                           special_tokens=["<human>", "<bot>"])
     ext = Tokenizer(out)
     added = ext.vocab_size - 32000
     assert 2000 < added <= 3002  # characters the base already had are skipped, duplicates dropped
-    for i in range(32000):
-        assert ext.id_to_piece(i) == llama.id_to_piece(i)
+    assert [ext.id_to_piece(i) for i in range(32000)] == [llama.id_to_piece(i) for i in range(32000)]
+    assert ext.piece_to_id(chars[-1]) == ext.vocab_size - 3  # appended in order, before the two specials
     zh = "".join(line for line in CORPUS.read_text("utf-8").splitlines() if "\u4e00" <= line[0] <= "\u9fff")
     n_chars = sum("\u4e00" <= c <= "\u9fff" for c in zh)
     before, after = len(llama.encode(zh)) / n_chars, len(ext.encode(zh)) / n_chars
@@ -128,60 +189,106 @@ def test_extension_keeps_old_ids_and_lowers_tokens_per_chinese_character(llama, 
         print(f"\n  tokens per Chinese character: Llama 2 {before:.3f} → extended {after:.3f} (+{added} pieces)")
     assert after < before * 0.8
     assert ext.decode(ext.encode(zh)) == zh
+    english = "The quick brown fox jumps over the lazy dog."
+    assert ext.encode(english) == llama.encode(english)  # text the base covered segments as before
     assert ext.piece_to_id("<human>") in ext.encode("<human>:你好")  # atomic (after the dummy prefix)
 
-    cfg = get_preset("llama2-tiny", vocab_size=32000)
-    params = init_params(cfg, jax.random.key(0))
-    save_params(tmp_path / "ckpt", jax.tree.map(np.asarray, params), cfg)
-    resized_dir = resize_checkpoint(tmp_path / "ckpt", tmp_path / "resized", ext.vocab_size, pad_multiple=16,
-                                    tokenizer_path=out)
+    src, params = tiny_checkpoint
+    resized_dir = resize_checkpoint(src, tmp_path / "resized", ext.vocab_size, pad_multiple=16, tokenizer_path=out)
     resized, new_cfg = load_params(resized_dir)
-    assert new_cfg.vocab_size % 16 == 0 and new_cfg.vocab_size >= ext.vocab_size
+    assert new_cfg.vocab_size == padded_rows(ext.vocab_size, 16) and new_cfg.vocab_size % 16 == 0
     assert new_cfg.tokenizer_vocab_size == ext.vocab_size
     np.testing.assert_array_equal(resized["embedding"][:32000], params["embedding"])
-    np.testing.assert_allclose(resized["embedding"][32000], np.asarray(params["embedding"]).mean(0), rtol=1e-5)
-    assert (resized_dir / "tokenizer.model").is_file()
-    logits = forward(new_cfg, resized, jnp.asarray([ext.encode(zh[:20], bos=True)]))
-    assert logits.shape[-1] == new_cfg.vocab_size and bool(jnp.isfinite(logits).all())
+    np.testing.assert_array_equal(resized["lm_head"][:, :32000], params["lm_head"])
+    mean = params["embedding"].mean(0)
+    new_rows = resized["embedding"][32000:]
+    np.testing.assert_allclose(new_rows, np.broadcast_to(mean, new_rows.shape), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(resized["lm_head"][:, -1], params["lm_head"].mean(1), rtol=1e-5, atol=1e-7)
+    assert find_tokenizer(resized_dir) == resized_dir / "tokenizer.model"
+    assert Tokenizer.load(resized_dir).vocab_size == ext.vocab_size
+    tokens = jnp.asarray([ext.encode(zh[:20], bos=True)])
+    assert int(tokens.max()) >= 32000  # the new rows are used
+    logits = forward(new_cfg, resized, tokens)
+    assert logits.shape == (*tokens.shape, new_cfg.vocab_size) and bool(jnp.isfinite(logits).all())
     with pytest.raises(TokenizerError, match="destination exists"):
-        resize_checkpoint(tmp_path / "ckpt", tmp_path / "resized", ext.vocab_size)
+        resize_checkpoint(src, resized_dir, ext.vocab_size)
+    with pytest.raises(TokenizerError, match="smaller than the checkpoint's"):
+        resize_checkpoint(resized_dir, tmp_path / "shrunk", 32000)
+    with pytest.raises(TokenizerError, match=f"has {ext.vocab_size} pieces, not new_num_pieces=40000"):
+        resize_checkpoint(src, tmp_path / "mismatch", 40000, tokenizer_path=out)
+
+
+def test_extension_from_a_second_model_and_ziya_padding(llama, trained, tmp_path):
+    out = extend_tokenizer(LLAMA, tmp_path / "merged.model", from_model=trained)
+    merged = Tokenizer(out)
+    theirs = [p for p in pieces_of(trained) if not llama.has_piece(p)]
+    assert merged.vocab_size == 32000 + len(theirs) and theirs
+    assert [merged.id_to_piece(i) for i in range(32000, merged.vocab_size)] == theirs
+    assert "<human>" in theirs  # a user-defined piece of the second model stays atomic
+    assert merged.piece_to_id("<human>") in merged.encode("a <human> b")
+    assert padded_rows(39410, 16) == 39424 and padded_rows(32000, 64) == 32000  # Ziya: 39,410 → 39,424 rows
+    with pytest.raises(TokenizerError, match="pad_multiple=0 must be >= 1"):
+        padded_rows(10, 0)
+    with pytest.raises(TokenizerError, match="missing.model: no such tokenizer file"):
+        extend_tokenizer(tmp_path / "missing.model", tmp_path / "x.model", ["好"])
 
 
 def test_llama2_chat_matches_the_spec(llama):
     t = get_chat_template("llama2-chat")
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
-    expected_prompt = [1, *llama.encode(first + " Hello! "), 2, 1, *llama.encode("[INST] Bye [/INST]")]
-    assert t.prompt(llama, msgs) == expected_prompt
+    # [BOS] SP("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ") [EOS], checked piece by piece:
+    # ▁[ INST ] ▁<< SY S >> \n Be ▁brief . \n < </ SY S >> \n \n Hi ▁[ / INST ] ▁Hello ! ▁
+    first = [518, 25580, 29962, 3532, 14816, 29903, 6778, 13, 3629, 11473, 29889, 13, 29966, 829, 14816, 29903,
+             6778, 13, 13, 18567, 518, 29914, 25580, 29962]
+    reply = [15043, 29991, 29871]  # the trailing space of the pair is a lone "▁" (29871, spec §3.2)
+    bye = [518, 25580, 29962, 2648, 29872, 518, 29914, 25580, 29962]  # ▁[ INST ] ▁By e ▁[ / INST ]
+    assert t.prompt(llama, msgs) == [1, *first, *reply, 2, 1, *bye]
     ids, mask = t.render(llama, msgs[:3])
-    assert ids == [1, *llama.encode(first + " Hello! "), 2]
-    n_prompt = len(llama.encode(first))
-    assert mask == [0] * (1 + n_prompt) + [1] * (len(ids) - 1 - n_prompt)
-    assert llama.decode([i for i, m in zip(ids, mask) if m]).strip() == "Hello!"
+    assert ids == [1, *first, *reply, 2]
+    assert mask == [0] * (1 + len(first)) + [1] * (len(reply) + 1)
+    assert t.stop_ids(llama) == [2]
+    # Meta strips the merged first message as a whole: a system prompt's own spacing is kept
+    spaced = [{"role": "system", "content": " Be brief. "}, *msgs[1:3]]
+    meta = "[INST] <<SYS>>\n Be brief. \n<</SYS>>\n\nHi [/INST] Hello! "
+    assert t.render(llama, spaced)[0] == [1, *llama.encode(meta), 2]
 
 
-def test_baichuan2_chat_matches_the_spec():
-    tok = Tokenizer.load(BAICHUAN)
+def test_baichuan2_chat_matches_the_spec(baichuan):
+    tok = baichuan
     t = get_chat_template("baichuan2-chat")
     msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"},
             {"role": "user", "content": "再见"}]
-    assert t.prompt(tok, msgs) == [195, *tok.encode("你好"), 196, *tok.encode("您好！"), 195, *tok.encode("再见"), 196]
+    # ▁你 好 | ▁ 您 好 ！ | ▁再 见  (the Baichuan 1 model: it has a dummy prefix, Baichuan 2's has none)
+    hello, reply, bye = [9875, 31213], [31106, 31886, 31213, 74], [28734, 31580]
+    assert [tok.encode(m["content"]) for m in msgs] == [hello, reply, bye]
+    # build_chat_input: no BOS, no EOS between rounds, the prompt ends with the assistant id 196
+    assert t.prompt(tok, msgs) == [195, *hello, 196, *reply, 195, *bye, 196]
+    # fine-tune.py: input = [195] user [196] reply [EOS]; its labels train the reply and the final EOS
     ids, mask = t.render(tok, msgs[:2])
-    assert ids == [195, *tok.encode("你好"), 196, *tok.encode("您好！"), 2]  # no BOS; EOS ends the SFT sample
-    assert mask == [0] * (2 + len(tok.encode("你好"))) + [1] * (len(tok.encode("您好！")) + 1)
+    assert ids == [195, *hello, 196, *reply, 2]
+    assert mask == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    system = [{"role": "system", "content": "简短"}, *msgs[:2]]
+    assert t.render(tok, system)[0] == [*tok.encode("简短"), 195, *hello, 196, *reply, 2]
+    assert t.stop_ids(tok) == [2, 195]
 
 
 def test_ziya_and_plain_templates(llama):
     msgs = [{"role": "user", "content": " 写诗 "}, {"role": "assistant", "content": "床前明月光"}]
+    # ▁< human >: 写 <E8 AF 97>(诗) \n < bot >:  — then the output on its own: ▁ <E5 BA 8A>(床) 前 明 月 光
+    head = [529, 26029, 23917, 31479, 235, 178, 154, 13, 29966, 7451, 23917]
+    output = [29871, 232, 189, 141, 30658, 30592, 30534, 30867]
     ids, mask = get_chat_template("ziya").render(llama, msgs)
-    assert ids == [1, *llama.encode("<human>:写诗\n<bot>:床前明月光"), 2]
-    assert llama.decode([i for i, m in zip(ids, mask) if m]) == "床前明月光"
-    assert get_chat_template("ziya").prompt(llama, msgs[:1]) == [1, *llama.encode("<human>:写诗\n<bot>:")]
+    assert ids == [1, *head, *output, 2]
+    assert mask == [0] * (1 + len(head)) + [1] * (len(output) + 1)
+    assert get_chat_template("ziya").prompt(llama, msgs[:1]) == [1, *head]
+    assert get_chat_template("ziya").stop_ids(llama) == [2]  # "<human>" is not one Llama piece
     ids, mask = get_chat_template("plain").render(llama, msgs)
-    assert ids == [1, *llama.encode("User: 写诗\n\nAssistant: 床前明月光"), 2]
-    assert [template_for_family(f) for f in ("llama", "baichuan2", "ziya", "ctllm")] == [
-        "llama2-chat", "baichuan2-chat", "ziya", "plain"]
+    # ▁User : ▁ 写 <E8 AF 97> \n \n Ass istant : | ▁ <E5 BA 8A> 前 明 月 光
+    assert ids == [1, 4911, 29901, 29871, 31479, 235, 178, 154, 13, 13, 7900, 22137, 29901, *output, 2]
+    assert mask == [0] * 13 + [1] * (len(output) + 1)
+    assert [template_for_family(f) for f in ("llama", "baichuan", "baichuan2", "ziya", "ctllm")] == [
+        "llama2-chat", "baichuan2-chat", "baichuan2-chat", "ziya", "plain"]
     with pytest.raises(TokenizerError, match="unknown chat template 'llama2'.*did you mean 'llama2-chat'"):
         get_chat_template("llama2")
 
@@ -200,48 +307,76 @@ def test_bad_conversations(llama, messages, message):
 WORDS = st.text(alphabet=st.sampled_from(list("abcxyz 你好世界12")), min_size=1, max_size=12).filter(str.strip)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(turns=st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=3), system=st.one_of(st.none(), WORDS),
        name=st.sampled_from(["llama2-chat", "baichuan2-chat", "ziya", "plain"]))
-def test_loss_mask_covers_exactly_the_assistant_tokens(llama, turns, system, name):
+def test_loss_mask_covers_exactly_the_assistant_tokens(llama, baichuan, turns, system, name):
+    tok = baichuan if name == "baichuan2-chat" else llama
+    template = get_chat_template(name)
     msgs = ([{"role": "system", "content": system}] if system else [])
     for user, reply in turns:
         msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    ids, mask = get_chat_template(name).render(llama, msgs)
-    assert len(ids) == len(mask)
+    ids, mask = template.render(tok, msgs)
+    assert len(ids) == len(mask) and set(mask) <= {0, 1}
     runs, current = [], []
     for i, m in zip(ids, mask):
-        if m and i not in (llama.eos_id,):
+        if m and i != tok.eos_id:
             current.append(i)
         elif current:
             runs.append(current)
             current = []
-    assert [llama.decode(r).strip() for r in runs] == [reply.strip() for _, reply in turns]
-    eos_positions = [k for k, i in enumerate(ids) if i == llama.eos_id]
-    assert all(mask[k] for k in eos_positions)  # every EOS that ends a reply is learned
+    assert [tok.decode(r).strip() for r in runs] == [reply.strip() for _, reply in turns]
+    eos = [k for k, i in enumerate(ids) if i == tok.eos_id]
+    assert all(mask[k] for k in eos)  # every EOS that ends a reply is learned
+    assert len(eos) == (1 if name == "baichuan2-chat" else len(turns))  # Baichuan: only the final one
+    # generation sees what training saw: the prompt for the last reply is a prefix of the full render
+    prompt = template.prompt(tok, msgs[:-1])
+    assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1] == 0
 
 
-def test_cli_commands(trained, tmp_path, capsys):
+def test_cli_commands(trained, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli.model"
-    assert cli(["tokenizer", "train", str(CORPUS), "-o", str(out), "--vocab-size", "700"]) == 0
+    assert cli(["tokenizer", "train", str(CORPUS), "-o", str(out), "--vocab-size", "700", "--special", "<human>",
+                "--reserved", "2"]) == 0
     assert "700 pieces" in capsys.readouterr().out
+    assert [Tokenizer(out).id_to_piece(i) for i in (3, 4, 5)] == ["<reserved_0>", "<reserved_1>", "<human>"]
     assert cli(["tokenizer", "encode", "--model", str(LLAMA), "Hello world"]) == 0
     assert capsys.readouterr().out.split() == ["15043", "3186"]
     assert cli(["tokenizer", "encode", "--model", str(LLAMA), "--bos", "--pieces", "Hello world"]) == 0
     assert capsys.readouterr().out.split() == ["<s>", "▁Hello", "▁world"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello world\n"))
+    assert cli(["tokenizer", "encode", "--model", str(LLAMA), "--eos", "-"]) == 0
+    assert capsys.readouterr().out.split() == ["15043", "3186", "2"]
     assert cli(["tokenizer", "decode", "--model", str(LLAMA), "15043", "3186"]) == 0
+    assert capsys.readouterr().out.strip() == "Hello world"
+    monkeypatch.setattr("sys.stdin", io.StringIO("[1, 15043, 3186, 2, 32005]\n"))  # a pasted list; padded id
+    assert cli(["tokenizer", "decode", "--model", str(LLAMA), "-"]) == 0
     assert capsys.readouterr().out.strip() == "Hello world"
     assert cli(["tokenizer", "stats", "--model", str(LLAMA), "--model", str(trained), str(CORPUS)]) == 0
     table = capsys.readouterr().out
-    assert "chars/token" in table and str(trained) in table
+    s = tokenizer_stats(Tokenizer(LLAMA), [CORPUS])
+    assert "chars/token" in table and str(trained) in table and f"{s['chars_per_token']:.3f}" in table
+    assert s["bytes_per_token"] > s["chars_per_token"] > 1
+
     pieces = tmp_path / "chars.txt"
     pieces.write_text("\n".join(chinese_characters(50)), encoding="utf-8")
+    src, _ = tiny_checkpoint
     assert cli(["tokenizer", "extend", "--model", str(LLAMA), "-o", str(tmp_path / "x.model"),
-                "--pieces-file", str(pieces), "--special", "<human>"]) == 0
-    assert "32000 →" in capsys.readouterr().out
+                "--pieces-file", str(pieces), "--from-model", str(trained), "--special", "<bot>",
+                "--checkpoint", str(src), "--checkpoint-out", str(tmp_path / "x-ckpt"), "--pad-multiple", "64"]) == 0
+    n = Tokenizer(tmp_path / "x.model").vocab_size
+    assert f"32000 → {n} pieces" in capsys.readouterr().out
+    from jaxllm.checkpoint import read_model_config
+    cfg = read_model_config(tmp_path / "x-ckpt")
+    assert (cfg.tokenizer_vocab_size, cfg.vocab_size) == (n, padded_rows(n, 64))
+    assert Tokenizer.load(tmp_path / "x-ckpt").vocab_size == n
+
     assert cli(["tokenizer", "encode", "--model", str(tmp_path / "missing.model"), "x"]) == 2
     assert "no such tokenizer file" in capsys.readouterr().err
     assert cli(["tokenizer", "decode", "--model", str(LLAMA), "1", "x"]) == 2
     assert "ids must be integers" in capsys.readouterr().err
     assert cli(["tokenizer", "extend", "--model", str(LLAMA), "-o", str(tmp_path / "y.model")]) == 2
     assert "nothing to add" in capsys.readouterr().err
+    assert cli(["tokenizer", "train", str(tmp_path / "nope.txt"), "-o", str(out), "--vocab-size", "500"]) == 2
+    assert "nope.txt: no such corpus file" in capsys.readouterr().err
+    assert cli(["tokenizer", "stats", "--model", str(LLAMA), str(tmp_path / "nope.txt")]) == 2

@@ -17,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--text-field", default="text", help="jsonl field holding the text")
     train.add_argument("--max-sentences", type=int, default=10_000_000, help="sentences sampled at most")
     train.add_argument("--special", action="append", default=[], help="user-defined special token (repeat)")
+    train.add_argument("--reserved", type=int, default=0,
+                       help="placeholder pieces at ids 3.. (>= 194 frees ids 195/196 for baichuan2-chat)")
 
     extend = sub.add_parser("extend", help="add pieces to a model (Ziya recipe) and resize a checkpoint")
     extend.add_argument("--model", required=True, help="base tokenizer.model")
@@ -30,14 +32,14 @@ def _parser() -> argparse.ArgumentParser:
 
     encode = sub.add_parser("encode", help="print the ids (or pieces) of TEXT")
     encode.add_argument("--model", required=True)
-    encode.add_argument("text")
+    encode.add_argument("text", help="the text; '-' reads it from stdin")
     encode.add_argument("--bos", action="store_true")
     encode.add_argument("--eos", action="store_true")
     encode.add_argument("--pieces", action="store_true", help="print pieces instead of ids")
 
     decode = sub.add_parser("decode", help="print the text of space-separated IDS")
     decode.add_argument("--model", required=True)
-    decode.add_argument("ids", nargs="+")
+    decode.add_argument("ids", nargs="+", help="ids (space- or comma-separated); '-' reads them from stdin")
 
     stats = sub.add_parser("stats", help="characters and bytes per token on a corpus")
     stats.add_argument("--model", required=True, action="append", help="model(s) to compare (repeat)")
@@ -49,13 +51,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from jaxllm.checkpoint import CheckpointError
-    from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, pieces_of, resize_checkpoint,
+    from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, resize_checkpoint,
                                   tokenizer_stats, train_tokenizer)
 
     try:
         if args.action == "train":
             path = train_tokenizer(args.files, args.output, args.vocab_size, text_field=args.text_field,
-                                   max_sentences=args.max_sentences, user_defined_symbols=args.special)
+                                   max_sentences=args.max_sentences, user_defined_symbols=args.special,
+                                   reserved=args.reserved)
             print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
         elif args.action == "extend":
             pieces: list[str] = []
@@ -64,12 +67,11 @@ def main(argv: list[str]) -> int:
                     raise TokenizerError(f"{args.pieces_file}: no such pieces file")
                 pieces += [line.strip() for line in Path(args.pieces_file).read_text("utf-8").splitlines()
                            if line.strip()]
-            if args.from_model:
-                pieces += pieces_of(args.from_model)
-            if not pieces and not args.special:
+            if not pieces and not args.from_model and not args.special:
                 raise TokenizerError("nothing to add: give --pieces-file, --from-model or --special")
             before = Tokenizer.load(args.model).vocab_size
-            path = extend_tokenizer(args.model, args.output, pieces, special_tokens=args.special)
+            path = extend_tokenizer(args.model, args.output, pieces, from_model=args.from_model,
+                                    special_tokens=args.special)
             after = Tokenizer(path).vocab_size
             print(f"wrote {path}: {before} → {after} pieces (+{after - before})")
             if args.checkpoint:
@@ -80,21 +82,25 @@ def main(argv: list[str]) -> int:
                 print(f"wrote {out} (embedding rows padded to a multiple of {args.pad_multiple})")
         elif args.action == "encode":
             tok = Tokenizer.load(args.model)
-            ids = tok.encode(args.text, bos=args.bos, eos=args.eos)
+            text = sys.stdin.read().removesuffix("\n") if args.text == "-" else args.text
+            ids = tok.encode(text, bos=args.bos, eos=args.eos)
             print(" ".join(tok.id_to_piece(i) for i in ids) if args.pieces else " ".join(map(str, ids)))
         elif args.action == "decode":
             tok = Tokenizer.load(args.model)
+            raw = sys.stdin.read() if args.ids == ["-"] else " ".join(args.ids)
             try:
-                ids = [int(x) for x in " ".join(args.ids).split()]
+                ids = [int(x) for x in raw.replace(",", " ").replace("[", " ").replace("]", " ").split()]
             except ValueError:
-                raise TokenizerError(f"ids must be integers, got {' '.join(args.ids)!r}") from None
+                raise TokenizerError(f"ids must be integers, got {raw.strip()!r:.200}") from None
             print(tok.decode(ids))
         elif args.action == "stats":
-            print(f"{'model':<40} {'pieces':>7} {'tokens':>9} {'chars/token':>11} {'bytes/token':>11}")
+            rows = []
             for model in args.model:
                 tok = Tokenizer.load(model)
-                s = tokenizer_stats(tok, args.files, args.text_field)
-                print(f"{model:<40} {tok.vocab_size:>7} {s['tokens']:>9} {s['chars_per_token']:>11.3f} "
+                rows.append((model, tok.vocab_size, tokenizer_stats(tok, args.files, args.text_field)))
+            print(f"{'model':<40} {'pieces':>7} {'tokens':>9} {'chars/token':>11} {'bytes/token':>11}")
+            for model, pieces, s in rows:
+                print(f"{model:<40} {pieces:>7} {s['tokens']:>9} {s['chars_per_token']:>11.3f} "
                       f"{s['bytes_per_token']:>11.3f}")
     except (TokenizerError, CheckpointError) as err:
         print(f"jaxllm tokenizer: error: {err}", file=sys.stderr)

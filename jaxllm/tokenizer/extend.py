@@ -27,27 +27,42 @@ def read_proto(path: str | Path) -> sp_pb2.ModelProto:
     return proto
 
 
+_NORMAL, _USER = sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+
+
+def _typed_pieces(model_path: str | Path) -> list[tuple[str, int]]:
+    return [(p.piece, p.type) for p in read_proto(model_path).pieces if p.type in (_NORMAL, _USER)]
+
+
 def pieces_of(model_path: str | Path) -> list[str]:
-    """The normal and user-defined pieces of another model (what Chinese-LLaMA/Ziya merged in)."""
-    kinds = (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED)
-    return [p.piece for p in read_proto(model_path).pieces if p.type in kinds]
+    """The normal and user-defined pieces of another model, in id order (what Chinese-LLaMA merged in)."""
+    return [piece for piece, _ in _typed_pieces(model_path)]
 
 
 def extend_tokenizer(base_model: str | Path, out_path: str | Path, pieces: Iterable[str] = (), *,
-                     special_tokens: Iterable[str] = ()) -> Path:
-    """Write `out_path`: the base model with `pieces` (and atomic `special_tokens` such as `<human>`)
-    appended in order, deduplicated against the base and each other. Old ids are unchanged."""
+                     from_model: str | Path | None = None, special_tokens: Iterable[str] = ()) -> Path:
+    """Write `out_path`: the base model with `pieces`, then the pieces of `from_model`, then atomic
+    `special_tokens` (e.g. `<human>`) appended in that order, deduplicated against the base and each other.
+    Every old piece keeps its id. A space in a piece means the word boundary `▁`."""
     proto = read_proto(base_model)
+    new_pieces = [(p.replace(" ", "▁"), _NORMAL) for p in pieces]
+    if from_model is not None:
+        new_pieces += _typed_pieces(from_model)  # its user-defined pieces stay atomic
+    new_pieces += [(p, _USER) for p in special_tokens]
     seen = {p.piece for p in proto.pieces}
-    # Appended pieces score below every learned merge so they never reorder the base model's merges.
-    score = min((p.score for p in proto.pieces), default=0.0) - 1.0
-    for piece, kind in ([(p, sp_pb2.ModelProto.SentencePiece.NORMAL) for p in pieces] +
-                        [(p, sp_pb2.ModelProto.SentencePiece.USER_DEFINED) for p in special_tokens]):
+    # BPE merges by score: appended pieces rank below every base piece (the base still segments its own
+    # text as before) and among themselves in the order given (a second model's merge order survives).
+    # Sentinel scores (Llama's "▁▁" has -1e9) are left out: below them float32 cannot tell ranks apart.
+    score = min((p.score for p in proto.pieces if p.type == _NORMAL and p.score > -1e8), default=0.0) - 1.0
+    for piece, kind in new_pieces:
         if not piece or piece in seen:
             continue
         seen.add(piece)
         new = proto.pieces.add()
-        new.piece, new.score, new.type = piece, score if kind == sp_pb2.ModelProto.SentencePiece.NORMAL else 0.0, kind
+        new.piece, new.type = piece, kind
+        if kind == _NORMAL:
+            new.score, score = score, score - 1.0  # BPE scores are minus the merge rank
+    proto.trainer_spec.vocab_size = len(proto.pieces)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -58,62 +73,56 @@ def extend_tokenizer(base_model: str | Path, out_path: str | Path, pieces: Itera
 
 
 def padded_rows(num_pieces: int, pad_multiple: int) -> int:
+    """Embedding rows for `num_pieces` pieces, rounded up to a multiple of `pad_multiple`."""
+    if pad_multiple < 1:
+        raise TokenizerError(f"pad_multiple={pad_multiple} must be >= 1")
     return int(math.ceil(num_pieces / pad_multiple) * pad_multiple)
 
 
 def resize_params(params: dict, old_pieces: int, new_rows: int) -> dict:
-    """Grow `embedding` [vocab, embed] and `lm_head` [embed, vocab] to `new_rows`; rows past the old
-    model's rows are the mean of its first `old_pieces` (real) rows."""
+    """Grow `embedding` [vocab, embed] and `lm_head` [embed, vocab] to `new_rows`. Rows of the first
+    `old_pieces` (trained) pieces are kept; every later row (new pieces and padding, including padding
+    rows the old model never trained) is the mean of the trained rows."""
     params = dict(params)
     emb = np.asarray(params["embedding"])
     if new_rows < emb.shape[0]:
         raise TokenizerError(f"cannot shrink the embedding from {emb.shape[0]} to {new_rows} rows")
-    mean = emb[:old_pieces].mean(axis=0, keepdims=True)
-    params["embedding"] = np.concatenate([emb, np.repeat(mean, new_rows - emb.shape[0], 0)]).astype(emb.dtype)
+    mean = emb[:old_pieces].astype(np.float32).mean(axis=0, keepdims=True).astype(emb.dtype)
+    params["embedding"] = np.concatenate([emb[:old_pieces], np.repeat(mean, new_rows - old_pieces, 0)])
     if "lm_head" in params:
         head = np.asarray(params["lm_head"])
-        col = head[:, :old_pieces].mean(axis=1, keepdims=True)
-        params["lm_head"] = np.concatenate([head, np.repeat(col, new_rows - head.shape[1], 1)],
-                                           axis=1).astype(head.dtype)
+        col = head[:, :old_pieces].astype(np.float32).mean(axis=1, keepdims=True).astype(head.dtype)
+        params["lm_head"] = np.concatenate([head[:, :old_pieces], np.repeat(col, new_rows - old_pieces, 1)],
+                                           axis=1)
     return params
 
 
 def resize_checkpoint(src_dir: str | Path, dst_dir: str | Path, new_num_pieces: int, *,
                       pad_multiple: int = 1, tokenizer_path: str | Path | None = None) -> Path:
-    """Copy a jaxllm checkpoint with its vocabulary grown to `new_num_pieces` pieces, padded to a
-    multiple of `pad_multiple` rows (Ziya: 39,410 pieces → 39,424 rows with 16)."""
-    from jaxllm.checkpoint import load_params, save_params, to_numpy
+    """Copy a jaxllm checkpoint with its vocabulary grown to `new_num_pieces` pieces and its embedding /
+    output rows padded to a multiple of `pad_multiple` (Ziya: 39,410 pieces → 39,424 rows with 16).
+    `tokenizer_path` (the extended model) is copied in as `tokenizer.model`."""
+    from jaxllm.checkpoint import load_params, read_model_config, resolve, save_params, to_numpy
 
     dst_dir = Path(dst_dir)
     if dst_dir.exists():
         raise TokenizerError(f"{dst_dir}: destination exists; choose a new directory")
-    params, config = load_params(src_dir)
-    rows = padded_rows(new_num_pieces, pad_multiple)
+    if tokenizer_path is not None:
+        pieces = Tokenizer.load(tokenizer_path).vocab_size
+        if pieces != new_num_pieces:
+            raise TokenizerError(f"{tokenizer_path} has {pieces} pieces, not new_num_pieces={new_num_pieces}")
+    config = read_model_config(resolve(src_dir))
     if new_num_pieces < config.num_pieces:
         raise TokenizerError(f"new vocabulary ({new_num_pieces} pieces) is smaller than the checkpoint's "
-                             f"({config.num_pieces})")
-    params = resize_params(to_numpy(params), config.num_pieces, max(rows, config.vocab_size))
-    new_config = config.replace(vocab_size=max(rows, config.vocab_size),
-                                tokenizer_vocab_size=new_num_pieces)
+                             f"({config.num_pieces} pieces)")
+    rows = max(padded_rows(new_num_pieces, pad_multiple), config.vocab_size)
+    params, config = load_params(src_dir, config)
+    params = resize_params(to_numpy(params), config.num_pieces, rows)
+    new_config = config.replace(vocab_size=rows, tokenizer_vocab_size=new_num_pieces)
     tmp = dst_dir.with_name(dst_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_params(tmp, params, new_config)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        shutil.copyfile(Tokenizer.load(tokenizer_path).path, tmp / "tokenizer.model")
     tmp.rename(dst_dir)
     return dst_dir
-
-
-def tokenizer_stats(tok: Tokenizer, files, text_field: str = "text") -> dict:
-    """Characters and UTF-8 bytes per token over a corpus (higher is better compression)."""
-    from jaxllm.tokenizer.train import iter_texts
-
-    chars = nbytes = tokens = 0
-    for text in iter_texts(files, text_field):
-        chars += len(text)
-        nbytes += len(text.encode())
-        tokens += len(tok.encode(text))
-    if tokens == 0:
-        raise TokenizerError("empty corpus: no text to measure")
-    return {"characters": chars, "bytes": nbytes, "tokens": tokens, "chars_per_token": chars / tokens,
-            "bytes_per_token": nbytes / tokens}

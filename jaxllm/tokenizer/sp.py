@@ -83,6 +83,10 @@ class Tokenizer:
         """The id of `piece`, or unk's id if the model has no such piece."""
         return self.sp.PieceToId(piece)
 
+    def is_byte(self, i: int) -> bool:
+        """Whether id `i` is a byte-fallback piece `<0xNN>`."""
+        return 0 <= int(i) < self.vocab_size and self.sp.IsByte(int(i))
+
     def has_piece(self, piece: str) -> bool:
         i = self.sp.PieceToId(piece)
         return i != self.unk_id or piece == self.id_to_piece(self.unk_id)

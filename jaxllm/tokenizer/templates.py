@@ -16,16 +16,22 @@ def _turns(messages, *, ends_with: str) -> tuple[str | None, list[tuple[str, str
     """(system, [(user, assistant or None)]), after checking roles alternate and nothing is empty."""
     if not messages:
         raise TokenizerError("conversation is empty")
-    system = None
-    if messages[0].get("role") == "system":
-        system, messages = messages[0].get("content", ""), messages[1:]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise TokenizerError(f"message {i}: expected {{'role': ..., 'content': ...}}, got {m!r:.80}")
+    system, first = None, 0
+    if messages[0]["role"] == "system":
+        system, messages, first = messages[0]["content"], messages[1:], 1
+        if not isinstance(system, str):
+            raise TokenizerError(f"message 0 (system): content must be a string, got {type(system).__name__}")
+        system = system if system.strip() else None  # an empty system prompt is no system prompt
     for i, m in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
-        if m.get("role") != expected:
-            raise TokenizerError(f"message {i}: role '{m.get('role')}' where '{expected}' was expected "
+        if m["role"] != expected:
+            raise TokenizerError(f"message {first + i}: role '{m['role']}' where '{expected}' was expected "
                                  f"(roles must alternate user/assistant after an optional system)")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise TokenizerError(f"message {i} ({expected}) has empty content")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise TokenizerError(f"message {first + i} ({expected}) has empty content")
     if not messages or messages[-1]["role"] != ends_with:
         raise TokenizerError(f"conversation must end with a{'n' if ends_with == 'assistant' else ''} "
                              f"{ends_with} message")
@@ -46,6 +52,20 @@ def _encode_marked(tok: Tokenizer, text: str, trainable: list[tuple[int, int]]):
     return ids, mask
 
 
+BAICHUAN_USER_ID, BAICHUAN_ASSISTANT_ID = 195, 196
+
+
+def _check_baichuan_markers(tok: Tokenizer) -> None:
+    """Baichuan reserves ids 195/196 for the chat roles; a tokenizer with text or bytes there would make
+    the markers indistinguishable from text."""
+    for i in (BAICHUAN_USER_ID, BAICHUAN_ASSISTANT_ID):
+        if i >= tok.vocab_size or tok.is_byte(i):
+            what = f"byte piece '{tok.id_to_piece(i)}'" if i < tok.vocab_size else "no piece"
+            raise TokenizerError(f"baichuan2-chat marks user/assistant turns with ids 195/196, but {tok.path} has "
+                                 f"{what} at id {i}: use a Baichuan tokenizer, or train one with "
+                                 f"`jaxllm tokenizer train --reserved 200`")
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     name: str
@@ -62,20 +82,25 @@ class ChatTemplate:
         return ids
 
     def stop_ids(self, tok: Tokenizer) -> list[int]:
+        """Ids that end an assistant reply: EOS, and the marker of the next user turn where it is one token
+        (Ziya's `<human>` when the model has that piece, Baichuan's 195)."""
         stops = [tok.eos_id]
         if self.name == "ziya" and tok.has_piece("<human>"):
             stops.append(tok.piece_to_id("<human>"))
+        user = BAICHUAN_USER_ID
+        if self.name == "baichuan2-chat" and user < tok.vocab_size and not tok.is_byte(user):
+            stops.append(user)
         return stops
 
-    # Llama 2 chat (spec §3.2): the system prompt joins the first user message; each completed pair is
+    # Llama 2 chat (spec §3.2, Meta's `chat_completion`): the system prompt joins the first user message
+    # as "<<SYS>>\n{system}\n<</SYS>>\n\n{user}", stripped as a whole; each completed pair is
     # [BOS] + SP("[INST] {user} [/INST] {answer} ") + [EOS]; an open turn is [BOS] + SP("[INST] {user} [/INST]").
     def _llama2_chat(self, tok, system, turns):
         ids, mask = [], []
         for i, (user, answer) in enumerate(turns):
-            user = user.strip()
-            if i == 0 and system is not None and system.strip():
-                user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
-            head = f"[INST] {user} [/INST]"
+            if i == 0 and system is not None:
+                user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+            head = f"[INST] {user.strip()} [/INST]"
             if answer is None:
                 ids += [tok.bos_id] + tok.encode(head)
                 mask += [0] * (len(ids) - len(mask))
@@ -90,10 +115,11 @@ class ChatTemplate:
     # between rounds; SFT ends the conversation with EOS. The official labels also train EOS at each later
     # user token (195); a mask over input ids keeps the reply tokens and the final EOS.
     def _baichuan2_chat(self, tok, system, turns):
+        _check_baichuan_markers(tok)
         ids = tok.encode(system) if system else []
         mask = [0] * len(ids)
         for user, answer in turns:
-            piece = [195] + tok.encode(user) + [196]
+            piece = [BAICHUAN_USER_ID] + tok.encode(user) + [BAICHUAN_ASSISTANT_ID]
             ids += piece
             mask += [0] * len(piece)
             if answer is not None:
@@ -105,7 +131,9 @@ class ChatTemplate:
             mask.append(1)
         return ids, mask
 
-    # Ziya (spec §8): [BOS] then per turn "<human>:" + query + "\n<bot>:" + output + EOS.
+    # Ziya (spec §8, Fengshenbang's finetune_ziya_llama.py): [BOS], then per turn
+    # SP("<human>:{query}\n<bot>:") + SP(output) + [EOS], each part encoded on its own; loss on output + EOS.
+    # Ziya has no system role: a system prompt is plain text before the first turn.
     def _ziya(self, tok, system, turns):
         ids, mask = [tok.bos_id], [0]
         if system:
@@ -113,16 +141,13 @@ class ChatTemplate:
             ids += piece
             mask += [0] * len(piece)
         for user, answer in turns:
-            head = "<human>:" + user.strip() + "\n<bot>:"
-            if answer is None:
-                piece = tok.encode(head)
-                ids += piece
-                mask += [0] * len(piece)
-                continue
-            text = head + answer
-            piece_ids, piece_mask = _encode_marked(tok, text, [(len(head), len(text))])
-            ids += piece_ids + [tok.eos_id]
-            mask += piece_mask + [1]
+            head = tok.encode("<human>:" + user.strip() + "\n<bot>:")
+            ids += head
+            mask += [0] * len(head)
+            if answer is not None:
+                reply = tok.encode(answer.strip()) + [tok.eos_id]
+                ids += reply
+                mask += [1] * len(reply)
         return ids, mask
 
     # Plain: [BOS] system "\n\n", then "User: …\n\nAssistant: " reply EOS per turn.

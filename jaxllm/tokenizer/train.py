@@ -30,51 +30,69 @@ BYTE_PIECES = 256
 SPECIAL_PIECES = 3  # <unk> <s> </s>
 
 
-def _open(path: Path):
-    raw = open(path, "rb")
-    return gzip.open(raw) if path.name.endswith(".gz") else raw
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, gzip-compressed when named *.gz; errors name file:line."""
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    raise TokenizerError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte "
+                                         f"{err.start})") from None
+    except (OSError, EOFError) as err:  # a truncated or non-gzip *.gz file
+        raise TokenizerError(f"{path}:{number + 1}: cannot read: {err}") from None
 
 
 def iter_texts(files: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
-    """Lines of text files, or `text_field` of jsonl(.gz) records; non-UTF-8 stops with file:line."""
+    """Non-empty lines of text files, or the lines of `text_field` of jsonl(.gz) records."""
     for file in files:
         path = Path(file)
         if not path.is_file():
             raise TokenizerError(f"{path}: no such corpus file")
         is_jsonl = ".jsonl" in path.name or path.name.endswith(".json")
-        with _open(path) as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise TokenizerError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte "
-                                         f"{err.start})") from None
-                if is_jsonl:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise TokenizerError(f"{path}:{number}: bad JSON: {err.msg}") from None
-                    text = record.get(text_field) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise TokenizerError(f"{path}:{number}: no string field '{text_field}'")
-                    yield from (t for t in text.split("\n") if t.strip())
-                elif line.strip():
-                    yield line.rstrip("\n")
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            if not is_jsonl:
+                yield line
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TokenizerError(f"{path}:{number}: bad JSON: {err.msg}") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise TokenizerError(f"{path}:{number}: no string field '{text_field}'")
+            yield from (t for t in text.split("\n") if t.strip())
+
+
+def reserved_symbols(count: int) -> list[str]:
+    """`<reserved_0>` … : placeholders at ids 3, 4, … (Baichuan keeps its chat markers 195/196 there)."""
+    return [f"<reserved_{k}>" for k in range(count)]
 
 
 def train_tokenizer(files, output_path: str | Path, vocab_size: int, *, text_field: str = "text",
-                    max_sentences: int = 10_000_000, user_defined_symbols=(), num_threads: int = 2,
-                    **overrides) -> Path:
-    """Train a BPE model on `files` with the Baichuan 2 recipe; writes `output_path` (a .model file)."""
+                    max_sentences: int = 10_000_000, user_defined_symbols=(), reserved: int = 0,
+                    num_threads: int = 2, **overrides) -> Path:
+    """Train a BPE model on `files` with the Baichuan 2 recipe; writes `output_path` (a .model file).
+
+    Sentences are streamed from the files; at most `max_sentences` of them are kept (a uniform sample).
+    Ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, then `reserved` placeholder pieces (`reserved >= 194` frees ids
+    195/196 for the baichuan2-chat template), then `user_defined_symbols` (atomic), then 256 byte pieces.
+    """
     files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
-    user_defined_symbols = list(dict.fromkeys(user_defined_symbols))
+    if reserved < 0:
+        raise TokenizerError(f"reserved={reserved} must be >= 0")
+    user_defined_symbols = list(dict.fromkeys([*reserved_symbols(reserved), *user_defined_symbols]))
     minimum = BYTE_PIECES + SPECIAL_PIECES + len(user_defined_symbols) + 1
     if vocab_size < minimum:
         raise TokenizerError(f"vocab_size={vocab_size} is smaller than the {BYTE_PIECES} byte-fallback "
                              f"pieces + {SPECIAL_PIECES} specials + {len(user_defined_symbols)} user symbols "
                              f"(need at least {minimum})")
+    if max_sentences <= 100:  # sentencepiece's own floor for its sample
+        raise TokenizerError(f"max_sentences={max_sentences} must be > 100")
     texts = iter_texts(files, text_field)
     first = next(texts, None)
     if first is None:
