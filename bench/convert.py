@@ -27,7 +27,7 @@ import numpy as np
 def write_random_hf(directory: Path, layers: int) -> int:
     import ml_dtypes
 
-    from jaxllm.convert.core import _ShardWriter
+    from jaxllm.convert.core import _ShardWriter, plan_shards
     from jaxllm.convert.hf_config import hf_config_from_model
     from jaxllm.convert.mapping import tensor_maps
     from jaxllm.models import get_preset
@@ -35,15 +35,7 @@ def write_random_hf(directory: Path, layers: int) -> int:
     cfg = get_preset("llama2-7b", num_layers=layers)
     maps = tensor_maps(cfg)
     dtype = np.dtype(ml_dtypes.bfloat16)
-    plan, current, size = [], [], 0
-    for m in maps:  # HF order, ~10 GB shards like the released files
-        nbytes = int(np.prod(m.hf_shape)) * 2
-        if current and size + nbytes > 10 * 2**30:
-            plan.append(current)
-            current, size = [], 0
-        current.append((m.hf_key, m.hf_shape, dtype))
-        size += nbytes
-    plan.append(current)
+    plan = plan_shards([(m.hf_key, m.hf_shape, dtype) for m in maps], 10 * 2**30)  # HF order, ~10 GB shards
     directory.mkdir(parents=True)
     writer = _ShardWriter(directory, plan)
     rng = np.random.default_rng(0)

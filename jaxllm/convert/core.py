@@ -19,11 +19,25 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.convert.hf_config import hf_config_from_model, model_config_from_hf, model_config_from_meta
-from jaxllm.convert.mapping import TensorMap, is_ignored, tensor_maps
+from jaxllm.convert.mapping import TensorMap, _get, _set, is_ignored, tensor_maps
 from jaxllm.convert.readers import DTYPE_NAMES, ConversionError, MetaReader, open_hf, open_source
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def plan_shards(entries, max_shard_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
+    """Group (key, shape, dtype) entries, in order, into shards of at most `max_shard_bytes`."""
+    plan, current, size = [], [], 0
+    for key, shape, dtype in entries:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if current and size + nbytes > max_shard_bytes:
+            plan.append(current)
+            current, size = [], 0
+        current.append((key, tuple(shape), np.dtype(dtype)))
+        size += nbytes
+    plan.append(current)
+    return plan
 
 
 def _check_destination(dst: Path) -> None:
@@ -118,18 +132,6 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
     return config
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def _restore_leaves(ckpt_dir: Path, paths: list[tuple], config: ModelConfig, step=None) -> dict:
     """Restore only the given leaves (numpy) from a jaxllm checkpoint."""
     import orbax.checkpoint as ocp
@@ -206,16 +208,7 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     maps = tensor_maps(config)
     groups = _leaf_groups(maps)
     out_dtype = np.dtype(DTYPES[dtype or config.param_dtype])
-    plan, current, size = [], [], 0
-    for group in groups:
-        for m in group:
-            nbytes = math.prod(m.hf_shape) * out_dtype.itemsize
-            if current and size + nbytes > max_shard_bytes:
-                plan.append(current)
-                current, size = [], 0
-            current.append((m.hf_key, m.hf_shape, out_dtype))
-            size += nbytes
-    plan.append(current)
+    plan = plan_shards([(m.hf_key, m.hf_shape, out_dtype) for group in groups for m in group], max_shard_bytes)
     staging = _staging(dst)
     try:
         writer = _ShardWriter(staging, plan)
@@ -252,18 +245,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os
     for k in keys:
         if k not in verbatim and not k.endswith("rotary_emb.inv_freq") and k not in set(base_r.keys()):
             raise ConversionError(f"{base_dir}: missing tensor {k} that the delta adds to")
-    plan, current, size = [], [], 0
-    shapes = {}
-    for k in keys:
-        w = delta_r.get(k)
-        shapes[k] = w.shape
-        nbytes = w.size * 2
-        if current and size + nbytes > 5 * 2**30:
-            plan.append(current)
-            current, size = [], 0
-        current.append((k, w.shape, np.dtype(np.float16)))
-        size += nbytes
-    plan.append(current)
+    plan = plan_shards([(k, delta_r.get(k).shape, np.float16) for k in keys], 5 * 2**30)
     staging = _staging(dst)
     try:
         writer = _ShardWriter(staging, plan)
