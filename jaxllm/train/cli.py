@@ -1,0 +1,74 @@
+"""`jaxllm train [RECIPE] [key=value ...]`: pretrain from a YAML recipe; no arguments trains the demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+DEFAULT_RECIPE = "demo"
+
+_EPILOG = """\
+examples:
+  jaxllm train                                   the demo: a small model on the shipped zh/en corpus (CPU, minutes)
+  jaxllm train llama2-7b-pretrain data.sources.0.path='corpus/*.jsonl.gz' run_dir=runs/l7
+  jaxllm train configs/demo.yaml train.steps=50 optimizer.lr=1e-3 mesh.fsdp=-1
+  jaxllm train ziya-13b-pretrain --init-from ckpt/llama-13b
+
+Rerunning the same command resumes from the run directory's latest good checkpoint.
+"""
+
+
+def find_recipe(name: str) -> Path:
+    """A YAML path, or the name of a recipe in configs/ (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    from jaxllm.config import ConfigError, closest
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    raise ConfigError(f"recipe '{name}' is neither a file nor a recipe in {CONFIGS_DIR}"
+                      + closest(name, known) + (f"; recipes: {', '.join(known)}" if known else ""))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="jaxllm train", description=__doc__, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", metavar="RECIPE|key=value",
+                        help=f"a YAML recipe or a name in configs/ (default: {DEFAULT_RECIPE}), then overrides")
+    parser.add_argument("--init-from", metavar="DIR", help="start from a jaxllm checkpoint's parameters")
+    parser.add_argument("--run-dir", metavar="DIR", help="run directory (same as run_dir=DIR)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    recipes = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(recipes) > 1:
+        parser.error(f"one recipe at most, got {recipes} (overrides are key=value)")
+    if args.init_from:
+        overrides.append(f"init_from={args.init_from}")
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    return (recipes[0] if recipes else DEFAULT_RECIPE), overrides, args.print_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe, overrides, print_only = parse_args(sys.argv[1:] if argv is None else argv)
+    from jaxllm.checkpoint import CheckpointError
+    from jaxllm.config import ConfigError
+    from jaxllm.data import DataError
+    from jaxllm.tokenizer import TokenizerError
+    from jaxllm.train.config import load_config
+
+    try:
+        config = load_config(find_recipe(recipe), overrides)
+        if print_only:
+            print(config.to_yaml(), end="")
+            return 0
+        from jaxllm.train.loop import train
+        result = train(config)
+    except (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError) as err:
+        print(f"jaxllm train: error: {err}", file=sys.stderr)
+        return 2
+    return result.exit_code

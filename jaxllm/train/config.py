@@ -1,0 +1,366 @@
+"""Run configuration: dataclasses for a training run, YAML recipes, `key=value` overrides.
+
+A recipe is YAML with the sections below; every key is checked, and an unknown one is an error that names
+it and suggests the closest known key. The `model:` section is either `preset: NAME` plus field overrides
+or the full `ModelConfig` fields. Training computes in bfloat16 with float32 parameters and optimizer
+state unless the recipe sets `model.dtype` / `model.param_dtype`.
+
+    run_dir: runs/demo          seed: 0          init_from: null (a jaxllm checkpoint to start from)
+    model:      {preset: demo, dtype: float32, ...}
+    data:       {sources: [{path, weight, name, format, text_field, text_split}], tokenizer, seq_len, ...}
+    optimizer:  {lr, schedule, warmup_steps, decay_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm}
+    mesh:       {data, fsdp, tensor}           (-1: the remaining devices)
+    train:      {steps, batch_size, grad_accum, max_nan_streak}
+    checkpoint: {every, keep, async_save}
+    log:        {every, progress, tensorboard, plot, peak_tflops}
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.data.config import DataConfig, SourceConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+DISTRIBUTED = ("auto", "yes", "no")
+# Training defaults for the model section: compute in bf16, keep parameters (and so Adam moments) in fp32.
+TRAIN_MODEL_DEFAULTS = {"dtype": "bfloat16", "param_dtype": "float32"}
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with global-norm clipping and linear warmup; defaults are Llama 2's pretraining (spec §3.3)."""
+    lr: float = 3e-4
+    schedule: str = "cosine"          # cosine: warmup, then cosine to min_lr_ratio·lr; linear; constant
+    warmup_steps: int = 2000
+    decay_steps: int | None = None    # length of the schedule, warmup included; null: train.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1         # not applied to norm scales
+    clip_norm: float | None = 1.0
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8               # rows per optimizer step, over all hosts
+    grad_accum: int = 1               # micro-batches per step (batch_size / grad_accum rows each)
+    max_nan_streak: int = 10          # consecutive non-finite losses that stop the run (after a save)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int | None = 3              # most recent checkpoints kept (null: all)
+    async_save: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress: bool = True             # tqdm bar
+    tensorboard: bool = True
+    plot: bool = True                 # RUN/loss.png at the end
+    peak_tflops: float | None = None  # per device, for MFU; null: from the device kind
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/run"
+    seed: int = 0
+    init_from: str | None = None
+    distributed: str = "auto"         # jax.distributed.initialize(): auto (when the environment says so)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**TRAIN_MODEL_DEFAULTS))
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "RunConfig":
+        t, o = self.train, self.optimizer
+        for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                            ("train.grad_accum", t.grad_accum), ("train.max_nan_streak", t.max_nan_streak),
+                            ("checkpoint.every", self.checkpoint.every), ("log.every", self.log.every)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+        if o.lr < 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+            raise ConfigError(f"optimizer: need lr >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
+                              f"lr={o.lr}, warmup_steps={o.warmup_steps}, min_lr_ratio={o.min_lr_ratio}")
+        if o.decay_steps is not None and o.decay_steps <= o.warmup_steps and o.schedule != "constant":
+            raise ConfigError(f"optimizer.decay_steps={o.decay_steps} (default: train.steps) must exceed "
+                              f"optimizer.warmup_steps={o.warmup_steps}; lower the warmup for short runs")
+        if self.checkpoint.keep is not None and self.checkpoint.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {self.checkpoint.keep}")
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.data.sources:  # stages with their own data leave this empty
+            self.data.validate()
+            if self.data.seq_len > self.model.max_position_embeddings:
+                raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                                  f"{self.model.max_position_embeddings}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every value (the model section in full), as written to RUN/config.yaml."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML → checked dict → dataclasses.
+
+_SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "mesh": MeshConfig, "train": TrainConfig,
+             "checkpoint": CheckpointConfig, "log": LogConfig}
+_MODEL_KEYS = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _suggest(key: str, prefix: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _unknown(path: str, options) -> ConfigError:
+    prefix, _, key = path.rpartition(".")
+    prefix = prefix + "." if prefix else ""
+    return ConfigError(f"unknown config key '{path}'" + _suggest(key, prefix, options)
+                       + f"; known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(options)}")
+
+
+def _type_names(annotation) -> set[str]:
+    """{'int', 'float', 'None', ...} from a dataclass field annotation (a string under PEP 563)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return {part.strip() for part in text.split("|")}
+
+
+def _coerce(value, annotation, path: str):
+    """Check (and where unambiguous convert) one leaf value against its field type."""
+    kinds = _type_names(annotation)
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{path} must not be null")
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int) and ("int" in kinds or "float" in kinds):
+        return value if "int" in kinds else float(value)
+    elif isinstance(value, float) and "float" in kinds:
+        return value
+    elif isinstance(value, str):
+        if "str" in kinds:
+            return value
+        text = value.strip().lower()
+        if text in ("null", "none", "~") and "None" in kinds:
+            return None
+        if "int" in kinds:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if "float" in kinds:  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if "bool" in kinds and text in ("true", "false", "yes", "no"):
+            return text in ("true", "yes")
+    elif isinstance(value, list) and "list" in kinds:
+        return value
+    expected = " or ".join(sorted(k for k in kinds if k != "None")) + (" or null" if "None" in kinds else "")
+    raise ConfigError(f"{path} must be {expected}, got {value!r}")
+
+
+def _build(cls, data, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise _unknown(full, list(fields))
+        if cls is DataConfig and key == "sources":
+            kwargs[key] = _build_sources(value, full)
+        else:
+            kwargs[key] = _coerce(value, fields[key].type, full)
+    return cls(**kwargs)
+
+
+def _build_sources(value, path: str) -> list[SourceConfig]:
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path} must be a list of {{path: FILE_OR_GLOB, weight: W}}, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"path": item}
+        source = _build(SourceConfig, item, f"{path}.{i}")
+        if not isinstance(source.path, (str, list)):
+            raise ConfigError(f"{path}.{i}.path must be a path, a glob or a list of them")
+        out.append(source)
+    return out
+
+
+def build_model(section: dict | None, path: str = "model") -> ModelConfig:
+    """ModelConfig from `{preset: NAME, **overrides}` or full fields; training dtype defaults applied."""
+    from jaxllm.models import get_preset
+
+    section = dict(section or {})
+    for key in section:
+        if key not in _MODEL_KEYS:
+            raise _unknown(f"{path}.{key}", _MODEL_KEYS)
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for key, value in list(section.items()):
+        if key != "preset":
+            section[key] = _coerce(value, fields[key].type, f"{path}.{key}")
+    preset = section.pop("preset", None)
+    overrides = {**TRAIN_MODEL_DEFAULTS, **section}
+    if preset is not None:
+        return get_preset(str(preset), **overrides)
+    return ModelConfig.from_dict(overrides)
+
+
+def from_dict(data: dict) -> RunConfig:
+    """RunConfig from a nested dict (a parsed recipe); checks every key and type."""
+    data = copy.deepcopy(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(data).__name__}")
+    top = {f.name: f for f in dataclasses.fields(RunConfig)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in top:
+            raise _unknown(str(key), list(top))
+        if key == "model":
+            kwargs[key] = build_model(value)
+        elif key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value or {}, key)
+        else:
+            kwargs[key] = _coerce(value, top[key].type, key)
+    config = RunConfig(**kwargs)
+    if config.optimizer.decay_steps is None:  # pin the schedule length, so a longer rerun is a visible change
+        config.optimizer.decay_steps = config.train.steps
+    return config.validate()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` → (['a', 'b', 'c'], YAML-parsed VALUE)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested recipe dict (lists indexed by number: data.sources.0.weight=2).
+
+    Unknown keys are left for `from_dict` to reject, so every mistake gets the same message."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"override '{item}': {where} is not an index of a list of {len(node)}")
+                if isinstance(node[int(key)], str):  # a source given as a bare path
+                    node[int(key)] = {"path": node[int(key)]}
+                node = node[int(key)]
+                continue
+            if key == "sources" and depth == 1 and keys[0] == "data" and key not in node:
+                node[key] = []
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"override '{item}': {where} is a value, not a section")
+            node = child
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override '{item}': {last} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """RunConfig from a YAML file (or `base` dict) plus `key=value` overrides."""
+    data = read_yaml(path) if path is not None else dict(base or {})
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparing a run's saved config with a new one.
+
+# Keys that may change between the segments of one run: cadence, display, parallel layout, run length.
+RESUMABLE_KEYS = ("run_dir", "init_from", "distributed", "train.steps", "train.max_nan_streak", "mesh.",
+                  "checkpoint.", "log.", "data.prefetch")
+
+
+def flatten(data, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = data
+    return out
+
+
+def config_differences(saved: dict, new: dict) -> list[str]:
+    """'key: old → new' for every difference that makes `new` a different run than `saved`."""
+    a, b = flatten(saved), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}")
+    return out

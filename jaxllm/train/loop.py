@@ -1,0 +1,299 @@
+"""The one train loop: mesh, shardings, jit, optimizer, accumulation, NaN skipping, checkpoints, resume,
+metrics, progress and the loss plot. Stages differ only by the `Stage` (loss + data) they pass in.
+
+Order of a step: next batch → (its data state is what a checkpoint at this step records) → jitted update
+→ the previous step's metrics are fetched while this one runs (host and device overlap) → checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxllm import checkpoint as jckpt
+from jaxllm import sharding
+from jaxllm.config import ConfigError
+from jaxllm.models import init_params as model_init_params
+from jaxllm.models import param_logical_axes, param_shapes
+from jaxllm.train import flops, rundir
+from jaxllm.train.checkpointing import RunCheckpoints
+from jaxllm.train.config import RunConfig
+from jaxllm.train.metrics import MetricsLog, Reporter, plot_loss
+from jaxllm.train.optim import make_optimizer
+from jaxllm.train.stage import Stage, pretraining_stage
+from jaxllm.train.step import make_train_step
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    params: Any
+    opt_state: Any
+    stop_reason: str          # done | signal SIGTERM/SIGINT | non-finite loss | data exhausted
+    exit_code: int
+    nan_skipped: int
+    run_dir: Path
+    last_metrics: dict
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+    """`jax.distributed.initialize()` for multi-host TPU/GPU when the environment describes a cluster."""
+    if mode == "no" or jax.distributed.is_initialized():
+        return
+    env = os.environ
+    cluster = (any(env.get(k) for k in _MULTIHOST_ENV) or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if mode == "yes" or cluster:
+        jax.distributed.initialize()
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the end of the current step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, preemption via orbax only
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _batch_putter(mesh, accum: int, global_rows: int):
+    """numpy [local_rows, ...] → global jax.Array [accum, global_rows/accum, ...], rows over (data, fsdp)."""
+    lead = sharding.batch_sharding(mesh, ndim=1).spec[0]
+    spec = NamedSharding(mesh, P(None, lead))
+    hosts = jax.process_count()
+
+    def put(local: dict) -> dict:
+        out = {}
+        for key, value in local.items():
+            value = np.asarray(value)
+            micro = value.reshape(accum, value.shape[0] // accum, *value.shape[1:])
+            shape = (accum, global_rows // accum, *value.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(spec, micro, shape) if hosts > 1 \
+                else jax.device_put(micro, spec)
+        return out
+
+    return put, spec
+
+
+def _check_batch_layout(config: RunConfig, mesh) -> int:
+    """Rows this host loads per step; errors name the sizes that do not divide."""
+    t = config.train
+    hosts = jax.process_count()
+    if t.batch_size % hosts:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {hosts} hosts")
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    micro = t.batch_size // t.grad_accum
+    if micro % shards:
+        raise ConfigError(f"train.batch_size/grad_accum={micro} rows per micro-batch are not divisible by "
+                          f"mesh data×fsdp={shards}")
+    if (t.batch_size // hosts) % t.grad_accum:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide the {t.batch_size // hosts} rows "
+                          f"per host")
+    return t.batch_size // hosts
+
+
+def _check_init_from(path: str, model_config) -> None:
+    source = jckpt.read_model_config(jckpt.resolve(path))
+    ours, theirs = param_shapes(model_config), param_shapes(source)
+    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
+        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
+    if not same:
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "tie_embeddings", "head")
+        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
+                if getattr(source, f) != getattr(model_config, f)]
+        raise ConfigError(f"init_from {path} holds {source.name} parameters that do not fit the run's model "
+                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _abstract(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _initial_params(config: RunConfig, stage: Stage, init_key, param_sh):
+    """Parameters of a new run: the stage's own initialiser (which then owns `init_from`), the model's
+    parameters from `init_from`, or the model's random initialisation."""
+    if stage.init_params is not None:
+        return jax.jit(stage.init_params, out_shardings=param_sh)(init_key)
+    if config.init_from:
+        _check_init_from(config.init_from, config.model)
+        params, _ = jckpt.load_params(config.init_from, config.model, shardings=param_sh,
+                                      dtype=config.model.param_dtype)
+        return params
+    return model_init_params(config.model, init_key, param_sh)
+
+
+def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
+          on_step: Callable | None = None, log: Callable = print) -> TrainResult:
+    """Train `stage` (default: pretraining on `config.data`) for `config.train.steps` optimizer steps in
+    `config.run_dir`, resuming from its latest good checkpoint.
+
+    on_batch(step, local_batch): called with each host batch (numpy) before its update (tests, debugging).
+    on_step(step, metrics): called with each step's fetched metrics (floats).
+    devices: the devices of the mesh (default: all).
+    """
+    maybe_initialize_distributed(config.distributed)
+    config.validate()
+    stage = stage or pretraining_stage(config)
+    model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    local_rows = _check_batch_layout(config, mesh)
+    # Only a config that got this far claims the run directory.
+    run_dir = rundir.prepare(config.run_dir, config)
+    primary = jax.process_index() == 0
+    if stage.tokenizer_path:
+        rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
+
+    # Shardings: params by the logical-axis rules, optimizer moments like their params, the rest replicated.
+    replicated = NamedSharding(mesh, P())
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    if stage.init_params is not None:
+        param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
+    else:
+        param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
+    param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
+    optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
+    opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_shapes, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
+    step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule),
+                      in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
+                      out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+
+    with contextlib.ExitStack() as cleanup:
+        data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
+        if hasattr(data, "close"):
+            cleanup.callback(data.close)
+        ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+        cleanup.callback(ckpts.close)
+        restored = ckpts.restore_latest(_abstract(shapes, param_sh), _abstract(opt_shapes, opt_sh), data, log=log)
+        if restored is not None:
+            step, params, opt_state, meta = restored
+            log(f"resumed {run_dir} at step {step}")
+        else:
+            step, meta = 0, {}
+            params = _initial_params(config, stage, init_key, param_sh)
+            if config.init_from and stage.init_params is None:
+                log(f"initialised from {config.init_from}")
+            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+
+        seq_len = stage.tokens_per_row or config.data.seq_len
+        tokens_per_step = config.train.batch_size * seq_len
+        device = mesh.devices.flat[0]
+        if primary:
+            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+            log(f"{stage.name} {model_config.name} ({n_params / 1e6:.1f}M parameters, {model_config.dtype} "
+                f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
+                f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
+                f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
+        metrics_log = MetricsLog(run_dir, step, tensorboard=config.log.tensorboard, enabled=primary)
+        report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
+                          tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
+                          num_devices=mesh.devices.size, peak_flops=flops.peak_flops(device.device_kind,
+                                                                                     config.log.peak_tflops),
+                          nan_skipped=int(meta.get("nan_skipped", 0)), progress=config.log.progress and primary,
+                          desc=stage.name, on_step=on_step, data_stats=getattr(data, "stats", None))
+        cleanup.callback(report.close)
+
+        def save(at: int, data_state) -> int:
+            meta = {"step": at, "seed": config.seed, "nan_skipped": report.nan_skipped,
+                    "tokens": at * tokens_per_step, "stage": stage.name,
+                    "rng": np.asarray(jax.random.key_data(train_key)).tolist()}
+            ckpts.save(at, params, opt_state, meta, data_state)
+            return at
+
+        stop_reason, exit_code = "done", 0
+        saved_step = step if restored is not None else -1
+        pending = None  # the last step's metrics, fetched while the next step runs
+        data_state = data.get_state() if step < total else None
+        with _Signals() as signals, jax.set_mesh(mesh), sharding.axis_rules():
+            while step < total:
+                try:
+                    local = next(data)
+                except StopIteration:
+                    stop_reason = "data exhausted"
+                    break
+                data_state = data.get_state()  # what a checkpoint after this step records
+                if on_batch is not None:
+                    on_batch(step + 1, local)
+                params, opt_state, metrics = step_fn(params, opt_state, put_batch(local),
+                                                     jax.random.fold_in(train_key, step), step)
+                step += 1
+                if pending is not None:
+                    report(pending[0], jax.device_get(pending[1]))
+                pending = (step, metrics)
+                preempted = jax.process_count() > 1 and ckpts.manager.reached_preemption(step)
+                too_many_nans = report.nan_streak >= config.train.max_nan_streak
+                stopping = signals.received is not None or preempted or too_many_nans
+                if step % config.checkpoint.every == 0 or step == total or stopping:
+                    report(step, jax.device_get(metrics))  # the checkpoint's counters include this step
+                    pending = None
+                    saved_step = save(step, data_state)
+                    too_many_nans = report.nan_streak >= config.train.max_nan_streak
+                if signals.received is not None or preempted:
+                    name = signal.Signals(signals.received).name if signals.received else "preemption"
+                    stop_reason, exit_code = f"signal {name}", 128 + (signals.received or signal.SIGTERM)
+                    break
+                if too_many_nans:
+                    stop_reason, exit_code = "non-finite loss", 1
+                    break
+            if pending is not None:
+                report(pending[0], jax.device_get(pending[1]))
+            if step > saved_step and step > 0:
+                saved_step = save(step, data_state)
+
+    if stop_reason == "non-finite loss":
+        log(f"stopped: {config.train.max_nan_streak} consecutive steps with a non-finite loss or gradient; "
+            f"parameters are those of the last finite step, saved at step {step}")
+    png = None
+    if primary and config.log.plot:
+        png = plot_loss(metrics_log.path, run_dir / "loss.png", title=f"{stage.name} {model_config.name}: {run_dir}")
+    last = report.last
+    if primary:
+        summary = ", ".join(f"{k} {_fmt(last[k])}" for k in ("loss", "z_loss", "grad_norm", "tokens_per_s", "mfu")
+                            if k in last)
+        log(f"{stop_reason} at step {step}/{total}" + (f": {summary}" if summary else "")
+            + (f"; {report.nan_skipped} non-finite steps skipped" if report.nan_skipped else ""))
+        log(f"  checkpoint   {run_dir / 'checkpoints'} (steps {ckpts.steps()})")
+        log(f"  tensorboard  {metrics_log.tb_dir}" if config.log.tensorboard else "  tensorboard  off")
+        log(f"  metrics      {metrics_log.path}")
+        log(f"  loss curve   {png}" if png else "  loss curve   (none)")
+    return TrainResult(step=step, params=params, opt_state=opt_state, stop_reason=stop_reason,
+                       exit_code=exit_code, nan_skipped=report.nan_skipped, run_dir=run_dir, last_metrics=last)

@@ -1,0 +1,54 @@
+"""The language-model loss: masked next-token cross-entropy plus Baichuan 2's optional max-z term.
+
+A stage's loss has the signature `loss_fn(params, batch, rng) -> (loss, metrics)`: `loss` is a float32
+scalar (a mean), `metrics` a dict of float32 scalars. `metrics["weight"]`, when present, is what the mean
+is over (here the number of target tokens); the train step combines micro-batches weighted by it, so k
+accumulated micro-batches give the loss and gradient of one batch of k.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.models import forward
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target): float32[batch, seq] from logits float32[batch, seq, vocab], targets int32[batch, seq]."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def max_z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """mean over valid positions of (max_v logit)²: Baichuan 2's max-z loss before its weight (spec §6.3).
+
+    logits float32[batch, seq, vocab], valid [batch, seq] (0/1 or bool).
+    """
+    z = jnp.max(logits.astype(jnp.float32), axis=-1)
+    valid = valid.astype(jnp.float32)
+    return jnp.sum(z * z * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def lm_loss(config: ModelConfig, z_loss_weight: float | None = None):
+    """loss_fn(params, batch, rng) for next-token prediction on packed rows.
+
+    batch: tokens, targets, segment_ids, positions int32[batch, seq]; loss_mask float32[batch, seq].
+    loss = mean over loss_mask of CE + z_loss_weight · (max logit)² (weight default: `config.z_loss_weight`).
+    metrics: loss (the CE), z_loss (the weighted term), weight (target tokens).
+    """
+    weight = config.z_loss_weight if z_loss_weight is None else z_loss_weight
+
+    def loss_fn(params, batch, rng):
+        del rng  # no dropout in these models
+        logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        count = jnp.sum(mask)
+        ce = jnp.sum(token_nll(logits, batch["targets"]) * mask) / jnp.maximum(count, 1.0)
+        # Averaged over the positions that have a target, like the CE, so micro-batches combine exactly;
+        # Baichuan's code also counts unlabelled positions (in packed rows: only those before a new document).
+        z_term = weight * max_z_loss(logits, mask) if weight else jnp.float32(0.0)
+        return ce + z_term, {"loss": ce, "z_loss": z_term, "weight": count}
+
+    return loss_fn

@@ -1,0 +1,174 @@
+"""Metric sinks of a run: RUN/metrics.jsonl, TensorBoard (RUN/tb), and the loss curve RUN/loss.png."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; on resume, drops records past the resumed step (they are
+    recomputed) so the file and TensorBoard hold one value per step."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tb"
+        self._writer = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _step_of(line) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # unreadable trailing line of a killed run: drop it
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Loss (and max-z term when present) against step, from metrics.jsonl; None when nothing was logged."""
+    records = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float))]
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, [r["loss"] for r in records], label="loss (cross-entropy)")
+    z = [r.get("z_loss") for r in records]
+    if any(isinstance(v, (int, float)) and v for v in z):
+        ax.plot(steps, z, label="max-z term")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# Logged as means over the log interval; every other metric is the interval's last value.
+AVERAGED = ("loss", "z_loss", "objective", "grad_norm")
+
+
+class Reporter:
+    """Turns each step's fetched metrics into: non-finite counters, throughput and MFU, the progress bar,
+    an `on_step` callback, and every `every` steps a line in the MetricsLog."""
+
+    def __init__(self, log: MetricsLog, *, every: int, total: int, start_step: int, tokens_per_step: int,
+                 flops_per_token: float, num_devices: int, peak_flops: float | None, nan_skipped: int = 0,
+                 progress: bool = False, desc: str = "train", on_step=None, data_stats=None):
+        self.log, self.every, self.total = log, every, total
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.num_devices, self.peak = num_devices, peak_flops
+        self.on_step, self.data_stats = on_step, data_stats
+        self.nan_skipped, self.nan_streak = nan_skipped, 0
+        self.last: dict = {}
+        self._window: dict[str, float] = {}
+        self._since, self._steps = None, 0  # throughput counts from the first compiled step
+        self._bar = None
+        if progress and start_step < total:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+
+    def __call__(self, step: int, metrics: dict) -> dict:
+        from jaxllm.train.flops import mfu
+
+        values = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        skipped = bool(values.get("skipped"))
+        self.nan_skipped += skipped
+        self.nan_streak = self.nan_streak + 1 if skipped else 0
+        values["nan_skipped"] = self.nan_skipped
+        self._window["count"] = self._window.get("count", 0) + 1
+        for key in AVERAGED:
+            if key in values:
+                self._window[key] = self._window.get(key, 0.0) + values[key]
+        if self._since is not None:
+            self._steps += 1
+            tps = self.tokens_per_step * self._steps / max(now - self._since, 1e-9)
+            values.update(tokens_per_s=tps, tokens_per_s_per_device=tps / self.num_devices)
+            utilisation = mfu(tps, self.flops_per_token, self.num_devices, self.peak)
+            if utilisation is not None:
+                values["mfu"] = utilisation
+        self.last = values
+        if self.on_step is not None:
+            self.on_step(step, values)
+        if self._bar is not None:
+            post = {"loss": f"{values.get('loss', float('nan')):.3f}"}
+            if "tokens_per_s" in values:
+                post["tok/s"] = f"{values['tokens_per_s']:.0f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(step - self._bar.n)
+        if step % self.every == 0 or step == self.total:
+            count = self._window.pop("count")
+            means = {k: v / count for k, v in self._window.items()}
+            data = {f"data/{k}": v for k, v in self.data_stats().items()} if self.data_stats else {}
+            self.log.write(step, {**values, **means, **data, "tokens": step * self.tokens_per_step})
+            self._window.clear()
+            self._since, self._steps = time.perf_counter(), 0
+        elif self._since is None:
+            self._since, self._steps = now, 0
+        return values
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.log.close()
