@@ -1,11 +1,15 @@
 """Tokens/s of jaxllm's jitted train step against PyTorch `transformers` LlamaForCausalLM + torch.optim.AdamW,
-on the same architecture, batch and optimizer settings, in the same process on the same machine.
+on the same architecture, batch and optimizer settings, in the same process on the same machine (torch on
+CUDA when there is a GPU), and the MFU of each where the device's peak FLOP/s is known.
 
     python bench/train_step.py                      # the demo preset, batch 16 × 128 tokens, float32, CPU
     python bench/train_step.py --preset llama2-tiny --batch 8 --seq-len 64 --steps 30
+    python bench/train_step.py --preset llama2-7b --set num_layers=4 --dtype bfloat16 --batch 4 \
+        --seq-len 4096 --set remat=dots                              # a GPU: Llama-2 layers at seq 4096
 
-Both sides: AdamW (0.9, 0.95, eps 1e-5, wd 0.1), global-norm clipping at 1.0, next-token cross-entropy on
-every position, random tokens. Timed steps follow untimed warm-up steps (compilation for JAX).
+Both sides: AdamW (0.9, 0.95, eps 1e-5, wd 0.1 except norms), global-norm clipping at 1.0, next-token
+cross-entropy on every position, random tokens, fp32 master weights (bf16 compute with --dtype bfloat16:
+jaxllm's compute dtype, torch's autocast). Timed steps follow untimed warm-up steps (compilation for JAX).
 """
 from __future__ import annotations
 
@@ -51,24 +55,33 @@ def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
 
 
 def torch_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
+    """The same step in PyTorch on the same device kind: fp32 master weights, bf16 autocast when jaxllm
+    computes in bf16, AdamW without decay on norm weights, clipping at 1.0."""
     import torch
     import transformers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     hf = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=max(cfg.max_position_embeddings, seq_len), tie_word_embeddings=cfg.tie_embeddings,
         attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    model = transformers.LlamaForCausalLM(hf).to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm weights, as jaxllm's decay mask
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95), eps=1e-5, fused=device == "cuda")
     tokens = torch.from_numpy(
-        np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int64))
+        np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int64)).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def one_step():
-        logits = model(input_ids=inputs).logits
+        with autocast:
+            logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,9 +91,11 @@ def torch_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
 
     for _ in range(warmup):
         one_step()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         loss = one_step()
+    sync()
     elapsed = time.perf_counter() - start
     return batch * seq_len * steps / elapsed, elapsed / steps, float(loss)
 
@@ -88,6 +103,8 @@ def torch_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a model field, e.g. --set num_layers=16 --set remat=dots")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
@@ -95,32 +112,47 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--attention", default="auto", choices=["auto", "reference", "xla", "cudnn"],
                         help="jaxllm attention implementation")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (e.g. too big)")
     args = parser.parse_args(argv)
+
+    from jaxllm.xla_flags import apply_gpu_flags
+    apply_gpu_flags()  # as the jaxllm command does, before JAX starts
 
     import jax
     import torch
+    import yaml
 
     from jaxllm.models import count_params, get_preset
+    from jaxllm.train.flops import flops_per_token, mfu, peak_flops
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = get_preset(args.preset, dtype=args.dtype, attention=args.attention)
+    fields = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    cfg = get_preset(args.preset, dtype=args.dtype, attention=args.attention, **fields)
     device = jax.devices()[0]
-    print(f"{args.preset}: {count_params(cfg) / 1e6:.2f}M parameters, batch {args.batch} × {args.seq_len} "
-          f"tokens, {args.dtype}, jaxllm attention={args.attention}; {args.steps} timed steps after "
-          f"{args.warmup} warm-up")
+    peak = peak_flops(device.device_kind)
+    per_token = flops_per_token(cfg, args.seq_len)
+    print(f"{args.preset}{' ' + ' '.join(args.set) if args.set else ''}: {count_params(cfg) / 1e6:.2f}M parameters, "
+          f"batch {args.batch} × {args.seq_len} tokens, {args.dtype}, remat {cfg.remat}, jaxllm attention="
+          f"{args.attention}; {args.steps} timed steps after {args.warmup} warm-up; "
+          f"{per_token / 1e9:.3f} GFLOP/token (spec §9, causal attention halved)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
           f"on {device.platform} ({device.device_kind}); torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)\n")
-    results = {}
-    results["jaxllm (jax.jit)"] = jax_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, args.warmup)
-    results["transformers + torch AdamW"] = torch_tokens_per_second(cfg, args.batch, args.seq_len, args.steps,
-                                                                    args.warmup)
+          f"({'cuda' if torch.cuda.is_available() else f'{torch.get_num_threads()} CPU threads'})\n")
+    results = {"jaxllm (jax.jit)": jax_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, args.warmup)}
+    if not args.no_torch:
+        results["transformers + torch AdamW"] = torch_tokens_per_second(cfg, args.batch, args.seq_len, args.steps,
+                                                                        args.warmup)
     width = max(map(len, results))
-    print(f"{'implementation':<{width}}  {'ms/step':>9}  {'tokens/s':>10}  {'final loss':>10}")
+    print(f"{'implementation':<{width}}  {'ms/step':>9}  {'tokens/s':>10}  {'TFLOP/s':>8}  {'MFU':>6}  {'final loss':>10}")
     for name, (tps, seconds, loss) in results.items():
-        print(f"{name:<{width}}  {seconds * 1e3:9.1f}  {tps:10.0f}  {loss:10.4f}")
-    ours, theirs = results["jaxllm (jax.jit)"][0], results["transformers + torch AdamW"][0]
-    print(f"\nratio jaxllm / PyTorch: {ours / theirs:.2f}x tokens/s")
+        utilisation = mfu(tps, per_token, 1, peak)
+        print(f"{name:<{width}}  {seconds * 1e3:9.1f}  {tps:10.0f}  {tps * per_token / 1e12:8.3f}  "
+              f"{'-' if utilisation is None else f'{utilisation:.1%}':>6}  {loss:10.4f}")
+    if len(results) == 2:
+        ours, theirs = (r[0] for r in results.values())
+        print(f"\nratio jaxllm / PyTorch: {ours / theirs:.2f}x tokens/s")
+    if peak is None:
+        print(f"(MFU: no peak FLOP/s known for {device.device_kind})")
 
 
 if __name__ == "__main__":

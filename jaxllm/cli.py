@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxllm.config import closest
         print(f"jaxllm: unknown command '{name}'{closest(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from jaxllm.xla_flags import apply_gpu_flags
+    apply_gpu_flags()  # before any sub-command imports JAX
     module_name, _, function = COMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
     try:

@@ -10,6 +10,7 @@ import pytest
 from jaxllm.config import ConfigError
 from jaxllm.data import (DataConfig, DataError, DocumentSource, expand_paths, load_tokenizer,
                          pretraining_batches)
+from jaxllm.data.files import read_records
 
 TOKENIZER = "assets:demo/tokenizer.model"
 
@@ -113,9 +114,20 @@ def test_shuffling_is_deterministic_by_seed_and_covers_each_epoch(corpus):
     assert a[:30] != a[30:]  # a new order every epoch
 
 
-def test_hosts_read_disjoint_shards_that_cover_the_data(corpus):
-    shards = [docs_of(DocumentSource(corpus, seed=3, shard_index=i, shard_count=3, num_epochs=1))
-              for i in range(3)]
+@pytest.mark.parametrize("hosts", [2, 3, 4])
+def test_hosts_read_disjoint_shards_that_cover_the_data(corpus, hosts, monkeypatch):
+    """3 files: 2 or 3 hosts split them by file (each host opens only its own), 4 hosts split records."""
+    import jaxllm.data.sources as sources
+    opened = []
+    monkeypatch.setattr(sources, "read_records",
+                        lambda path, *a, **k: opened.append(path) or read_records(path, *a, **k))
+    shards = []
+    for i in range(hosts):
+        opened.clear()
+        shards.append(docs_of(DocumentSource(corpus, seed=3, shard_index=i, shard_count=hosts, num_epochs=1)))
+        files_read = {path.name for path in opened}
+        assert len(files_read) == (len(range(i, 3, hosts)) if hosts <= 3 else 3), files_read
+        assert {doc.split()[0] for doc in shards[-1]} == {f"f{name[4]}" for name in files_read}
     assert sum(map(len, shards)) == 30
     assert sorted(itertools.chain(*shards)) == sorted(docs_of(DocumentSource(corpus, num_epochs=1)))
 

@@ -105,9 +105,20 @@ def test_sharded_forward_matches_single_device(name):
     shardings = sharding.param_shardings(cfg, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         sharded_params = init_params(cfg, jax.random.key(0), shardings)
-        assert sharded_params["layers"]["mlp"]["gate"].sharding.spec == shardings["layers"]["mlp"]["gate"].spec
         out = forward(cfg, sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
     assert rel_err(out, single) < 1e-5
+    # The rules table's layout, written out: FSDP on embed, tensor parallel on heads/mlp/vocab.
+    layers = sharded_params["layers"]
+    P = jax.sharding.PartitionSpec
+    assert layers["mlp"]["gate"].sharding.spec == P(None, "fsdp", "tensor")
+    assert layers["mlp"]["down"].sharding.spec == P(None, "tensor", "fsdp")
+    assert sharded_params["embedding"].sharding.spec == P("tensor", "fsdp")
+    # Head counts that do not split over tensor=4 (2 KV heads, ALiBi's 5 heads) are replicated there
+    heads_axis = lambda count: "tensor" if count % 4 == 0 else None
+    assert layers["attn"]["wq"].sharding.spec == P(None, "fsdp", heads_axis(cfg.num_heads), None)
+    assert layers["attn"]["wk"].sharding.spec == P(None, "fsdp", heads_axis(cfg.num_kv_heads), None)
+    gate = layers["mlp"]["gate"]
+    assert {s.data.size for s in gate.addressable_shards} == {gate.size // 8}  # each device holds 1/8
 
 
 @pytest.mark.parametrize("name", ["llama2-tiny", "baichuan-13b-tiny"])
@@ -126,12 +137,26 @@ def test_packed_segments_equal_documents_one_by_one(name):
         start += len(doc)
 
 
-def test_attention_implementations_agree():
-    base = get_preset("llama2-tiny")
+@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan-13b-tiny"])
+def test_attention_implementations_agree(name):
+    """jax.nn.dot_product_attention (ALiBi as a bias) equals the einsum path, packed segments included."""
+    base = get_preset(name)
     params = init_params(base, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, base.vocab_size)
-    ref = forward(base.replace(attention="reference"), params, tokens)
-    assert rel_err(forward(base.replace(attention="xla"), params, tokens), ref) < 1e-5
+    segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12])
+    positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))])
+    ref = forward(base.replace(attention="reference"), params, tokens, positions, segments)
+    assert rel_err(forward(base.replace(attention="xla"), params, tokens, positions, segments), ref) < 1e-5
+
+
+def test_auto_attention_picks_cudnn_only_on_gpu_in_half_precision(monkeypatch):
+    from jaxllm.models.attention import _fused_impl
+    assert _fused_impl("auto", jnp.bfloat16, causal=True) is None  # CPU: the einsum path
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _fused_impl("auto", jnp.bfloat16, causal=True) == "cudnn"
+    assert _fused_impl("auto", jnp.float32, causal=True) is None      # cuDNN's flash kernel is half precision
+    assert _fused_impl("auto", jnp.bfloat16, causal=False) is None    # decoding against a KV cache
+    assert _fused_impl("xla", jnp.float32, causal=False) == "xla"
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_out"])
@@ -143,6 +168,48 @@ def test_remat_policies_do_not_change_gradients(policy):
     grads, remat_grads = loss(cfg), loss(cfg.replace(remat=policy))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_policies_change_what_the_backward_pass_keeps():
+    """full keeps only the layer inputs, the named policies keep their names or matmuls, none keeps all."""
+    import contextlib
+    import io
+    cfg = get_preset("llama2-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+
+    def residuals(policy):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(
+                lambda p: _forward(cfg.replace(remat=policy), p, tokens).mean(), params)
+        return len(out.getvalue().splitlines())
+
+    counts = {policy: residuals(policy) for policy in ("none", "full", "save_qkv_out", "dots")}
+    assert counts["full"] < counts["save_qkv_out"] < counts["none"], counts
+    assert counts["full"] < counts["dots"] < counts["none"], counts
+
+
+def test_bfloat16_parameters_and_compute():
+    cfg = get_preset("llama2-tiny").replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    logits = forward(cfg, params, tokens)
+    assert logits.dtype == jnp.float32  # logits and losses stay float32
+    assert rel_err(logits, forward(cfg.replace(dtype="float32", param_dtype="float32"), f32, tokens)) < 5e-2
+
+
+def test_tied_embeddings_match_numpy_reference():
+    """Tied input/output embeddings (no lm_head leaf); the output matrix is the embedding's transpose."""
+    cfg = get_preset("llama2-tiny").replace(tie_embeddings=True)
+    sd = random_hf_state_dict(cfg, seed=3)
+    params = hf_to_params(sd.__getitem__, cfg)
+    assert "lm_head" not in params
+    tokens = np.random.default_rng(0).integers(0, cfg.num_pieces, size=16)
+    ours = forward(cfg, params, jnp.asarray(tokens)[None])[0]
+    assert rel_err(ours, reference_logits(sd, cfg, tokens)) < 1e-4
 
 
 def test_bfloat16_compute_stays_close_to_float32():

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.checkpoint import load_params
+from jaxllm.checkpoint import CheckpointError, load_params
+from jaxllm.config import ConfigError
 from jaxllm.train.config import from_dict
+from jaxllm.train import flops
 from jaxllm.train.loop import train
 
 STEPS = 6
@@ -26,7 +28,7 @@ def tiny_config(run_dir, **sections):
               "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
               "train": {"steps": STEPS, "batch_size": 8, "grad_accum": 2},
               "checkpoint": {"every": 2, "keep": 3},
-              "log": {"every": 1, "progress": False}}
+              "log": {"every": 1, "progress": False, "peak_tflops": 0.5}}  # CPUs have no known peak
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
     return from_dict(config)
@@ -74,6 +76,14 @@ def test_reference_run_writes_the_run_directory(reference):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "data/documents"} <= set(records[-1])
     assert records[-1]["loss"] < records[0]["loss"]
+    config = tiny_config(run)
+    per_token = flops.flops_per_token(config.model, config.data.seq_len)
+    assert "tokens_per_s" not in records[0]  # the first step compiles: no throughput
+    for r in records[1:]:  # MFU = tokens/s × FLOPs/token / (devices × peak), spec §9
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (8 * 0.5e12), rel=1e-6)
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 8)
+    assert all(r["z_loss"] == 0.0 and r["skipped"] == 0 for r in records)
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] > 0  # linear warmup from 0
     params, config = load_params(run)  # a run directory is a checkpoint directory
     assert config.name == "llama2-tiny"
     assert_identical(params, reference["params"])
@@ -134,3 +144,63 @@ def test_damaged_checkpoints_are_reported_and_an_earlier_one_used(reference, tmp
     assert any("resumed" in m and "step 2" in m for m in messages)
     assert_same_batches(batches, {s: reference["batches"][s] for s in range(3, STEPS + 1)})
     assert_identical(result.params, reference["params"])
+
+
+def test_a_run_whose_checkpoints_all_fail_stops_and_keeps_them(reference, tmp_path):
+    """When no step restores (the cause may be the environment), the run refuses to start over from step 0,
+    which would overwrite its metrics and bury its checkpoints; nothing is moved."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    for step in (2, 4, 6):
+        shutil.rmtree(run / "checkpoints" / str(step) / "opt_state")
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="none of the 3 checkpoints could be restored"):
+        train(tiny_config(run), log=lambda *_: None)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    assert not (run / "checkpoints.corrupt").exists()
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_keep_n_prunes_older_checkpoints(tmp_path):
+    result = train(tiny_config(tmp_path / "run", checkpoint={"every": 1, "keep": 2}), log=lambda *_: None)
+    assert result.step == STEPS
+    kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [STEPS - 1, STEPS]
+
+
+def test_resuming_with_another_host_count_is_refused(reference, tmp_path):
+    """Each host saved its own data-iterator state: another host count cannot continue the same batches."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    for meta_file in (run / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        assert meta["hosts"] == 1
+        meta_file.write_text(json.dumps({**meta, "hosts": 2}))
+    with pytest.raises(ConfigError, match=r"written by 2 host\(s\).*resume with 2 host\(s\), not 1"):
+        train(tiny_config(run), log=lambda *_: None)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+
+
+def test_a_sigkilled_process_resumes_bit_identically(reference, tmp_path):
+    """A real crash: the process is SIGKILLed (no handler, no cleanup) with an asynchronous save possibly in
+    flight; the rerun resumes from the newest complete checkpoint and ends where the uninterrupted run did."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from test_train_loop import tiny_config\nfrom jaxllm.train.loop import train\n"
+              "def kill(step, metrics):\n    if step == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"train(tiny_config({str(run)!r}), on_step=kill, log=lambda *_: None)\n")
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    messages, batches = [], {}
+    result = train(tiny_config(run), on_batch=recorder(batches), log=messages.append)
+    resumed_at = [m for m in messages if m.startswith("resumed")]
+    start = int(resumed_at[0].rsplit("step ", 1)[1]) if resumed_at else 0
+    assert start in (0, 2, 4)
+    assert result.step == STEPS
+    assert_same_batches(batches, {s: reference["batches"][s] for s in range(start + 1, STEPS + 1)})
+    assert_identical(result.params, reference["params"])
+    assert_identical(result.opt_state, reference["opt_state"])

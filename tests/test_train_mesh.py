@@ -5,10 +5,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.models import init_params
-from jaxllm.train.loop import train
+from jaxllm.config import ConfigError
+from jaxllm.train.loop import maybe_initialize_distributed, train
 from jaxllm.train.stage import pretraining_stage
 from test_train_loop import assert_identical, host, tiny_config
 
@@ -49,3 +51,31 @@ def test_non_finite_losses_skip_updates_then_stop_after_saving(tmp_path):
     assert_identical(saved, start)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["skipped"] == 1 for r in records) and records[-1]["nan_skipped"] == result.step
+
+
+@pytest.mark.parametrize("env, mode, expected", [
+    ({}, "auto", None),                                                  # one host: nothing to do
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}, "auto",
+     {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}),
+    ({"SLURM_NTASKS": "8"}, "auto", {}),                                 # JAX detects SLURM itself
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "auto", {}),                     # a TPU pod slice
+    ({"JAX_NUM_PROCESSES": "4"}, "no", None),
+    ({}, "yes", {}),
+])
+def test_multi_host_start_up_follows_the_environment(monkeypatch, env, mode, expected):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    maybe_initialize_distributed(mode)
+    assert calls == ([] if expected is None else [expected])
+
+
+def test_a_malformed_process_count_is_named(monkeypatch):
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: None)
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four' is not an integer"):
+        maybe_initialize_distributed()

@@ -1,9 +1,10 @@
 """A grain source of documents (strings) from files, with host sharding, seeded block shuffling, epochs,
 malformed-record accounting, and an exact, small, JSON iterator state.
 
-Order: each epoch visits the files in a seeded order; records are dealt round-robin to hosts (record k of
-the epoch goes to host k mod hosts); each host reads its documents in blocks of `shuffle_window` and shuffles
-within a block. The state is the start of the current block plus how much of it was consumed, so a resumed
+Order: each epoch visits the files in a seeded order. With at least as many files as hosts, host h reads
+files h, h + hosts, ... of that order and nothing else (a sharded corpus is not read by every host); with
+fewer files, records are dealt round-robin (record k of the epoch goes to host k mod hosts). Each host
+reads its documents in blocks of `shuffle_window` and shuffles within a block. The state is the start of the current block plus how much of it was consumed, so a resumed
 iterator re-reads one block and continues with the same documents.
 """
 from __future__ import annotations
@@ -89,10 +90,16 @@ class DocumentSource(grain.IterDataset):
         self.shard_index, self.shard_count, self.num_epochs = shard_index, shard_count, num_epochs
         self.stats = SourceStats()
 
+    @property
+    def shard_by_file(self) -> bool:
+        return len(self.files) >= self.shard_count
+
     def file_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.files)))
-        return [int(i) for i in np.random.default_rng((*self.seed, epoch)).permutation(len(self.files))]
+        """The files this host reads in `epoch`, in order."""
+        order = list(range(len(self.files)))
+        if self.shuffle:
+            order = [int(i) for i in np.random.default_rng((*self.seed, epoch)).permutation(len(self.files))]
+        return order[self.shard_index::self.shard_count] if self.shard_by_file else order
 
     def __iter__(self):
         return DocumentIterator(self)
@@ -126,7 +133,7 @@ class DocumentIterator(grain.DatasetIterator):
                                     text_field=src.text_field):
                 seq += 1
                 cursor = rec.next
-                if (seq - 1) % src.shard_count != src.shard_index:
+                if not src.shard_by_file and (seq - 1) % src.shard_count != src.shard_index:
                     continue
                 try:
                     docs.append(parse_document(rec.value, src.formats[k], src.text_field))

@@ -55,19 +55,45 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jax.Array:
     return (causal[None] & same_segment)[:, None]
 
 
-def attend(q, k, v, mask, *, alibi=None, impl: str = "reference") -> jax.Array:
+def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation for `impl`, or None for the einsum path.
+
+    auto: cuDNN flash attention on GPU in half precision without a KV cache (training, scoring); the
+    einsum path elsewhere (on CPU it is the faster one, and decoding attends one query to the cache).
+    """
+    if impl in ("xla", "cudnn"):
+        return impl
+    if impl == "auto" and causal and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and jax.default_backend() == "gpu":
+        return "cudnn"
+    return None
+
+
+def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool = False) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
     mask: bool[batch, 1, q_len, kv_len]. alibi: (slopes float32[heads], distance float32[batch, q_len,
     kv_len]) with distance = pos_k - pos_q, so the bias is slope_h * distance (Baichuan's training form;
-    its inference form differs by a per-row constant, which softmax ignores).
+    its inference form differs by a per-row constant, which softmax ignores). causal: q and k are the same
+    positions (no cache), so the mask is lower-triangular within segments and cuDNN's causal kernel applies.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    if impl in ("xla", "cudnn") and alibi is None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    if impl == "auto" and alibi is None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    fused = _fused_impl(impl, q.dtype, causal)
+    if fused is not None:
+        bias = None
+        if alibi is not None:
+            slopes, distance = alibi
+            bias = (slopes[None, :, None, None] * distance[:, None]).astype(q.dtype)
+        # The mask still carries the segments of packed rows; is_causal lets cuDNN skip the upper triangle.
+        call = lambda name: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                                         is_causal=causal and name == "cudnn", implementation=name)
+        if impl == "auto":
+            try:  # cuDNN refuses some GPUs, versions and shapes when traced: use XLA's kernel there
+                return call(fused)
+            except (RuntimeError, ValueError, NotImplementedError):
+                return call("xla")
+        return call(fused)
     rep = heads // kv_heads
     qg = q.reshape(batch, q_len, kv_heads, rep, head_dim)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)

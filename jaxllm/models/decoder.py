@@ -2,16 +2,16 @@
 
 Parameter tree (layers stacked on a leading axis, run with `nn.scan`):
 
-    embedding            [vocab, embed]
-    layers/attn_norm     [layers, embed]
-    layers/attn/wq       [layers, embed, heads, head_dim]
-    layers/attn/wk, wv   [layers, embed, kv_heads, head_dim]
-    layers/attn/wo       [layers, heads, head_dim, embed]
-    layers/mlp_norm      [layers, embed]
-    layers/mlp/gate, up  [layers, embed, mlp]
-    layers/mlp/down      [layers, mlp, embed]
-    final_norm           [embed]
-    lm_head              [embed, vocab]   (absent when embeddings are tied; raw rows for NormHead)
+    embedding               [vocab, embed]
+    layers/attn_norm/scale  [layers, embed]
+    layers/attn/wq          [layers, embed, heads, head_dim]
+    layers/attn/wk, wv      [layers, embed, kv_heads, head_dim]
+    layers/attn/wo          [layers, heads, head_dim, embed]
+    layers/mlp_norm/scale   [layers, embed]
+    layers/mlp/gate, up     [layers, embed, mlp]
+    layers/mlp/down         [layers, mlp, embed]
+    final_norm/scale        [embed]
+    lm_head                 [embed, vocab]   (absent when embeddings are tied; raw rows for NormHead)
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class Attention(nn.Module):
         alibi = None
         if cfg.position == "alibi":
             alibi = (jnp.asarray(alibi_slopes(n)), alibi_distance)
-        out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention)
+        out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention, causal=layer_cache is None)
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_cache
 

@@ -44,11 +44,10 @@ class StageOptions:
 
 
 def load_stage_recipe(recipe: str, overrides=()):
-    """(RunConfig, StageOptions) from a recipe (a YAML path or a name in configs/) plus `key=value`
+    """(RunConfig, StageOptions) from a recipe (a YAML path or a shipped recipe's name) plus `key=value`
     overrides; `stage.*` keys go to StageOptions, the rest to the run config."""
     from jaxllm.config import closest
-    from jaxllm.train.cli import find_recipe
-    from jaxllm.train.config import load_config, read_yaml
+    from jaxllm.train.config import find_recipe, load_config, read_yaml
 
     data = read_yaml(find_recipe(recipe))
     section = dict(data.pop("stage", None) or {})

@@ -3,8 +3,9 @@ hold params, opt_state, meta (step, RNG, counters) and data (this host's iterato
 process through grain's orbax handler).
 
 Saves are asynchronous (orbax copies the arrays to host memory, then writes in the background) and atomic.
-Resume takes the newest step that restores completely; a step with missing or truncated files is reported,
-moved to RUN/checkpoints.corrupt/<step>, and the one before it is used.
+Resume takes the newest step that restores completely; a newer step with missing or truncated files is
+reported, moved to RUN/checkpoints.corrupt/<step>, and the one before it is used. When no step restores,
+the run stops with an error and moves nothing (the cause may be the environment, not the files).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import orbax.checkpoint as ocp
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 from jaxllm import checkpoint as jckpt
-from jaxllm.config import ModelConfig
+from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.data import DataError
 
 ITEMS = ("params", "opt_state", "meta", "data")
 
@@ -76,33 +78,54 @@ class RunCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_latest(self, abstract_params, abstract_opt_state, data_iterator=None, log=print):
-        """(step, params, opt_state, meta) of the newest complete step, or None when there is none.
+        """(step, params, opt_state, meta) of the newest complete step, or None when there is no step.
 
-        `data_iterator` (with set_state) is moved to the saved position."""
+        `data_iterator` (with set_state) is moved to the saved position. Unreadable steps newer than the
+        one restored are moved to RUN/checkpoints.corrupt/; when no step restores, nothing is moved and a
+        CheckpointError is raised: a run with checkpoints never silently starts over.
+        """
+        failures = []
         for step in reversed(self.steps()):
-            items = {"params": ocp.args.StandardRestore(abstract_params),
-                     "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-                     "meta": ocp.args.JsonRestore()}
-            step_dir = self.directory / str(step)
-            if data_iterator is not None and (step_dir / "data").exists():
-                adapter = data_iterator if isinstance(data_iterator, grain.DatasetIterator) \
-                    else StatefulAdapter(data_iterator)
-                items["data"] = CheckpointRestore(adapter)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                meta = dict(restored["meta"])
-                if int(meta.get("step", -1)) != step:
-                    raise ValueError(f"meta.step is {meta.get('step')}")
-                if data_iterator is not None and "data" not in items:
-                    raise ValueError("no data-iterator state")
+                restored = self._restore(step, abstract_params, abstract_opt_state, data_iterator)
+            except (ConfigError, DataError, MemoryError):
+                raise  # the run's set-up is wrong, not the checkpoint
             except Exception as err:  # orbax/tensorstore raise many types for missing or truncated files
                 reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-                log(f"warning: checkpoint step {step} in {self.directory} is unreadable ({reason}); "
-                    f"moving it to {self.directory}.corrupt/{step} and trying the one before")
-                self._quarantine(step)
+                log(f"warning: checkpoint step {step} in {self.directory} is unreadable ({reason})")
+                failures.append((step, reason))
                 continue
-            return step, restored["params"], restored["opt_state"], meta
+            for bad, _ in failures:
+                log(f"warning: moving unreadable step {bad} to {self.directory}.corrupt/{bad}")
+                self._quarantine(bad)
+            return restored
+        if failures:
+            listing = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise jckpt.CheckpointError(f"{self.directory}: none of the {len(failures)} checkpoints could be "
+                                        f"restored, so the run does not start over ({listing})")
         return None
+
+    def _restore(self, step, abstract_params, abstract_opt_state, data_iterator):
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        hosts = int(meta.get("hosts", jax.process_count()))
+        if data_iterator is not None and hosts != jax.process_count():
+            raise ConfigError(f"{self.directory}: step {step} was written by {hosts} host(s), each with its own "
+                              f"data-iterator state; resume with {hosts} host(s), not {jax.process_count()}")
+        items = {"params": ocp.args.StandardRestore(abstract_params),
+                 "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+                 "meta": ocp.args.JsonRestore()}
+        step_dir = self.directory / str(step)
+        if data_iterator is not None:
+            if not (step_dir / "data").exists():
+                raise ValueError("no data-iterator state")
+            adapter = data_iterator if isinstance(data_iterator, grain.DatasetIterator) \
+                else StatefulAdapter(data_iterator)
+            items["data"] = CheckpointRestore(adapter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = dict(restored["meta"])
+        if int(meta.get("step", -1)) != step:
+            raise ValueError(f"meta.step is {meta.get('step')}")
+        return step, restored["params"], restored["opt_state"], meta
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_RECIPE = "demo"
 
 _EPILOG = """\
@@ -19,29 +17,15 @@ Rerunning the same command resumes from the run directory's latest good checkpoi
 """
 
 
-def find_recipe(name: str) -> Path:
-    """A YAML path, or the name of a recipe in configs/ (with or without .yaml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    from jaxllm.config import ConfigError, closest
-    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
-    raise ConfigError(f"recipe '{name}' is neither a file nor a recipe in {CONFIGS_DIR}"
-                      + closest(name, known) + (f"; recipes: {', '.join(known)}" if known else ""))
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="jaxllm train", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", metavar="RECIPE|key=value",
-                        help=f"a YAML recipe or a name in configs/ (default: {DEFAULT_RECIPE}), then overrides")
+                        help=f"a YAML recipe or a shipped recipe's name (default: {DEFAULT_RECIPE}), then overrides")
     parser.add_argument("--init-from", metavar="DIR", help="start from a jaxllm checkpoint's parameters")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (same as run_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the recipe and its overrides
     recipes = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(recipes) > 1:
@@ -62,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm.train.config import load_config
 
     try:
-        config = load_config(find_recipe(recipe), overrides)
+        config = load_config(recipe, overrides)
         if print_only:
             print(config.to_yaml(), end="")
             return 0

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.config import ConfigError, ModelConfig, closest
 from jaxllm.data.config import DataConfig, SourceConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -314,6 +314,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# The recipes ship inside the package (the repository's top-level configs/ links here), so a plain
+# `pip install` finds them too.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A YAML path, or the name of a shipped recipe (`demo`, `llama2-7b-pretrain`, with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if str(name) == path.name:  # a bare name, not a path
+        for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe '{name}' is neither a file nor a shipped recipe" + closest(str(name), known)
+                      + (f"; recipes: {', '.join(known)}" if known else ""))
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -328,8 +347,8 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """RunConfig from a YAML file (or `base` dict) plus `key=value` overrides."""
-    data = read_yaml(path) if path is not None else dict(base or {})
+    """RunConfig from a YAML file or shipped recipe name (or a `base` dict) plus `key=value` overrides."""
+    data = read_yaml(find_recipe(path)) if path is not None else dict(base or {})
     return from_dict(apply_overrides(data, list(overrides)))
 
 

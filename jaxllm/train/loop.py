@@ -32,7 +32,7 @@ from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
 from jaxllm.train.step import make_train_step
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+_MULTIHOST_ENV = ("COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 @dataclasses.dataclass
@@ -48,15 +48,29 @@ class TrainResult:
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
-    """`jax.distributed.initialize()` for multi-host TPU/GPU when the environment describes a cluster."""
+    """`jax.distributed.initialize()` for multi-host TPU/GPU when the environment describes a cluster.
+
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed on when set (JAX itself reads
+    only the first); SLURM, Open MPI and Cloud TPU pods are detected by JAX. mode: auto | yes | no.
+    """
     if mode == "no" or jax.distributed.is_initialized():
         return
     env = os.environ
-    cluster = (any(env.get(k) for k in _MULTIHOST_ENV) or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if env.get(var):
+            try:
+                kwargs[key] = int(env[var])
+            except ValueError:
+                raise ConfigError(f"{var}={env[var]!r} is not an integer") from None
+    cluster = (bool(kwargs) or any(env.get(k) for k in _MULTIHOST_ENV)
+               or int(env.get("SLURM_NTASKS", "1") or 1) > 1
                or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if mode == "yes" or cluster:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kwargs)
 
 
 class _Signals:
@@ -234,7 +248,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
 
         def save(at: int, data_state) -> int:
             meta = {"step": at, "seed": config.seed, "nan_skipped": report.nan_skipped,
-                    "tokens": at * tokens_per_step, "stage": stage.name,
+                    "hosts": jax.process_count(), "tokens": at * tokens_per_step, "stage": stage.name,
                     "rng": np.asarray(jax.random.key_data(train_key)).tolist()}
             ckpts.save(at, params, opt_state, meta, data_state)
             return at

@@ -21,21 +21,22 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def max_z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
-    """mean over valid positions of (max_v logit)²: Baichuan 2's max-z loss before its weight (spec §6.3).
+def max_z_loss(logits: jax.Array) -> jax.Array:
+    """mean over every position of (max_v logit)²: Baichuan 2's max-z loss before its weight (spec §6.3).
 
-    logits float32[batch, seq, vocab], valid [batch, seq] (0/1 or bool).
+    Like Baichuan 2's code, unlabelled positions (prompt, padding, document boundaries) count too.
+    logits float32[batch, seq, vocab].
     """
     z = jnp.max(logits.astype(jnp.float32), axis=-1)
-    valid = valid.astype(jnp.float32)
-    return jnp.sum(z * z * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    return jnp.mean(z * z)
 
 
 def lm_loss(config: ModelConfig, z_loss_weight: float | None = None):
     """loss_fn(params, batch, rng) for next-token prediction on packed rows.
 
     batch: tokens, targets, segment_ids, positions int32[batch, seq]; loss_mask float32[batch, seq].
-    loss = mean over loss_mask of CE + z_loss_weight · (max logit)² (weight default: `config.z_loss_weight`).
+    loss = mean over loss_mask of CE + z_loss_weight · mean over all positions of (max logit)² (weight
+    default: `config.z_loss_weight`).
     metrics: loss (the CE), z_loss (the weighted term), weight (target tokens).
     """
     weight = config.z_loss_weight if z_loss_weight is None else z_loss_weight
@@ -46,9 +47,9 @@ def lm_loss(config: ModelConfig, z_loss_weight: float | None = None):
         mask = batch["loss_mask"].astype(jnp.float32)
         count = jnp.sum(mask)
         ce = jnp.sum(token_nll(logits, batch["targets"]) * mask) / jnp.maximum(count, 1.0)
-        # Averaged over the positions that have a target, like the CE, so micro-batches combine exactly;
-        # Baichuan's code also counts unlabelled positions (in packed rows: only those before a new document).
-        z_term = weight * max_z_loss(logits, mask) if weight else jnp.float32(0.0)
+        # Micro-batches are combined by their target counts; for the z term (a mean over all positions) that
+        # is exact when the counts are equal, as in packed pretraining rows without padding.
+        z_term = weight * max_z_loss(logits) if weight else jnp.float32(0.0)
         return ce + z_term, {"loss": ce, "z_loss": z_term, "weight": count}
 
     return loss_fn

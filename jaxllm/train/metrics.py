@@ -78,29 +78,33 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    """Loss (and max-z term when present) against step, from metrics.jsonl; None when nothing was logged."""
-    records = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float))]
-    if not records:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+_LABELS = {"loss": "loss", "z_loss": "max-z term", "reward_accuracy": "reward accuracy"}
 
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(steps, [r["loss"] for r in records], label="loss (cross-entropy)")
-    z = [r.get("z_loss") for r in records]
-    if any(isinstance(v, (int, float)) and v for v in z):
-        ax.plot(steps, z, label="max-z term")
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "",
+              keys: tuple[str, ...] = ("loss", "z_loss")) -> Path | None:
+    """`keys` (default: the loss and, when non-zero, the max-z term) against step from metrics.jsonl, saved
+    as a PNG; None when nothing was logged. Uses no pyplot state, so a notebook's own plots are unaffected."""
+    records = read_metrics(metrics_path)
+    series = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in keys}
+    series = {key: points for key, points in series.items() if any(value for _, value in points)}
+    if not series:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, points in series.items():
+        ax.plot([step for step, _ in points], [value for _, value in points], label=_LABELS.get(key, key))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(", ".join(_LABELS.get(key, key) for key in series))
     ax.set_title(title or "training loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path)
-    plt.close(fig)
     return Path(png_path)
 
 

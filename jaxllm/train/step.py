@@ -16,6 +16,14 @@ def _weighted_grads(loss_fn, params, batch, rng):
     return jax.tree.map(scale, metrics), jax.tree.map(scale, grads), weight
 
 
+def _schedule_count(opt_state, default):
+    """The count the optimizer's schedule used for this update: skipped steps do not advance it, so after
+    a skip it lags the loop's step number."""
+    count = optax.tree_utils.tree_get(
+        opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+    return default if count is None else count
+
+
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=None):
     """step(params, opt_state, batch, rng, step) → (params, opt_state, metrics).
 
@@ -46,6 +54,8 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=N
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["objective"]) & jnp.isfinite(grad_norm)
 
+        if schedule is not None:  # from the optimizer's count before the update: the rate it applies
+            metrics["lr"] = jnp.asarray(schedule(_schedule_count(opt_state, step_number)), jnp.float32)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jnp.where(finite, new, old)
@@ -54,8 +64,6 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=N
 
         metrics.setdefault("loss", metrics["objective"])
         metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(step_number), jnp.float32)
         return params, opt_state, metrics
 
     return step
