@@ -165,6 +165,16 @@ def test_pipeline_batches_have_the_documented_layout(corpus, tokenizer):
     eos_targets = batch["targets"] == tokenizer.eos_id
     assert eos_targets.any() and np.all(batch["loss_mask"][eos_targets] == 1)
     assert np.all(batch["segment_ids"] >= 1)
+    assert not it.finite  # repeats forever: hosts need not agree each step on running out
+
+
+def test_a_finite_pipeline_runs_out_and_says_so(corpus, tokenizer):
+    it = pretraining_batches(data_config([(corpus[0], 1)], num_epochs=1), tokenizer, batch_size=2, seed=0,
+                             shard_index=0, shard_count=1)
+    assert it.finite
+    batches = list(it)
+    it.close()
+    assert 0 < len(batches) < 10
 
 
 def test_mixture_weights_are_token_shares(tmp_path, tokenizer):

@@ -59,6 +59,7 @@ class DataIterator(grain.DatasetIterator):
         inner = iter(dataset)
         super().__init__(inner)
         self.sources = sources
+        self.finite = any(source.num_epochs is not None for source in sources)  # it can run out
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._parent)

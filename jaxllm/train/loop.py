@@ -148,6 +148,13 @@ def _check_init_from(path: str, model_config) -> None:
                           f"{model_config.name} ({', '.join(diff) or 'different tree'})")
 
 
+def _any_host(flag: bool) -> bool:
+    """True when `flag` holds on any host: hosts whose data runs out at different steps stop together
+    instead of leaving the others waiting in a collective."""
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -257,11 +264,12 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         saved_step = step if restored is not None else -1
         pending = None  # the last step's metrics, fetched while the next step runs
         data_state = data.get_state() if step < total else None
+        # Finite data on several hosts: agree every step on whether it ran out (a host sync, so only then).
+        can_run_out = jax.process_count() > 1 and getattr(data, "finite", True)
         with _Signals() as signals, jax.set_mesh(mesh), sharding.axis_rules():
             while step < total:
-                try:
-                    local = next(data)
-                except StopIteration:
+                local = next(data, None)
+                if (_any_host(local is None) if can_run_out else local is None):
                     stop_reason = "data exhausted"
                     break
                 data_state = data.get_state()  # what a checkpoint after this step records
