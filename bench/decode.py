@@ -2,9 +2,11 @@
 
 Prints tokens/s for batch 1 and 8 and the time to first token (prefill + one token), greedy, with the
 ratio jaxllm / transformers. Compilation is excluded (reported separately): serving reuses programs.
+Both run on the same accelerator (PyTorch on cuda when it has one, JAX on its default backend) in the
+same dtype; timings wait for the device to finish.
 
     python bench/decode.py                      # ~60M-parameter Llama, CPU, a few minutes
-    python bench/decode.py --hidden 1024 --layers 12 --new-tokens 128
+    python bench/decode.py --hidden 1024 --layers 12 --new-tokens 128 --dtype bfloat16   # a GPU
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameters and compute, both frameworks")
     args = parser.parse_args()
 
     import jax
+    import jax.numpy as jnp
     import torch
     import transformers
 
@@ -34,10 +39,12 @@ def main() -> None:
     from jaxllm.inference import SamplingParams, generate
     from jaxllm.models import count_params, get_preset
 
-    torch.set_num_threads(os.cpu_count())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())
     cfg = get_preset("llama2-7b", hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3 // 64 * 64),
                      num_layers=args.layers, num_heads=args.heads, vocab_size=args.vocab,
-                     max_position_embeddings=1024)
+                     max_position_embeddings=1024, dtype=args.dtype, param_dtype=args.dtype)
     hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                                       num_attention_heads=cfg.num_heads, max_position_embeddings=1024,
@@ -45,23 +52,30 @@ def main() -> None:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    params = jax.tree.map(jax.numpy.asarray, hf_to_params(state.__getitem__, cfg))
+    params = jax.tree.map(lambda x: jnp.asarray(x, args.dtype), hf_to_params(state.__getitem__, cfg))
+    model = model.to(device=device, dtype=getattr(torch, args.dtype))
     rng = np.random.default_rng(0)
     print(f"model: {count_params(cfg) / 1e6:.1f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}; "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32, {jax.devices()[0].platform}")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.dtype}; "
+          f"jaxllm on {jax.devices()[0].platform}, transformers on {device.type}")
 
-    def jax_run(prompts, new):
+    def jax_run(prompts, new):  # returns host lists: the device has finished
         out = generate(cfg, params, prompts, SamplingParams(temperature=0.0, max_new_tokens=new))
         return out.tokens
 
     def hf_run(prompts, new):
         with torch.no_grad():
-            return model.generate(torch.tensor(prompts), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
+            out = model.generate(torch.tensor(prompts, device=device), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out.cpu()
 
     def best(fn, *a):
         times = []
         for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
             fn(*a)
             times.append(time.perf_counter() - t)

@@ -1,8 +1,9 @@
 """`jaxllm eval perplexity --checkpoint DIR FILES...` | `jaxllm eval choice --checkpoint DIR FILES...`.
 
 perplexity reads text (one document per blank-line-separated block) or jsonl (`--text-field`);
-choice reads C-Eval CSVs or jsonl with question, A-D, answer (and subject) and prints accuracy per
-subject and overall. With no FILES, the tiny sample sets shipped in jaxllm/assets/eval are used."""
+choice reads C-Eval CSVs (with a header row), MMLU CSVs (none: question,A,B,C,D,answer) or jsonl with
+question, A-D, answer (and subject) and prints accuracy per subject and overall. With no FILES, the tiny
+sample sets shipped in jaxllm/assets/eval are used."""
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ import csv
 import functools
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8):
 
 
 def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size: int = 8) -> dict:
-    """exp(mean NLL per token) over documents, each split into windows of at most `seq_len` tokens."""
+    """exp(mean NLL per token) over documents, each split into windows of at most `seq_len` tokens that
+    overlap by one, so every token after a document's first is predicted exactly once (context restarts
+    at each window)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a token and the one it predicts), got {seq_len}")
     windows = []
     for text in texts:
         ids = tokenizer.encode(text, bos=True)
@@ -72,15 +77,38 @@ def continuation_logprobs(config, params, tokenizer, prompt: str, continuations,
     return [float(lp[start - 1:].sum()) for lp, start in zip(logps, starts)]
 
 
+FIELDS = ("question", *LETTERS, "answer")
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """C-Eval CSVs have a header (id,question,A,B,C,D,answer[,explanation]); MMLU's have none: each row is
+    question,A,B,C,D,answer."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        table = list(csv.reader(f))
+    if table and {c.strip().lower() for c in table[0]} >= {name.lower() for name in FIELDS}:
+        header = [c.strip() for c in table[0]]
+        header = [next((name for name in FIELDS if name.lower() == c.lower()), c) for c in header]
+        return [(n, dict(zip(header, r))) for n, r in enumerate(table[1:], 2) if r]
+    rows = []
+    for n, r in enumerate(table, 1):
+        if not r:
+            continue
+        if len(r) != len(FIELDS):
+            raise ValueError(f"{path}:{n}: expected a header with question,A,B,C,D,answer or {len(FIELDS)} "
+                             f"columns (question,A,B,C,D,answer, as in MMLU), got {len(r)} columns")
+        rows.append((n, dict(zip(FIELDS, r))))
+    return rows
+
+
 def read_questions(path: str | Path, subject: str | None = None) -> list[dict]:
-    """C-Eval CSV (id,question,A,B,C,D,answer[,explanation]) or jsonl with the same fields (+subject)."""
+    """C-Eval CSV (with header), MMLU CSV (no header) or jsonl with the fields question, A-D, answer
+    (+subject). The subject defaults to the file name without a _test/_val/_dev split suffix."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such question file")
     rows = []
     if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = [(n + 2, r) for n, r in enumerate(csv.DictReader(f))]
+        rows = _read_csv(path)
     else:
         for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
             if line.strip():
@@ -88,16 +116,17 @@ def read_questions(path: str | Path, subject: str | None = None) -> list[dict]:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number}: bad JSON: {err.msg}") from None
+    default_subject = re.sub(r"_(test|val|dev)$", "", path.stem)
     questions = []
     for number, row in rows:
-        missing = [k for k in ("question", *LETTERS, "answer") if not isinstance(row, dict) or k not in row]
+        missing = [k for k in FIELDS if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{path}:{number}: missing field '{missing[0]}'")
         answer = str(row["answer"]).strip().upper()
         if answer not in LETTERS:
             raise ValueError(f"{path}:{number}: answer must be one of A-D, got {row['answer']!r}")
         questions.append({"question": str(row["question"]), "options": [str(row[k]) for k in LETTERS],
-                          "answer": answer, "subject": row.get("subject") or subject or path.stem})
+                          "answer": answer, "subject": row.get("subject") or subject or default_subject})
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions

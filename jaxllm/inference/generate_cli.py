@@ -2,7 +2,9 @@
 
 DIR is a jaxllm checkpoint, a training run directory, or an HF directory (converted on the fly).
 Sampling defaults come from the model family (Baichuan 2: temperature 0.3, top-k 5, top-p 0.85,
-repetition penalty 1.05); flags override them. --chat wraps each prompt in the family's chat template."""
+repetition penalty 1.05); flags override them. --chat wraps each prompt in the family's chat template.
+Generation ends at a stop string (--stop); ids the tokenizer has no piece for (padded embedding rows)
+are never sampled. Parameters are split over all devices (--mesh)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the one stored with the checkpoint)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the reply ends "
+                        "before it")
+    parser.add_argument("--mesh", default="auto", help="'auto' (tensor-parallel over all devices), 'none' (one "
+                        "device) or DATA,FSDP,TENSOR sizes")
 
 
 def sampling_from_args(args, family: str):
@@ -65,7 +71,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts-file", help="text (one per line) or jsonl with a 'prompt' field")
     parser.add_argument("--output", help="write {prompt, completion, tokens} jsonl here")
     parser.add_argument("--chat", action="store_true", help="apply the family's chat template")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--batch-size", type=int, default=8)
     add_sampling_args(parser)
     args = parser.parse_args(argv)
@@ -75,20 +80,26 @@ def main(argv: list[str]) -> int:
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.convert.readers import ConversionError
     from jaxllm.inference.generate import generate
-    from jaxllm.inference.loading import load_model
+    from jaxllm.inference.loading import load_model, serving_mesh
+    from jaxllm.inference.stops import check_stop_strings, find_stop
     from jaxllm.tokenizer import TokenizerError, get_chat_template, template_for_family
 
     try:
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
-        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        stops = check_stop_strings(args.stop)
+        mesh = serving_mesh(args.mesh)
+        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         sampling = sampling_from_args(args, config.family)
         template = get_chat_template(template_for_family(config.family))
         encode = ((lambda p: template.prompt(tok, [{"role": "user", "content": p}])) if args.chat
                   else (lambda p: tok.encode(p, bos=config.family not in ("baichuan2",))))
+        encoded = [encode(p) for p in prompts]  # a prompt the template refuses fails before any work
         stop_ids = template.stop_ids(tok) if args.chat else [tok.eos_id]
     except (ValueError, CheckpointError, ConversionError, TokenizerError) as err:
         print(f"jaxllm generate: error: {err}", file=sys.stderr)
@@ -99,12 +110,13 @@ def main(argv: list[str]) -> int:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start:start + args.batch_size]
             rng, key = jax.random.split(rng)
-            result = generate(config, params, [encode(p) for p in chunk], sampling, key, stop_ids=stop_ids,
-                              pad_id=tok.pad_id)
+            result = generate(config, params, encoded[start:start + args.batch_size], sampling, key,
+                              stop_ids=stop_ids, pad_id=tok.pad_id, mesh=mesh, stop_strings=stops,
+                              decode=tok.decode, vocab_limit=tok.vocab_size)
             for prompt, ids in zip(chunk, result.tokens):
                 text = tok.decode([i for i in ids if i not in stop_ids])
-                for stop in args.stop:
-                    text = text.split(stop)[0]
+                cut = find_stop(text, stops)
+                text = text if cut is None else text[:cut]
                 if out:
                     out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": len(ids)},
                                          ensure_ascii=False) + "\n")

@@ -1,19 +1,41 @@
-"""Load a model for inference from a jaxllm checkpoint (or training run) or an HF directory."""
+"""Load a model for inference from a jaxllm checkpoint (or training run) or an HF directory, optionally
+sharded over a mesh of devices."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 
 
+def serving_mesh(spec: str | None = "auto", devices=None):
+    """The mesh `generate`/`chat` shard params over: 'auto' puts every device on the tensor axis (heads,
+    MLP and vocabulary split, so each device holds 1/n of the weights; None with one device), 'none' is
+    one device, and 'DATA,FSDP,TENSOR' gives the sizes (-1: the remaining devices)."""
+    from jaxllm.sharding import make_mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    spec = (spec or "auto").strip().lower()
+    if spec == "none" or (spec == "auto" and len(devices) == 1):
+        return None
+    if spec == "auto":
+        return make_mesh(data=1, fsdp=1, tensor=-1, devices=devices)
+    try:
+        data, fsdp, tensor = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh must be 'auto', 'none' or DATA,FSDP,TENSOR (e.g. 1,1,8), got {spec!r}") from None
+    return make_mesh(data, fsdp, tensor, devices=devices)
+
+
 def load_model(path: str | Path, *, dtype: str | None = None, family: str | None = None,
-               tokenizer: str | Path | None = None):
+               tokenizer: str | Path | None = None, mesh=None):
     """(config, params, tokenizer or None). An HF directory (config.json + weights) is converted in
-    memory on the fly; `dtype` sets the compute dtype (parameters are kept as stored)."""
-    from jaxllm.checkpoint import CheckpointError, find_tokenizer, is_checkpoint, load_params, resolve
+    memory on the fly; `dtype` sets the compute dtype (parameters are kept as stored). With `mesh`,
+    each device receives only its shard of every parameter."""
+    from jaxllm.checkpoint import (CheckpointError, find_tokenizer, is_checkpoint, load_params, read_model_config,
+                                   resolve)
+    from jaxllm.sharding import param_shardings
     from jaxllm.tokenizer import Tokenizer
 
     path = Path(path)
@@ -28,10 +50,13 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
         config = model_config_from_hf(path, family, name=path.name)
         reader = open_hf(path)
         validate_source(reader, tensor_maps(config), str(path))
-        params = jax.tree.map(jnp.asarray, hf_to_params(reader.get, config))
+        host = hf_to_params(reader.get, config)
+        params = jax.device_put(host, param_shardings(config, mesh) if mesh is not None else None)
         tok_path = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
     else:
-        params, config = load_params(path)
+        config = read_model_config(resolve(path))
+        params, config = load_params(path, config,
+                                     shardings=param_shardings(config, mesh) if mesh is not None else None)
         tok_path = find_tokenizer(resolve(path))
     if dtype:
         config = config.replace(dtype=dtype)

@@ -1,4 +1,5 @@
-"""Sampling: repetition penalty, temperature, top-k, top-p (HF semantics), greedy at temperature 0."""
+"""Sampling: vocabulary limit, repetition penalty, temperature, top-k, top-p (HF semantics), greedy at
+temperature 0."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,14 @@ FAMILY_DEFAULTS = {
 }
 
 
+def mask_vocab(logits, vocab_limit: int | None):
+    """-inf for ids >= vocab_limit: padded embedding rows (CT-LLM 125,824 rows for 125,696 pieces) that no
+    tokenizer piece stands for."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+
+
 def apply_repetition_penalty(logits, seen, penalty: float):
     """HF: for tokens already in prompt or output, divide positive logits by the penalty and multiply
     negative ones. logits float32[batch, vocab], seen bool[batch, vocab]."""
@@ -69,8 +78,9 @@ def filter_top_p(logits, p: float):
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def sample(logits, rng, params: SamplingParams, seen=None):
-    """Next token int32[batch] from logits float32[batch, vocab]."""
+def sample(logits, rng, params: SamplingParams, seen=None, vocab_limit: int | None = None):
+    """Next token int32[batch] from logits float32[batch, vocab]; never an id >= `vocab_limit`."""
+    logits = mask_vocab(logits, vocab_limit)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
