@@ -40,6 +40,39 @@ def test_rejection_sampling_keeps_the_argmax_reward_sample(policy):
     assert all(a["max"] <= b["max"] for a, b in zip(table, table[1:]))  # best-of-k never decreases with k
 
 
+def test_rejection_sampling_keeps_only_accepted_samples(policy):
+    cfg, params = policy
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    accept = lambda ids: TARGET not in ids  # refuse exactly the samples the reward prefers
+    results = best_of_k(cfg, params, PROMPTS, count_target, k=6, sampling=sampling, rng=jax.random.key(1),
+                        accept=accept)
+    for ids, best, scores in results:
+        if ids is None:
+            assert np.isnan(best)
+            continue
+        assert TARGET not in ids and best == 0.0
+    nothing = best_of_k(cfg, params, PROMPTS[:1], count_target, k=2, sampling=sampling, rng=jax.random.key(1),
+                        accept=lambda ids: False)
+    assert nothing[0][0] is None and len(nothing[0][2]) == 2
+
+
+def test_rows_carry_the_final_token_where_the_reward_model_reads_it():
+    from jaxllm.rlhf.ppo import reward_model_scorer
+    from jaxllm.rlhf.rollout import response_rows
+    from jaxllm.stages import reward
+
+    rows = response_rows([[1, 7, 9], [1, 3]], [[4, 5, 2], [6]], length=8)
+    np.testing.assert_array_equal(rows["tokens"], [[1, 7, 9, 4, 5, 2, 0, 0], [1, 3, 6, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["last"], [5, 2])  # the final (EOS) token, as in RM training rows
+    np.testing.assert_array_equal(rows["targets"][0, :5], [7, 9, 4, 5, 2])
+    np.testing.assert_array_equal(rows["response_mask"], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]])
+    # so a reward model's score depends on the final token: replies differing only there score differently
+    cfg = get_preset("llama2-tiny", vocab_size=32)
+    rm = reward.from_lm_params(init_params(cfg, jax.random.key(0)), cfg, jax.random.key(1))
+    scores = reward_model_scorer(cfg, rm)(response_rows([[1, 7], [1, 7]], [[4, 5, 2], [4, 5, 6]], length=6))
+    assert abs(scores[0] - scores[1]) > 1e-4
+
+
 def run(policy, beta, iterations=8):
     cfg, params = policy
     ppo_cfg = PPOConfig(iterations=iterations, batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, beta=beta,
@@ -61,13 +94,102 @@ def test_ppo_raises_a_synthetic_reward_and_a_large_beta_holds_the_policy_at_the_
         assert all(np.isfinite(h[key]) for h in free)
 
 
+def test_ppo_shards_over_eight_devices_like_one(policy):
+    from jaxllm.sharding import make_mesh
+
+    cfg, params = policy
+    ppo_cfg = PPOConfig(iterations=2, batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, beta=0.1,
+                        max_new_tokens=12, whiten_scores=False, weight_decay=0.0)
+    one = ppo(cfg, params, PROMPTS, count_target, ppo_cfg, log=lambda *_: None)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    eight = ppo(cfg, params, PROMPTS, count_target, ppo_cfg, mesh=mesh, log=lambda *_: None)
+    shardings = [x.sharding for x in jax.tree.leaves(eight[:2])]
+    assert all(s.mesh.devices.size == 8 for s in shardings)
+    assert any("fsdp" in str(s.spec) for s in shardings) and any("tensor" in str(s.spec) for s in shardings)
+    assert [h["reward"] for h in one[2]] == [h["reward"] for h in eight[2]]  # the same samples
+    for x, y in zip(jax.tree.leaves(one[:2]), jax.tree.leaves(eight[:2]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_resumes_a_killed_run_exactly_and_logs_each_iteration_once(policy, tmp_path):
+    cfg, params = policy
+    ppo_cfg = PPOConfig(iterations=4, batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, beta=0.1,
+                        max_new_tokens=12, whiten_scores=False, weight_decay=0.0, save_every=2)
+    straight = ppo(cfg, params, PROMPTS, count_target, ppo_cfg, run_dir=tmp_path / "straight", log=lambda *_: None)
+
+    def crash(metrics):
+        if metrics["iteration"] == 3:  # logged, but its checkpoint (at 4) never written
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        ppo(cfg, params, PROMPTS, count_target, ppo_cfg, run_dir=tmp_path / "run", on_iteration=crash,
+            log=lambda *_: None)
+    lines = (tmp_path / "run" / "ppo_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]
+    messages = []
+    resumed = ppo(cfg, params, PROMPTS, count_target, ppo_cfg, run_dir=tmp_path / "run", log=messages.append)
+    assert "resumed PPO at iteration 2" in messages
+    for x, y in zip(jax.tree.leaves(straight[:2]), jax.tree.leaves(resumed[:2]), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "ppo_metrics.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in logged] == [1, 2, 3, 4]  # iteration 3, redone, is logged once
+    assert [h["reward"] for h in logged] == [h["reward"] for h in straight[2]]
+    assert [h["iteration"] for h in resumed[2]] == [1, 2, 3, 4]
+
+
 def test_ppo_config_errors():
     from jaxllm.config import ConfigError
     with pytest.raises(ConfigError, match="not a multiple of ppo.minibatch_size"):
         PPOConfig(batch_size=10, minibatch_size=4).validate()
+    from jaxllm.rlhf.ppo import _Layout
+    from jaxllm.sharding import make_mesh
+    with pytest.raises(ConfigError, match=r"ppo.minibatch_size=4 rows are not divisible by mesh data×fsdp=8"):
+        _Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=4), make_mesh(1, -1, 1))
 
 
-def test_rejection_sample_and_ppo_commands(tmp_path, capsys):
+def test_ppo_and_rejection_recipes():
+    from jaxllm.rlhf.cli import load_recipe
+
+    seven = load_recipe("ppo", "llama2-7b-ppo")
+    p = seven.ppo
+    # spec §3.3: β 0.01 (7B/13B), clip 0.2, constant LR 1e-6 (PPO has no schedule), AdamW (0.9, 0.95) ε 1e-5,
+    # weight decay 0.1, grad clip 1, batch 512, minibatches of 64 with one step each
+    assert (p.beta, p.clip, p.lr, p.b1, p.b2, p.eps, p.weight_decay, p.clip_norm) == (
+        0.01, 0.2, 1e-6, 0.9, 0.95, 1e-5, 0.1, 1.0)
+    assert (p.batch_size, p.minibatch_size, p.epochs) == (512, 64, 1) and 200 <= p.iterations <= 400
+    assert load_recipe("ppo", "llama2-70b-ppo").ppo.beta == 0.005
+    demo = load_recipe("ppo", "ppo-demo", ["ppo.iterations=3", "policy=x"])
+    assert demo.ppo.iterations == 3 and demo.policy == "x" and demo.prompts.startswith("assets:")
+    assert load_recipe("rejection", "rejection-demo").rejection.k == 4
+    from jaxllm.config import ConfigError
+    with pytest.raises(ConfigError, match="unknown config key 'ppo.itertions'.*did you mean 'ppo.iterations'"):
+        load_recipe("ppo", "ppo-demo", ["ppo.itertions=2"])
+    with pytest.raises(ConfigError, match="rejection-demo.yaml: unknown key 'output' for jaxllm ppo"):
+        load_recipe("ppo", "rejection-demo")
+    with pytest.raises(ConfigError, match="ppo.lr must be float, got 'fast'"):
+        load_recipe("ppo", "ppo-demo", ["ppo.lr=fast"])
+
+
+def test_rejection_output_skips_blank_replies(tmp_path):
+    from pathlib import Path
+
+    from jaxllm.rlhf.cli import usable_reply, write_sft
+    from jaxllm.tokenizer import Tokenizer, get_chat_template
+
+    tok = Tokenizer(Path(__file__).parent / "data" / "llama2-32k.model")
+    template = get_chat_template("llama2-chat")
+    blank, tagged, good = [29871, 2], tok.encode(" [INST] hi") + [2], tok.encode("Hello!") + [2]
+    assert usable_reply(blank, tok, template) is None and usable_reply(tagged, tok, template) is None
+    assert usable_reply(good, tok, template) == "Hello!"
+    results = [(blank, 3.0, [3.0]), (good, 2.0, [2.0]), (None, float("nan"), [1.0]), (tagged, 1.0, [1.0])]
+    out = tmp_path / "best.jsonl"
+    assert write_sft(out, ["a", "b", "c", "d"], results, tok, template) == (1, 3)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "Hello!"}],
+                     "reward": 2.0}]
+
+
+def test_rm_rejection_sample_and_ppo_commands(tmp_path, capsys):
     import shutil
     from pathlib import Path
 
@@ -75,6 +197,10 @@ def test_rejection_sample_and_ppo_commands(tmp_path, capsys):
 
     from jaxllm.checkpoint import load_params, save_params
     from jaxllm.cli import main as cli
+    from jaxllm.stages import reward
+    from jaxllm.stages.data import encode_sft
+    from jaxllm.stages.stages import load_stage_recipe, reward_accuracy, rm_stage
+    from jaxllm.tokenizer import Tokenizer, get_chat_template
 
     assets = Path(__file__).resolve().parent.parent / "jaxllm" / "assets"
     cfg = get_preset("llama2-tiny", vocab_size=4096)
@@ -89,23 +215,50 @@ def test_rejection_sample_and_ppo_commands(tmp_path, capsys):
         "optimizer": {"warmup_steps": 0}, "train": {"steps": 2, "batch_size": 8},
         "log": {"progress": False, "tensorboard": False, "plot": False}}))
     assert cli(["rm", str(recipe)]) == 0
-    assert "held-out accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # eval.json holds the held-out accuracy of the saved reward model, recomputed here from its checkpoint
+    evaluation = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    config, options = load_stage_recipe(str(recipe))
+    _, held_out = rm_stage(config, options, log=lambda *_: None)
+    rm_config, rm_params = reward.load(tmp_path / "rm")
+    assert evaluation["heldout_pairs"] == len(held_out["tokens"]) == 4  # 10 % of the 40 pairs
+    assert evaluation["heldout_accuracy"] == reward_accuracy(rm_config, rm_params, held_out)
+    assert f"held-out accuracy {evaluation['heldout_accuracy']:.3f} on 4 pairs" in printed
+
     out = tmp_path / "best.jsonl"
     assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"), "--k", "2",
                 "--max-new-tokens", "4", "-o", str(out)]) == 0
-    assert "mean max reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean max reward" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 12 and all(r["messages"][1]["role"] == "assistant" for r in rows)
-    assert cli(["ppo", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"), "--run-dir",
-                str(tmp_path / "ppo"), "ppo.iterations=2", "ppo.batch_size=4", "ppo.minibatch_size=2",
-                "ppo.max_new_tokens=4", "ppo.lr=1e-4"]) == 0
+    assert f"wrote {len(rows)} best-of-2 examples" in printed and 0 < len(rows) <= 12
+    assert all(r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"].strip() for r in rows)
+    # consumable by `jaxllm sft`: its encoder takes every line
+    examples, stats = encode_sft([out], Tokenizer.load(policy_dir), get_chat_template("llama2-chat"), seq_len=256,
+                                 on_error="raise")
+    assert len(examples) == len(rows) and stats.skipped == 0
+
+    ppo_args = ["ppo", "ppo-demo", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"),
+                "--run-dir", str(tmp_path / "ppo"), "ppo.iterations=2", "ppo.batch_size=4", "ppo.minibatch_size=2",
+                "ppo.max_new_tokens=4", "ppo.lr=1e-4", "mesh.fsdp=1", "mesh.tensor=8"]  # tensor-parallel policy
+    assert cli(ppo_args) == 0
     assert len((tmp_path / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "ppo" / "ppo.png").is_file()
+    assert yaml.safe_load((tmp_path / "ppo" / "ppo.yaml").read_text())["ppo"]["minibatch_size"] == 2
     params, _ = load_params(tmp_path / "ppo")  # the PPO policy loads like any checkpoint
     assert params["embedding"].shape == (4096, 64)
+    capsys.readouterr()
+    assert cli([a.replace("minibatch_size=2", "minibatch_size=4") for a in ppo_args]) == 2
+    assert "holds a PPO run with a different recipe (ppo.minibatch_size: 2 → 4)" in capsys.readouterr().err
     assert cli(["ppo", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"), "--run-dir",
                 str(tmp_path / "ppo2"), "ppo.itertions=2"]) == 2
-    assert "unknown setting 'ppo.itertions=2'" in capsys.readouterr().err
+    assert "unknown config key 'ppo.itertions'" in capsys.readouterr().err
+    assert cli(["ppo", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"), "--run-dir",
+                str(tmp_path / "ppo3"), "ppo.batch_size=4", "ppo.minibatch_size=2"]) == 2
+    assert "ppo.batch_size=4 rows are not divisible by mesh data×fsdp=8" in capsys.readouterr().err
+    assert not (tmp_path / "ppo3").exists()  # a bad setting claims no run directory
     assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(policy_dir), "-o",
                 str(out)]) == 2
     assert "not a reward model checkpoint" in capsys.readouterr().err
+    assert cli(["rejection-sample", "--print-config", "--policy", "p"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["policy"] == "p"

@@ -7,13 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import yaml
+
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.cli import main as cli
-from jaxllm.models import get_preset, init_params
-from jaxllm.stages.stages import StageOptions, dpo_stage, reward_accuracy, rm_stage, sft_stage
+from jaxllm.config import ConfigError
+from jaxllm.models import forward, get_preset, init_params
+from jaxllm.stages.data import encode_sft, pack_examples
+from jaxllm.stages.stages import (StageOptions, dpo_stage, load_stage_recipe, reward_accuracy, rm_stage,
+                                  sft_stage)
+from jaxllm.tokenizer import Tokenizer, get_chat_template
 from jaxllm.train.config import load_config
 from jaxllm.train.loop import train
-from jaxllm.train.loss import lm_loss
+from jaxllm.train.loss import lm_loss, token_nll
 
 ASSETS = Path(__file__).resolve().parent.parent / "jaxllm" / "assets"
 MODEL = {"preset": "llama2-tiny", "vocab_size": 4096}
@@ -59,40 +65,132 @@ def test_masked_tokens_get_exactly_zero_gradient(tmp_path):
     assert not np.any(batch["loss_mask"][batch["tokens"] == 0])
 
 
-def test_sft_resumes_exactly_like_pretraining(tmp_path):
-    straight = train(run_config(tmp_path, "straight", "sft_sample.jsonl", steps=6),
-                     sft_stage(run_config(tmp_path, "straight", "sft_sample.jsonl", steps=6), StageOptions(),
-                               log=lambda *_: None), log=lambda *_: None)
-    first = run_config(tmp_path, "resumed", "sft_sample.jsonl", steps=3)
-    train(first, sft_stage(first, StageOptions(), log=lambda *_: None), log=lambda *_: None)
-    second = run_config(tmp_path, "resumed", "sft_sample.jsonl", steps=6)
-    resumed = train(second, sft_stage(second, StageOptions(), log=lambda *_: None), log=lambda *_: None)
-    assert resumed.step == straight.step == 6
-    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+def quiet(*_):
+    pass
+
+
+# Each stage's reference run, shared by the learning and the resume tests: from the `start` checkpoint,
+# checkpoints every 5 steps (a killed run resumes from one).
+RUNS = {"sft": ("sft_sample.jsonl", 12, 3e-3, StageOptions()),
+        "dpo": ("dpo_sample.jsonl", 12, 2e-3, StageOptions(beta=0.5)),
+        "rm": ("rm_sample.jsonl", 15, 3e-3, StageOptions(eval_fraction=0.2))}
+
+
+def stage_config(tmp_path, kind, start, name=None):
+    sample, steps, lr, _ = RUNS[kind]
+    config = run_config(tmp_path, name or kind, sample, steps=steps, init_from=str(start))
+    config.optimizer.lr = lr
+    config.checkpoint.every = 5
+    return config
+
+
+def make_stage(kind, config):
+    options = RUNS[kind][3]
+    if kind == "rm":
+        return rm_stage(config, options, log=quiet)[0]
+    return (sft_stage if kind == "sft" else dpo_stage)(config, options, log=quiet)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, start):
+    """reference(kind) → (config, TrainResult, per-step metrics) of the uninterrupted run, made once."""
+    done = {}
+
+    def get(kind):
+        if kind not in done:
+            config = stage_config(tmp_path_factory.mktemp(kind), kind, start)
+            seen = []
+            result = train(config, make_stage(kind, config), on_step=lambda step, m: seen.append(m), log=quiet)
+            done[kind] = (config, result, seen)
+        return done[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rm"])
+def test_stage_resumes_a_killed_run_bit_identically(tmp_path, start, reference, kind):
+    _, straight, _ = reference(kind)
+    config = stage_config(tmp_path, kind, start, name="killed")
+
+    def crash(step, batch):
+        if step == 8:  # after the checkpoint at step 5, before the one at 10
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config, make_stage(kind, config), on_batch=crash, log=quiet)
+    messages = []
+    resumed = train(config, make_stage(kind, config), log=messages.append)
+    assert any("resumed" in m and "step 5" in m for m in messages)
+    assert resumed.step == straight.step == config.train.steps
+    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_dpo_raises_reward_accuracy_above_chance(tmp_path, start):
-    config = run_config(tmp_path, "dpo", "dpo_sample.jsonl", steps=12, init_from=str(start))
-    config.optimizer.lr = 2e-3
-    seen = []
-    result = train(config, dpo_stage(config, StageOptions(beta=0.5), log=lambda *_: None),
-                   on_step=lambda step, m: seen.append(m), log=lambda *_: None)
+def _assistant_loss(config, params, rows):
+    """Mean loss over every assistant token of the packed sample (the SFT objective)."""
+    logits = jax.jit(lambda p: forward(config.model, p, rows["tokens"], rows["positions"], rows["segment_ids"]))(params)
+    nll = np.asarray(token_nll(logits, jnp.asarray(rows["targets"])))
+    return float((nll * rows["loss_mask"]).sum() / rows["loss_mask"].sum())
+
+
+def test_sft_lowers_the_assistant_token_loss(reference, start):
+    config, result, seen = reference("sft")
+    early, late = np.mean([m["loss"] for m in seen[:3]]), np.mean([m["loss"] for m in seen[-3:]])
+    examples, _ = encode_sft([ASSETS / "stages" / "sft_sample.jsonl"], Tokenizer.load(config.data.tokenizer),
+                             get_chat_template("llama2-chat"), config.data.seq_len)
+    rows = pack_examples(examples, config.data.seq_len)
+    before = _assistant_loss(config, load_params(start, config.model)[0], rows)
+    after = _assistant_loss(config, result.params, rows)
+    print(f"\n  SFT assistant-token loss: steps 1-3 {early:.3f} → steps {len(seen) - 2}-{len(seen)} {late:.3f}; "
+          f"whole sample {before:.3f} → {after:.3f} after {len(seen)} steps")
+    assert late < early - 0.5
+    assert after < before - 0.5
+
+
+def test_dpo_raises_reward_accuracy_above_chance(reference):
+    _, _, seen = reference("dpo")
     assert seen[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at step 0
-    assert np.mean([m["reward_accuracy"] for m in seen[-3:]]) > 0.5
+    accuracy = np.mean([m["reward_accuracy"] for m in seen[-3:]])
+    print(f"\n  DPO reward accuracy (last 3 steps): {accuracy:.3f}; margin {seen[-1]['reward_margin']:.3f}")
+    assert accuracy > 0.5
     assert seen[-1]["reward_margin"] > 0
 
 
-def test_reward_model_learns_and_reports_held_out_accuracy(tmp_path, start):
-    config = run_config(tmp_path, "rm", "rm_sample.jsonl", steps=15, init_from=str(start))
-    stage, held_out = rm_stage(config, StageOptions(eval_fraction=0.2), log=lambda *_: None)
+def test_reward_model_learns_and_beats_chance_on_held_out_pairs(reference, start):
+    config, result, seen = reference("rm")
+    stage, held_out = rm_stage(config, RUNS["rm"][3], log=quiet)
     assert len(held_out["tokens"]) == 8
-    seen = []
-    result = train(config, stage, on_step=lambda step, m: seen.append(m), log=lambda *_: None)
     assert np.mean([m["loss"] for m in seen[-3:]]) < np.mean([m["loss"] for m in seen[:3]])
     accuracy = reward_accuracy(config.model, result.params, held_out)
-    assert 0.0 <= accuracy <= 1.0
-    assert set(result.params) == {"backbone", "head"}
+    print(f"\n  RM held-out accuracy: {accuracy:.3f} on {len(held_out['tokens'])} pairs")
+    assert accuracy > 0.5
+    # The backbone starts as the starting checkpoint minus its LM head; the run's config keeps init_from.
+    lm, _ = load_params(start, config.model)
+    from jaxllm import sharding
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    shardings = sharding.tree_shardings(stage.param_axes, jax.eval_shape(stage.init_params, jax.random.key(0)), mesh)
+    initial = stage.load_params(jax.random.key(0), shardings)  # read onto the mesh, outside jit
+    assert initial["backbone"]["layers"]["mlp"]["gate"].sharding == shardings["backbone"]["layers"]["mlp"]["gate"]
+    assert set(initial) == {"backbone", "head"} and set(lm) - set(initial["backbone"]) == {"lm_head"}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(initial["backbone"]):
+        expected = lm
+        for key in path:
+            expected = expected[key.key]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected))
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["init_from"] == str(start)
+
+
+def test_rm_eval_fraction_that_leaves_no_training_pair_is_a_config_error(tmp_path, start):
+    config = run_config(tmp_path, "rm-all-held", "rm_sample.jsonl", init_from=str(start))
+    with pytest.raises(ConfigError, match=r"stage.eval_fraction=0.99 holds out 40 of the 40 preference pairs"):
+        rm_stage(config, StageOptions(eval_fraction=0.99), log=quiet)
+
+
+def test_stage_recipes_load():
+    for name in ("sft-demo", "dpo-demo", "rm-demo", "llama2-7b-sft", "llama2-7b-rm", "baichuan2-7b-sft",
+                 "ctllm-2b-dpo"):
+        config, options = load_stage_recipe(name)
+        assert config.data.sources and options.truncation in ("truncate", "drop"), name
 
 
 def test_stage_cli_and_bad_input(tmp_path, capsys, start):
@@ -114,6 +212,14 @@ def test_stage_cli_and_bad_input(tmp_path, capsys, start):
     assert "set init_from" in capsys.readouterr().err
     assert cli(["sft", str(recipe), "data.on_error=skip"]) == 0
     assert (tmp_path / "cli" / "checkpoints").is_dir()
+    capsys.readouterr()
+    # flags and overrides mix in any order, as in the help's examples
+    assert cli(["sft", str(recipe), "--run-dir", str(tmp_path / "other"), "data.seq_len=32", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run_dir"] == str(tmp_path / "other") and printed["data"]["seq_len"] == 32
+    assert cli(["rm", str(recipe), f"data.sources.0.path={ASSETS / 'stages' / 'rm_sample.jsonl'}",
+                "stage.eval_fraction=0.99"]) == 2
+    assert "stage.eval_fraction=0.99 holds out 40 of the 40 preference pairs" in capsys.readouterr().err
     for command in ("sft", "dpo", "rm"):
         with pytest.raises(SystemExit) as exit_info:
             cli([command, "--help"])

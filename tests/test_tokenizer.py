@@ -3,6 +3,7 @@ import gzip
 import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -53,14 +54,21 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def llama_cases():
-    cases = (DATA / "llama2-32k.cases").read_text("utf-8").split("\n__ggml_vocab_test__\n")
-    expected = (DATA / "llama2-32k.expected").read_text("utf-8").split("\n")
+    """(text, expected ids) of llama.cpp's vocab test: every case in .cases is followed by the separator
+    (so the file ends with one), and .expected has one line per case."""
+    separator = "\n__ggml_vocab_test__\n"
+    text = (DATA / "llama2-32k.cases").read_text("utf-8")
+    lines = (DATA / "llama2-32k.expected").read_text("utf-8")
+    assert text.endswith(separator) and lines.endswith("\n")
+    cases, expected = text[:-len(separator)].split(separator), lines[:-1].split("\n")
+    assert len(cases) == len(expected)
     return list(zip(cases, expected))
 
 
 def test_llama2_reproduces_every_expected_case(llama):
     cases = llama_cases()
-    assert len(cases) == 47
+    assert len(cases) == 46  # 46 real cases, one of them the empty string (case 2, no ids)
+    assert [i for i, (text, _) in enumerate(cases) if not text] == [2] and cases[2][1] == ""
     expected = [[int(x) for x in ids.split()] for _, ids in cases]
     for (text, _), ids in zip(cases, expected):
         assert llama.encode(text) == ids, repr(text)
@@ -131,6 +139,18 @@ def test_training_streams_jsonl_with_a_sentence_cap_and_reserved_ids(tmp_path):
     assert ids[0] == 195 and 196 in ids and 195 in get_chat_template("baichuan2-chat").stop_ids(tok)
     with pytest.raises(TokenizerError, match=r"ids 195/196, but .*llama2-32k.model has byte piece '<0xC0>'"):
         get_chat_template("baichuan2-chat").render(Tokenizer(LLAMA), msgs)
+
+
+def test_the_sentence_cap_limits_what_training_sees(tmp_path):
+    # Each line carries its own rare character six times; a sampled line makes it a piece, an unseen one
+    # falls back to bytes. With a cap of 200 of 1000 lines exactly 200 markers can be pieces.
+    markers = [chr(0x4E00 + 7 * i) for i in range(1000)]
+    corpus = tmp_path / "markers.txt"
+    corpus.write_text("".join(f"line {i % 10} says {m * 6} here\n" for i, m in enumerate(markers)), encoding="utf-8")
+    tok = Tokenizer(train_tokenizer([corpus], tmp_path / "cap.model", vocab_size=1400, max_sentences=200))
+    assert sum(len(tok.encode(m)) == 1 for m in markers) == 200
+    full = Tokenizer(train_tokenizer([corpus], tmp_path / "full.model", vocab_size=1400))
+    assert sum(len(full.encode(m)) == 1 for m in markers) == 1000  # the same recipe, uncapped, sees all
 
 
 def test_training_bad_input(tmp_path):
@@ -293,6 +313,22 @@ def test_ziya_and_plain_templates(llama):
         get_chat_template("llama2")
 
 
+@pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
+@pytest.mark.parametrize("role", ["system", "user", "assistant"])
+def test_llama2_chat_refuses_its_tags_inside_content(llama, tag, role):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    index = {"system": 0, "user": 3, "assistant": 2}[role]
+    msgs[index] = {"role": role, "content": f"a {tag} b"}
+    pattern = rf"message {index} \({role}\) contains the Llama 2 chat tag '{re.escape(tag)}'"
+    with pytest.raises(TokenizerError, match=pattern):
+        get_chat_template("llama2-chat").prompt(llama, msgs)
+    if role != "user":
+        with pytest.raises(TokenizerError, match=pattern):
+            get_chat_template("llama2-chat").render(llama, msgs[:3])
+    get_chat_template("ziya").prompt(llama, msgs)  # only Llama 2's template reserves them
+
+
 @pytest.mark.parametrize("messages,message", [
     ([], "conversation is empty"),
     ([{"role": "assistant", "content": "x"}], "role 'assistant' where 'user' was expected"),
@@ -304,7 +340,9 @@ def test_bad_conversations(llama, messages, message):
         get_chat_template("llama2-chat").render(llama, messages)
 
 
-WORDS = st.text(alphabet=st.sampled_from(list("abcxyz 你好世界12")), min_size=1, max_size=12).filter(str.strip)
+# Rare and byte-fallback characters (龘, emoji), brackets and colons of the templates' own markers, newlines.
+WORDS = st.text(alphabet=st.sampled_from(list("abcxyz 你好世界12龘诗]:[\n") + ["😀", "🎉"]), min_size=1,
+                max_size=12).filter(str.strip)
 
 
 @settings(max_examples=40, deadline=None)
@@ -329,6 +367,12 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(llama, baichuan, turns, s
     eos = [k for k, i in enumerate(ids) if i == tok.eos_id]
     assert all(mask[k] for k in eos)  # every EOS that ends a reply is learned
     assert len(eos) == (1 if name == "baichuan2-chat" else len(turns))  # Baichuan: only the final one
+    # ...yet with the explicit labels every template trains each reply to end with EOS (Baichuan: at the
+    # next round's 195), and elsewhere the labels are the ids
+    full, labels, label_mask = template.render_labels(tok, msgs)
+    assert full == ids and len(labels) == len(label_mask) == len(ids)
+    assert sum(1 for i, m in zip(labels, label_mask) if m and i == tok.eos_id) == len(turns)
+    assert all(a == b and m == n for a, b, m, n in zip(ids, labels, mask, label_mask) if a != 195 or name != "baichuan2-chat")
     # generation sees what training saw: the prompt for the last reply is a prefix of the full render
     prompt = template.prompt(tok, msgs[:-1])
     assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1] == 0
@@ -380,3 +424,23 @@ def test_cli_commands(trained, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     assert cli(["tokenizer", "train", str(tmp_path / "nope.txt"), "-o", str(out), "--vocab-size", "500"]) == 2
     assert "nope.txt: no such corpus file" in capsys.readouterr().err
     assert cli(["tokenizer", "stats", "--model", str(LLAMA), str(tmp_path / "nope.txt")]) == 2
+    capsys.readouterr()
+
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes("好\n".encode() + b"\xff\xfe\n")
+    assert cli(["tokenizer", "extend", "--model", str(LLAMA), "-o", str(tmp_path / "b.model"),
+                "--pieces-file", str(binary)]) == 2
+    assert f"{binary}:2: not UTF-8 text" in capsys.readouterr().err
+    # a bad --checkpoint is found before anything is written
+    for extra, message in ((["--checkpoint", str(tmp_path / "nope")], "--checkpoint needs --checkpoint-out"),
+                           (["--checkpoint", str(tmp_path / "nope"), "--checkpoint-out", str(tmp_path / "o")],
+                            "nope: no such directory"),
+                           (["--checkpoint", str(tmp_path), "--checkpoint-out", str(tmp_path / "o")],
+                            "not a jaxllm checkpoint"),
+                           (["--checkpoint", str(src), "--checkpoint-out", str(tmp_path / "x-ckpt")],
+                            "x-ckpt: destination exists")):
+        assert cli(["tokenizer", "extend", "--model", str(LLAMA), "-o", str(tmp_path / "c.model"),
+                    "--pieces-file", str(pieces), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "c.model").exists() and not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".c.model.*"))  # no temporary file left behind

@@ -22,7 +22,7 @@ import optax
 from jaxllm.config import ModelConfig
 from jaxllm.inference import SamplingParams
 from jaxllm.models import forward
-from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, masked_mean, policy_loss, value_loss, whiten
+from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value_loss, whiten
 from jaxllm.rlhf.rollout import response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
@@ -58,24 +58,94 @@ class PPOConfig:
         if self.batch_size % self.minibatch_size:
             raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
                               f"ppo.minibatch_size={self.minibatch_size}")
-        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens"):
+        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name} must be >= 1")
         if self.beta < 0 or self.lr <= 0:
             raise ConfigError("ppo.beta must be >= 0 and ppo.lr > 0")
 
 
-def _optimizer(cfg: PPOConfig):
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(cfg.lr, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, mask=decay_mask))
+def _optimizer(cfg: PPOConfig, axes):
+    """Training's AdamW (weight decay off on norm scales, global-norm clipping) at a constant rate."""
+    from jaxllm.train.config import OptimizerConfig
+    from jaxllm.train.optim import make_optimizer
+
+    optimizer, _ = make_optimizer(OptimizerConfig(lr=cfg.lr, schedule="constant", warmup_steps=0, b1=cfg.b1,
+                                                  b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                                  clip_norm=cfg.clip_norm), 1, axes)
+    return optimizer
 
 
-@functools.lru_cache(maxsize=4)
-def _rollout_stats(model_config: ModelConfig):
-    @jax.jit
+class _Layout:
+    """Shardings of a PPO run on `mesh`: policy and reference like training's params, the value model like
+    a reward model's, optimizer moments like their params, rollout rows over the batch axes."""
+
+    def __init__(self, model_config: ModelConfig, mesh, cfg: PPOConfig, policy, value):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from jaxllm import sharding
+        from jaxllm.models import param_logical_axes
+
+        self.mesh = mesh
+        self.check_batch(cfg, mesh)
+        self.axes = (param_logical_axes(model_config), reward.logical_axes(model_config))
+        self.shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (policy, value))
+        self.params = tuple(sharding.tree_shardings(a, s, mesh) for a, s in zip(self.axes, self.shapes))
+        self.optimizer = _optimizer(cfg, self.axes)
+        self.replicated = NamedSharding(mesh, P())
+        self.opt_shapes = jax.eval_shape(self.optimizer.init, self.abstract(self.shapes, self.params))
+        self.opt = optax.tree_map_params(self.optimizer, lambda _, sh: sh, self.opt_shapes, self.params,
+                                         transform_non_params=lambda _: self.replicated)
+        self.rows = sharding.batch_sharding(mesh, ndim=2)
+
+    @staticmethod
+    def check_batch(cfg: PPOConfig, mesh) -> None:
+        """Rollout rows and minibatches split evenly over the mesh's batch axes (data × fsdp)."""
+        from jaxllm.config import ConfigError
+
+        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        for name in ("batch_size", "minibatch_size"):
+            if getattr(cfg, name) % shards:
+                raise ConfigError(f"ppo.{name}={getattr(cfg, name)} rows are not divisible by mesh "
+                                  f"data×fsdp={shards}")
+
+    @staticmethod
+    def abstract(shapes, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def context(self):
+        import contextlib
+
+        from jaxllm import sharding
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(sharding.axis_rules())
+        return stack
+
+
+# Jitted functions per (model, mesh, parameter shapes[, the settings the update reads]): a resumed or
+# repeated run in the same process reuses their compilations.
+_COMPILED: dict = {}
+_UPDATE_FIELDS = ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "clip", "value_clip", "value_coef")
+
+
+def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "_Layout"):
+    leaves, tree = jax.tree.flatten(layout.shapes)
+    key = (model_config, layout.mesh, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+    update_key = key + tuple(getattr(cfg, f) for f in _UPDATE_FIELDS)
+    for k, make in ((key, lambda: _rollout_stats(model_config, layout)),
+                    (update_key, lambda: _update(model_config, cfg, layout))):
+        if k not in _COMPILED:
+            if len(_COMPILED) >= 8:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[k] = make()
+    return _COMPILED[key], _COMPILED[update_key]
+
+
+def _rollout_stats(model_config: ModelConfig, layout: _Layout):
+    policy_sh, value_sh = layout.params
+
+    @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, policy_sh, layout.rows))
     def stats(policy, value, ref, rows):
         args = (rows["tokens"], rows["positions"], rows["segment_ids"])
         logp = token_logprobs(forward(model_config, policy, *args), rows["targets"])
@@ -85,9 +155,8 @@ def _rollout_stats(model_config: ModelConfig):
     return stats
 
 
-@functools.lru_cache(maxsize=4)
-def _update(model_config: ModelConfig, cfg: PPOConfig):
-    optimizer = _optimizer(cfg)
+def _update(model_config: ModelConfig, cfg: PPOConfig, layout: _Layout):
+    optimizer = layout.optimizer
 
     def loss_fn(trainable, batch):
         policy, value = trainable
@@ -99,96 +168,153 @@ def _update(model_config: ModelConfig, cfg: PPOConfig):
         vf = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
         return pg + cfg.value_coef * vf, {"policy_loss": pg, "value_loss": vf, **metrics}
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=(layout.params, layout.opt, layout.rows),
+                       out_shardings=(layout.params, layout.opt, layout.replicated), donate_argnums=(0, 1))
     def update(trainable, opt_state, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.global_norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, metrics
 
-    return optimizer, update
+    return update
 
 
-def reward_model_scorer(rm_config: ModelConfig, rm_params) -> Callable:
-    score = jax.jit(functools.partial(reward.scores, rm_config))
-    return lambda rows: np.asarray(score(rm_params, rows["tokens"], rows["positions"], rows["segment_ids"],
-                                         rows["last"]))
+def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callable:
+    """scorer(rows) → float32[batch]: the reward model's score read at each row's final token (`last`).
+    With `mesh`, the reward model's params are sharded on it and the rows split over its batch axes."""
+    if mesh is None:
+        score = jax.jit(functools.partial(reward.scores, rm_config))
+        return lambda rows: np.asarray(score(rm_params, rows["tokens"], rows["positions"], rows["segment_ids"],
+                                             rows["last"]))
+    from jaxllm import sharding
+    params_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_params, mesh)
+    rm_params = jax.device_put(rm_params, params_sh)
+    rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    score = jax.jit(functools.partial(reward.scores, rm_config),
+                    in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh))
+
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+
+    def scorer(rows):
+        n = len(rows["last"])
+        pad = -n % shards  # the batch must split evenly over the batch axes: pad with copies of row 0
+        keys = ("tokens", "positions", "segment_ids", "last")
+        args = [np.concatenate([rows[k], np.repeat(rows[k][:1], pad, 0)]) if pad else rows[k] for k in keys]
+        with jax.set_mesh(mesh), sharding.axis_rules():
+            return np.asarray(score(rm_params, *args))[:n]
+    return scorer
+
+
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
+
+
+def _single_device_mesh():
+    from jaxllm.sharding import make_mesh
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Callable, cfg: PPOConfig, *,
-        value=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
-        on_iteration: Callable | None = None, log: Callable = print):
+        value=None, mesh=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
+        vocab_limit: int | None = None, on_iteration: Callable | None = None, log: Callable = print):
     """Run PPO; returns (policy params, value params, list of per-iteration metrics).
 
     prompts: token id lists (sampled in order, cycling); scorer(rows) → float32[batch] scores of the
     prompt+response rows (see `response_rows`). `value` defaults to the policy backbone plus a fresh head.
-    With `run_dir`, metrics go to RUN/ppo_metrics.jsonl and checkpoints to RUN/checkpoints (resumed)."""
+    mesh: the (data, fsdp, tensor) mesh the policy, reference, value model and optimizer state are sharded
+    on and the rollouts split over, as in training (default: one device).
+    With `run_dir`, metrics go to RUN/ppo_metrics.jsonl and checkpoints to RUN/checkpoints (resumed; the
+    metrics file is cut back to the checkpoint's iterations, so none is written twice).
+    `on_iteration(metrics)` runs after an iteration's metrics (and checkpoint, if due) are written."""
     cfg.validate()
-    ref = policy
     rng = jax.random.key(cfg.seed)
     if value is None:
         value = reward.from_lm_params(policy, model_config, jax.random.fold_in(rng, 7))
-    optimizer, update = _update(model_config, cfg)
-    trainable = (policy, value)
-    opt_state = optimizer.init(trainable)
+    layout = _Layout(model_config, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
+    policy_sh, value_sh = layout.params
+    policy, value = jax.device_put(policy, policy_sh), jax.device_put(value, value_sh)
+    # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
+    # frozen reference or each other (the default value backbone *is* the policy's arrays).
+    ref = _copy(policy, policy_sh)
+    trainable = (_copy(policy, policy_sh), _copy(value, value_sh))
+    del policy, value
+    opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt)(trainable)
     start, history = 0, []
-    manager = None
+    manager = metrics_path = None
     if run_dir is not None:
-        manager, restored = _checkpoints(Path(run_dir), model_config, trainable, opt_state)
+        manager, restored = _checkpoints(Path(run_dir), model_config, layout)
         if restored is not None:
             start, trainable, opt_state, history = restored
             log(f"resumed PPO at iteration {start}")
+        metrics_path = Path(run_dir) / "ppo_metrics.jsonl"
+        _write_lines(metrics_path, history)  # drops lines of iterations after the checkpoint
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     length = max(len(p) for p in prompts) + cfg.max_new_tokens
-    stats_fn = _rollout_stats(model_config)
-    for iteration in range(start, cfg.iterations):
-        began = time.perf_counter()
-        key = jax.random.fold_in(rng, iteration)
-        batch_prompts = [prompts[(iteration * cfg.batch_size + i) % len(prompts)] for i in range(cfg.batch_size)]
-        responses, _ = sample_responses(model_config, trainable[0], batch_prompts, sampling, key, stop_ids, pad_id)
-        rows = response_rows(batch_prompts, responses, length, pad_id)
-        scores = np.asarray(scorer(rows), np.float32)
-        logp, ref_logp, values = stats_fn(trainable[0], trainable[1], ref, rows)
-        mask = jnp.asarray(rows["response_mask"])
-        shaped = (scores - scores.mean()) / (scores.std() + 1e-8) if cfg.whiten_scores and len(scores) > 1 else scores
-        rewards, kl = kl_penalised_rewards(jnp.asarray(shaped), logp, ref_logp, mask, cfg.beta)
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
-        data = {**{k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids", "response_mask")},
-                "old_logp": np.asarray(logp), "old_values": np.asarray(values),
-                "advantages": np.asarray(advantages), "returns": np.asarray(returns)}
-        step_metrics = []
-        order_rng = np.random.default_rng([cfg.seed, iteration])
-        for _ in range(cfg.epochs):
-            order = order_rng.permutation(cfg.batch_size)
-            for s in range(0, cfg.batch_size, cfg.minibatch_size):
-                idx = order[s:s + cfg.minibatch_size]
-                trainable, opt_state, m = update(trainable, opt_state, {k: v[idx] for k, v in data.items()})
-                step_metrics.append(jax.device_get(m))
-        lengths = np.asarray([len(r) for r in responses])
-        metrics = {"iteration": iteration + 1, "reward": float(scores.mean()),
-                   "kl": float(jnp.sum(kl) / cfg.batch_size),
-                   "response_length": float(lengths.mean()),
-                   "seconds": time.perf_counter() - began,
-                   **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}}
-        history.append(metrics)
-        if on_iteration:
-            on_iteration(metrics)
+    stats_fn, update = _compiled(model_config, cfg, layout)
+    try:
+        for iteration in range(start, cfg.iterations):
+            began = time.perf_counter()
+            key = jax.random.fold_in(rng, iteration)
+            batch_prompts = [prompts[(iteration * cfg.batch_size + i) % len(prompts)] for i in range(cfg.batch_size)]
+            responses, _ = sample_responses(model_config, trainable[0], batch_prompts, sampling, key, stop_ids,
+                                            pad_id, mesh=layout.mesh, vocab_limit=vocab_limit)
+            rows = response_rows(batch_prompts, responses, length, pad_id)
+            scores = np.asarray(scorer(rows), np.float32)
+            with layout.context():
+                logp, ref_logp, values = jax.device_get(stats_fn(trainable[0], trainable[1], ref,
+                                                                 {k: rows[k] for k in ROW_KEYS}))
+            mask = jnp.asarray(rows["response_mask"])
+            shaped = (scores - scores.mean()) / (scores.std() + 1e-8) if cfg.whiten_scores and len(scores) > 1 else scores
+            rewards, kl = kl_penalised_rewards(jnp.asarray(shaped), logp, ref_logp, mask, cfg.beta)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)
+            data = {**{k: rows[k] for k in ROW_KEYS}, "response_mask": rows["response_mask"],
+                    "old_logp": np.asarray(logp), "old_values": np.asarray(values),
+                    "advantages": np.asarray(advantages), "returns": np.asarray(returns)}
+            step_metrics = []
+            order_rng = np.random.default_rng([cfg.seed, iteration])
+            with layout.context():
+                for _ in range(cfg.epochs):
+                    order = order_rng.permutation(cfg.batch_size)
+                    for s in range(0, cfg.batch_size, cfg.minibatch_size):
+                        idx = order[s:s + cfg.minibatch_size]
+                        trainable, opt_state, m = update(trainable, opt_state, {k: v[idx] for k, v in data.items()})
+                        step_metrics.append(m)
+            step_metrics = jax.device_get(step_metrics)
+            lengths = np.asarray([len(r) for r in responses])
+            metrics = {"iteration": iteration + 1, "reward": float(scores.mean()),
+                       "kl": float(jnp.sum(kl) / cfg.batch_size),
+                       "response_length": float(lengths.mean()),
+                       "seconds": time.perf_counter() - began,
+                       **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}}
+            history.append(metrics)
+            if manager is not None:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
+                    _save(manager, iteration + 1, trainable, opt_state, history)
+            log(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
+                f"clip {metrics['clip_fraction']:.3f} value_loss {metrics['value_loss']:.4f} "
+                f"length {metrics['response_length']:.1f}")
+            if on_iteration:
+                on_iteration(metrics)
+    finally:
         if manager is not None:
-            with open(Path(run_dir) / "ppo_metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-                _save(manager, iteration + 1, trainable, opt_state, history)
-        log(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
-            f"clip {metrics['clip_fraction']:.3f} value_loss {metrics['value_loss']:.4f} "
-            f"length {metrics['response_length']:.1f}")
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+            manager.wait_until_finished()
+            manager.close()
     return trainable[0], trainable[1], history
 
 
-def _checkpoints(run_dir: Path, model_config, trainable, opt_state):
+def _copy(tree, shardings):
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def _write_lines(path: Path, history) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.replace(path)
+
+
+def _checkpoints(run_dir: Path, model_config, layout: _Layout):
     import orbax.checkpoint as ocp
 
     from jaxllm import checkpoint as jckpt
@@ -199,10 +325,11 @@ def _checkpoints(run_dir: Path, model_config, trainable, opt_state):
     step = manager.latest_step()
     if step is None:
         return manager, None
-    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(trainable[0])), value=ocp.args.StandardRestore(abstract(trainable[1])),
-        opt_state=ocp.args.StandardRestore(abstract(opt_state)), meta=ocp.args.JsonRestore()))
+        params=ocp.args.StandardRestore(policy), value=ocp.args.StandardRestore(value),
+        opt_state=ocp.args.StandardRestore(layout.abstract(layout.opt_shapes, layout.opt)),
+        meta=ocp.args.JsonRestore()))
     return manager, (step, (restored["params"], restored["value"]), restored["opt_state"],
                      list(restored["meta"]["history"]))
 

@@ -28,7 +28,7 @@ def run(kind: str, argv: list[str]) -> int:
     parser.add_argument("--init-from", metavar="DIR", help="starting checkpoint (jaxllm or a training run)")
     parser.add_argument("--run-dir", metavar="DIR")
     parser.add_argument("--print-config", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     recipes = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(recipes) > 1:

@@ -138,10 +138,25 @@ def _fail_or_skip(where, err, stats, on_error):
     stats.skip(str(err).split(":")[0][:60])
 
 
+def _render(template, tokenizer, messages):
+    """(ids, labels, mask) with the template's explicit labels where it has them (Baichuan 2 trains EOS at
+    round boundaries), else labels = ids. A conversation the template refuses is a bad record."""
+    from jaxllm.tokenizer import TokenizerError
+
+    try:
+        if hasattr(template, "render_labels"):
+            return template.render_labels(tokenizer, messages)
+        ids, mask = template.render(tokenizer, messages)
+        return ids, ids, mask
+    except TokenizerError as err:
+        raise DataFormatError(str(err)) from None
+
+
 def encode_sft(files: Iterable[str | Path], tokenizer, template, seq_len: int, *,
                truncation: str = "truncate", on_error: str = "skip", stats: Stats | None = None):
-    """[(ids, loss_mask)] for every usable conversation. An example longer than seq_len + 1 tokens
-    is cut at the end (`truncation="truncate"`, kept if a learnable token remains) or dropped."""
+    """[(ids, mask, labels)] for every usable conversation (see `pack_examples`). An example longer than
+    seq_len + 1 tokens is cut at the end (`truncation="truncate"`, kept if a learnable token remains) or
+    dropped; each example counts once: kept (maybe truncated), dropped or skipped."""
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
     stats = stats if stats is not None else Stats()
@@ -151,39 +166,41 @@ def encode_sft(files: Iterable[str | Path], tokenizer, template, seq_len: int, *
             try:
                 messages = to_messages(record)
                 check_conversation(messages)
+                ids, labels, mask = _render(template, tokenizer, messages)
             except DataFormatError as err:
                 _fail_or_skip(where, err, stats, on_error)
                 continue
-            ids, mask = template.render(tokenizer, messages)
-            if len(ids) > seq_len + 1:
+            cut = len(ids) > seq_len + 1
+            if cut:
                 if truncation == "drop":
                     stats.dropped_too_long += 1
                     continue
-                ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-                stats.truncated += 1
+                ids, labels, mask = ids[: seq_len + 1], labels[: seq_len + 1], mask[: seq_len + 1]
             if not any(mask[1:]):
                 stats.dropped_too_long += 1
                 continue
-            examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.float32)))
+            stats.truncated += cut
+            examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.float32), np.asarray(labels, np.int32)))
             stats.examples += 1
     return examples, stats
 
 
 def pack_examples(examples, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pack (ids, mask) examples, in order, into rows of `seq_len` (next-token form).
+    """Pack examples, in order, into rows of `seq_len` (next-token form).
 
-    An example of n ids takes n - 1 slots: tokens ids[:-1], targets ids[1:], loss_mask mask[1:].
+    An example is (ids, mask) or (ids, mask, labels) (labels default to ids); of n ids it takes n - 1
+    slots: tokens ids[:-1], targets labels[1:], loss_mask mask[1:].
     Returns int32/float32 arrays [rows, seq_len]: tokens, targets, loss_mask, segment_ids, positions.
     """
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    rows: list[list[tuple]] = []
     used: list[int] = []
-    for ids, mask in examples:
-        n = len(ids) - 1
+    for example in examples:
+        n = len(example[0]) - 1
         if rows and used[-1] + n <= seq_len:
-            rows[-1].append((ids, mask))
+            rows[-1].append(example)
             used[-1] += n
         else:
-            rows.append([(ids, mask)])
+            rows.append([example])
             used.append(n)
     out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("tokens", "targets", "segment_ids",
                                                                   "positions")}
@@ -191,11 +208,12 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarr
     out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
     for r, row in enumerate(rows):
         start = 0
-        for seg, (ids, mask) in enumerate(row, 1):
+        for seg, (ids, mask, *labels) in enumerate(row, 1):
+            labels = labels[0] if labels else ids
             n = len(ids) - 1
             span = slice(start, start + n)
             out["tokens"][r, span] = ids[:-1]
-            out["targets"][r, span] = ids[1:]
+            out["targets"][r, span] = labels[1:]
             out["loss_mask"][r, span] = mask[1:]
             out["segment_ids"][r, span] = seg
             out["positions"][r, span] = np.arange(n)
@@ -207,10 +225,12 @@ def encode_preferences(files, tokenizer, template, seq_len: int, *, margins: dic
                        on_error: str = "skip", stats: Stats | None = None) -> tuple[dict, Stats]:
     """{"prompt", "chosen", "rejected", "rating"?} records → arrays [pairs, 2, seq_len] (index 0 chosen,
     1 rejected) of tokens/targets/loss_mask/segment_ids/positions, plus `margin` float32[pairs] from the
-    rating (Llama 2 margins) and `last` int32[pairs, 2], the index of each sequence's last token.
+    rating (Llama 2 margins) and `last` int32[pairs, 2], the index of each sequence's final token.
 
+    `tokens` hold the whole sequence, its final token (EOS) included, so a reward model reads it at `last`;
+    targets/loss_mask are the next-token view (the final position has no target).
     `prompt` may be a string or a conversation (list of messages ending with a user turn).
-    Pairs longer than seq_len + 1 tokens are cut at the end (both sides) and counted.
+    Pairs longer than seq_len tokens are cut at the end (both sides) and counted.
     """
     stats = stats if stats is not None else Stats()
     pairs, margin_values = [], []
@@ -229,19 +249,24 @@ def encode_preferences(files, tokenizer, template, seq_len: int, *, margins: dic
                 for field in ("chosen", "rejected"):
                     messages = history + [{"role": "assistant", "content": _text(record[field], field)}]
                     check_conversation(messages)
-                    sides.append(template.render(tokenizer, messages))
+                    sides.append(_render(template, tokenizer, messages))
+                if len(history) > 1 and hasattr(template, "prompt"):
+                    # Only the compared reply is learned: earlier replies of a conversation prompt are context.
+                    shared = len(template.prompt(tokenizer, history))
+                    sides = [(ids, labels, [0] * shared + list(mask[shared:])) for ids, labels, mask in sides]
                 rating = record.get("rating")
                 if rating is not None and margins is not None and str(rating).lower() not in margins:
                     raise DataFormatError(f"unknown rating {rating!r}; expected one of {sorted(margins)}")
             except DataFormatError as err:
                 _fail_or_skip(where, err, stats, on_error)
                 continue
-            if any(len(ids) > seq_len + 1 for ids, _ in sides):
-                sides = [(ids[: seq_len + 1], mask[: seq_len + 1]) for ids, mask in sides]
-                stats.truncated += 1
-            if not all(any(mask[1:]) for _, mask in sides):
+            cut = any(len(ids) > seq_len for ids, _, _ in sides)
+            if cut:
+                sides = [tuple(x[:seq_len] for x in side) for side in sides]
+            if not all(any(mask[1:]) for _, _, mask in sides):
                 stats.dropped_too_long += 1
                 continue
+            stats.truncated += cut
             pairs.append(sides)
             margin_values.append(0.0 if rating is None or margins is None else margins[str(rating).lower()])
             stats.examples += 1
@@ -250,12 +275,11 @@ def encode_preferences(files, tokenizer, template, seq_len: int, *, margins: dic
     out["loss_mask"] = np.zeros((n, 2, seq_len), np.float32)
     out["last"] = np.zeros((n, 2), np.int32)
     for i, sides in enumerate(pairs):
-        for j, (ids, mask) in enumerate(sides):
-            ids, mask = np.asarray(ids), np.asarray(mask, np.float32)
-            k = len(ids) - 1
-            out["tokens"][i, j, :k] = ids[:-1]
-            out["targets"][i, j, :k] = ids[1:]
-            out["loss_mask"][i, j, :k] = mask[1:]
+        for j, (ids, labels, mask) in enumerate(sides):
+            k = len(ids)
+            out["tokens"][i, j, :k] = ids
+            out["targets"][i, j, :k - 1] = labels[1:]
+            out["loss_mask"][i, j, :k - 1] = np.asarray(mask[1:], np.float32)
             out["segment_ids"][i, j, :k] = 1
             out["positions"][i, j, :k] = np.arange(k)
             out["last"][i, j] = k - 1

@@ -51,16 +51,22 @@ def abstract_params(config: ModelConfig):
     return jax.eval_shape(lambda: from_lm_params(lm, config, jax.random.key(0)))
 
 
-def load(directory) -> tuple[ModelConfig, dict]:
-    """(config, params) of a reward model trained by `jaxllm rm` (its run directory or checkpoints)."""
+def load(directory, mesh=None) -> tuple[ModelConfig, dict]:
+    """(config, params) of a reward model trained by `jaxllm rm` (its run directory or checkpoints); with
+    `mesh`, each device reads only its shard (the training layout)."""
     import orbax.checkpoint as ocp
 
     from jaxllm import checkpoint as jckpt
+    from jaxllm.sharding import tree_shardings
 
     directory = jckpt.resolve(directory)
     config = jckpt.read_model_config(directory)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params(config))
+    shapes = abstract_params(config)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    else:
+        shardings = tree_shardings(logical_axes(config), shapes, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with jckpt.manager(directory, item_names=("params",)) as mngr:
         step = mngr.latest_step()
         if step is None:

@@ -12,6 +12,8 @@ class RowIterator:
     with exactly the batches an uninterrupted run would have seen.
     """
 
+    finite = False  # epochs repeat: the train loop need not check across hosts for an end
+
     def __init__(self, rows: dict, batch_size: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                  stats: dict | None = None):
         self.rows = {k: v[shard_index::shard_count] for k, v in rows.items()}

@@ -11,9 +11,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError
 from jaxllm.models import forward
+from jaxllm.sharding import axis_rules, param_shardings
 from jaxllm.stages import reward
 from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examples
 from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
@@ -114,30 +116,47 @@ def _flat(batch):
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if v.ndim >= 3}
 
 
-def _reference_logprobs(model_config, params, pairs, batch: int = 8) -> np.ndarray:
-    """float32[pairs, 2] log-probs of chosen/rejected replies under the frozen starting model, computed once."""
-    @jax.jit
+@functools.lru_cache(maxsize=4)
+def _reply_logprobs(model_config, mesh):
+    """Jitted per model and mesh, so stages built again (a resumed run) reuse the compilation."""
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def score(p, tokens, positions, segments, targets, mask):
         logits = forward(model_config, p, tokens, positions, segments)
         return sequence_logprobs(logits, targets, mask)
+    return score
 
+
+def _reference_logprobs(model_config, params, pairs, mesh) -> np.ndarray:
+    """float32[pairs, 2] log-probs of chosen/rejected replies under the frozen starting model (`params`,
+    laid out on `mesh`), computed once; batches are split over the mesh's data × fsdp devices."""
+    from jaxllm.sharding import batch_sharding
+
+    score = _reply_logprobs(model_config, mesh)
+    rows_sharding = batch_sharding(mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = 8  # pairs, 2 rows each; the rows split evenly over data × fsdp
+    while (2 * batch) % shards:
+        batch += 1
     n = len(pairs["tokens"])
     out = np.zeros((n, 2), np.float32)
     for start in range(0, n, batch):
         idx = np.arange(start, min(start + batch, n))
         idx = np.pad(idx, (0, batch - len(idx)), mode="edge")
         b = _flat({k: pairs[k][idx] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")})
-        logps = np.asarray(score(params, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
-                                 b["loss_mask"])).reshape(-1, 2)
-        out[start:start + batch] = logps[: min(batch, n - start)]
+        # Every host holds every pair: each builds its own shards of the global batch from the same numpy
+        b = {k: jax.make_array_from_callback(v.shape, rows_sharding, lambda index, v=v: v[index])
+             for k, v in b.items()}
+        with jax.set_mesh(mesh), axis_rules():
+            logps = score(params, b["tokens"], b["positions"], b["segment_ids"], b["targets"], b["loss_mask"])
+        out[start:start + batch] = np.asarray(logps.addressable_data(0)).reshape(-1, 2)[: min(batch, n - start)]
     return out
 
 
-def _load_start(config, what: str):
+def _load_start(config, what: str, shardings):
     from jaxllm.checkpoint import load_params
     if not config.init_from:
         raise ConfigError(f"{what} starts from a trained model: set init_from (or --init-from DIR)")
-    params, _ = load_params(config.init_from, config.model, dtype="float32")
+    params, _ = load_params(config.init_from, config.model, shardings=shardings, dtype=config.model.param_dtype)
     return params
 
 
@@ -151,9 +170,12 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     log(f"dpo data: {stats.summary()}")
     if not stats.examples:
         raise ConfigError(f"no usable preference pairs in {', '.join(map(str, files))}")
-    pairs["ref_logps"] = _reference_logprobs(config.model, _load_start(config, "dpo"), pairs)
     del pairs["margin"], pairs["last"]
     model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
+
+    def prepare(mesh):  # the frozen reference, read straight onto the run's mesh, scores every pair once
+        start = _load_start(config, "dpo", param_shardings(model_config, mesh))
+        pairs["ref_logps"] = _reference_logprobs(model_config, start, pairs, mesh)
 
     def loss_fn(params, batch, rng):
         del rng
@@ -168,7 +190,7 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
         return RowIterator(pairs, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
     return Stage(loss_fn=loss_fn, make_data=make_data, name="dpo", tokens_per_row=2 * config.data.seq_len,
-                 tokenizer_path=tok_path)
+                 tokenizer_path=tok_path, prepare=prepare)
 
 
 def rm_stage(config, options: StageOptions, log=print):
@@ -183,15 +205,23 @@ def rm_stage(config, options: StageOptions, log=print):
         raise ConfigError(f"the reward model needs at least 2 preference pairs, found {n}")
     order = np.random.default_rng(config.seed).permutation(n)
     held = max(1, int(round(n * options.eval_fraction))) if options.eval_fraction else 0
+    if held >= n:
+        raise ConfigError(f"stage.eval_fraction={options.eval_fraction} holds out {held} of the {n} preference "
+                          f"pairs, leaving none to train on: lower it or add pairs")
     train_rows = {k: v[order[held:]] for k, v in pairs.items()}
     eval_rows = {k: v[order[:held]] for k, v in pairs.items()}
     model_config = config.model
-    start = _load_start(config, "rm") if config.init_from else None
-    config.init_from = None  # the stage initialises its own (backbone + head) parameters
-
+    # The stage makes its own (backbone + head) parameters, so the loop leaves `init_from` to it; the
+    # run's config.yaml still records where the backbone came from.
     def init_params(rng):
-        lm = start if start is not None else _random_lm(model_config, rng)
-        return reward.from_lm_params(lm, model_config, jax.random.fold_in(rng, 1))
+        return reward.from_lm_params(_random_lm(model_config, rng), model_config, jax.random.fold_in(rng, 1))
+
+    def load_params(rng, shardings):  # the LM read onto the mesh, then passed (not closed over) to a jit
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        lm = _load_start(config, "rm", param_shardings(model_config, mesh))
+        attach_head = jax.jit(lambda lm, rng: reward.from_lm_params(lm, model_config, jax.random.fold_in(rng, 1)),
+                              out_shardings=shardings, donate_argnums=0)
+        return attach_head(lm, rng)
 
     def loss_fn(params, batch, rng):
         del rng
@@ -205,6 +235,7 @@ def rm_stage(config, options: StageOptions, log=print):
         return RowIterator(train_rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
     stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
+                  load_params=load_params if config.init_from else None,
                   param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
                   tokenizer_path=tok_path)
     return stage, eval_rows

@@ -48,11 +48,75 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_pieces(path: str | Path) -> list[str]:
+    """Non-empty stripped lines of a UTF-8 pieces file; a bad byte is an error naming file:line."""
+    from jaxllm.tokenizer import TokenizerError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no such pieces file")
+    pieces = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TokenizerError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                                 f"expected one piece per line") from None
+        if line.strip():
+            pieces.append(line.strip())
+    return pieces
+
+
+def _extend(args) -> None:
+    """Check everything the checkpoint step needs before writing anything, then write the model next to
+    its destination and move it into place only once the resized checkpoint (if any) is written."""
+    import os
+    import tempfile
+
+    from jaxllm.checkpoint import read_model_config, resolve
+    from jaxllm.tokenizer import Tokenizer, TokenizerError, extend_tokenizer, resize_checkpoint
+
+    pieces = read_pieces(args.pieces_file) if args.pieces_file else []
+    if not pieces and not args.from_model and not args.special:
+        raise TokenizerError("nothing to add: give --pieces-file, --from-model or --special")
+    before = Tokenizer.load(args.model).vocab_size
+    if args.pad_multiple < 1:
+        raise TokenizerError(f"--pad-multiple={args.pad_multiple} must be >= 1")
+    source = None
+    if args.checkpoint_out and not args.checkpoint:
+        raise TokenizerError("--checkpoint-out needs --checkpoint (the checkpoint to resize)")
+    if args.checkpoint:
+        if not args.checkpoint_out:
+            raise TokenizerError("--checkpoint needs --checkpoint-out")
+        if Path(args.checkpoint_out).exists():
+            raise TokenizerError(f"{args.checkpoint_out}: destination exists; choose a new directory")
+        source = read_model_config(resolve(args.checkpoint))  # raises CheckpointError naming the directory
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        extend_tokenizer(args.model, tmp, pieces, from_model=args.from_model, special_tokens=args.special)
+        after = Tokenizer(tmp).vocab_size
+        if source is not None:
+            if after < source.num_pieces:
+                raise TokenizerError(f"the extended model has {after} pieces, fewer than the {source.num_pieces} "
+                                     f"of checkpoint {args.checkpoint}: extend the checkpoint's own tokenizer")
+            out = resize_checkpoint(args.checkpoint, args.checkpoint_out, after, pad_multiple=args.pad_multiple,
+                                    tokenizer_path=tmp)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {output}: {before} → {after} pieces (+{after - before})")
+    if source is not None:
+        print(f"wrote {out} (embedding rows padded to a multiple of {args.pad_multiple})")
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from jaxllm.checkpoint import CheckpointError
-    from jaxllm.tokenizer import (Tokenizer, TokenizerError, extend_tokenizer, resize_checkpoint,
-                                  tokenizer_stats, train_tokenizer)
+    from jaxllm.tokenizer import Tokenizer, TokenizerError, tokenizer_stats, train_tokenizer
 
     try:
         if args.action == "train":
@@ -61,25 +125,7 @@ def main(argv: list[str]) -> int:
                                    reserved=args.reserved)
             print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
         elif args.action == "extend":
-            pieces: list[str] = []
-            if args.pieces_file:
-                if not Path(args.pieces_file).is_file():
-                    raise TokenizerError(f"{args.pieces_file}: no such pieces file")
-                pieces += [line.strip() for line in Path(args.pieces_file).read_text("utf-8").splitlines()
-                           if line.strip()]
-            if not pieces and not args.from_model and not args.special:
-                raise TokenizerError("nothing to add: give --pieces-file, --from-model or --special")
-            before = Tokenizer.load(args.model).vocab_size
-            path = extend_tokenizer(args.model, args.output, pieces, from_model=args.from_model,
-                                    special_tokens=args.special)
-            after = Tokenizer(path).vocab_size
-            print(f"wrote {path}: {before} → {after} pieces (+{after - before})")
-            if args.checkpoint:
-                if not args.checkpoint_out:
-                    raise TokenizerError("--checkpoint needs --checkpoint-out")
-                out = resize_checkpoint(args.checkpoint, args.checkpoint_out, after,
-                                        pad_multiple=args.pad_multiple, tokenizer_path=path)
-                print(f"wrote {out} (embedding rows padded to a multiple of {args.pad_multiple})")
+            _extend(args)
         elif args.action == "encode":
             tok = Tokenizer.load(args.model)
             text = sys.stdin.read().removesuffix("\n") if args.text == "-" else args.text

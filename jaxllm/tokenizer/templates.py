@@ -52,6 +52,19 @@ def _encode_marked(tok: Tokenizer, text: str, trainable: list[tuple[int, int]]):
     return ids, mask
 
 
+LLAMA2_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+
+
+def _refuse_llama2_tags(messages) -> None:
+    """Meta's chat_completion refuses a dialog whose content holds a chat tag (spec §3.2): such text would
+    forge turn or system boundaries."""
+    for i, m in enumerate(messages):
+        for tag in LLAMA2_TAGS:
+            if tag in m["content"]:
+                raise TokenizerError(f"message {i} ({m['role']}) contains the Llama 2 chat tag {tag!r}; "
+                                     f"llama2-chat refuses {', '.join(LLAMA2_TAGS)} inside message content")
+
+
 BAICHUAN_USER_ID, BAICHUAN_ASSISTANT_ID = 195, 196
 
 
@@ -71,15 +84,28 @@ class ChatTemplate:
     name: str
 
     def render(self, tok: Tokenizer, messages) -> tuple[list[int], list[int]]:
-        """A full conversation (ending with an assistant reply) → (ids, loss_mask)."""
-        system, turns = _turns(messages, ends_with="assistant")
-        return getattr(self, f"_{self.name.replace('-', '_')}")(tok, system, turns)
+        """A full conversation (ending with an assistant reply) → (ids, loss_mask): mask[i] = 1 where
+        ids[i] is learned (predicted from position i - 1)."""
+        ids, mask, _, _ = self._render(tok, messages, "assistant")
+        return ids, mask
+
+    def render_labels(self, tok: Tokenizer, messages) -> tuple[list[int], list[int], list[int]]:
+        """(ids, labels, mask) for SFT: labels[i] is the token position i - 1 is trained to predict where
+        mask[i] = 1. labels == ids except at Baichuan 2's round boundaries, where the official labels
+        train EOS although the input holds the next user id 195 (spec §6.6)."""
+        ids, _, labels, mask = self._render(tok, messages, "assistant")
+        return ids, labels, mask
 
     def prompt(self, tok: Tokenizer, messages) -> list[int]:
         """History ending with a user message → ids after which the assistant reply follows."""
-        system, turns = _turns(messages, ends_with="user")
-        ids, _ = getattr(self, f"_{self.name.replace('-', '_')}")(tok, system, turns)
-        return ids
+        return self._render(tok, messages, "user")[0]
+
+    def _render(self, tok, messages, ends_with):
+        system, turns = _turns(messages, ends_with=ends_with)
+        if self.name == "llama2-chat":
+            _refuse_llama2_tags(messages)
+        out = getattr(self, f"_{self.name.replace('-', '_')}")(tok, system, turns)
+        return out if len(out) == 4 else (*out, list(out[0]), list(out[1]))  # (ids, mask, labels, label mask)
 
     def stop_ids(self, tok: Tokenizer) -> list[int]:
         """Ids that end an assistant reply: EOS, and the marker of the next user turn where it is one token
@@ -112,13 +138,17 @@ class ChatTemplate:
         return ids, mask
 
     # Baichuan 2 chat (spec §6.6): SP(system) + Σ [195] + SP(user) + [196] + SP(reply); no BOS, no EOS
-    # between rounds; SFT ends the conversation with EOS. The official labels also train EOS at each later
-    # user token (195); a mask over input ids keeps the reply tokens and the final EOS.
+    # between rounds; SFT ends the conversation with EOS. fine-tune.py labels each later round's 195 with
+    # EOS, so the last token of a reply learns to predict EOS although the input goes on with 195: `labels`
+    # say so (mask 1 there), while `mask` over the input ids leaves 195 itself unlearned.
     def _baichuan2_chat(self, tok, system, turns):
         _check_baichuan_markers(tok)
         ids = tok.encode(system) if system else []
         mask = [0] * len(ids)
+        boundaries = []  # positions of 195 that follow a reply
         for user, answer in turns:
+            if mask and mask[-1]:
+                boundaries.append(len(ids))
             piece = [BAICHUAN_USER_ID] + tok.encode(user) + [BAICHUAN_ASSISTANT_ID]
             ids += piece
             mask += [0] * len(piece)
@@ -129,7 +159,10 @@ class ChatTemplate:
         if turns[-1][1] is not None:
             ids.append(tok.eos_id)
             mask.append(1)
-        return ids, mask
+        labels, label_mask = list(ids), list(mask)
+        for k in boundaries:
+            labels[k], label_mask[k] = tok.eos_id, 1
+        return ids, mask, labels, label_mask
 
     # Ziya (spec §8, Fengshenbang's finetune_ziya_llama.py): [BOS], then per turn
     # SP("<human>:{query}\n<bot>:") + SP(output) + [EOS], each part encoded on its own; loss on output + EOS.

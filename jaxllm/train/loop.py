@@ -164,8 +164,10 @@ def _abstract(shapes, shardings):
 
 
 def _initial_params(config: RunConfig, stage: Stage, init_key, param_sh):
-    """Parameters of a new run: the stage's own initialiser (which then owns `init_from`), the model's
-    parameters from `init_from`, or the model's random initialisation."""
+    """Parameters of a new run: the stage's own loader or initialiser (a stage with one owns `init_from`),
+    the model's parameters from `init_from`, or the model's random initialisation."""
+    if stage.load_params is not None:
+        return stage.load_params(init_key, param_sh)
     if stage.init_params is not None:
         return jax.jit(stage.init_params, out_shardings=param_sh)(init_key)
     if config.init_from:
@@ -217,6 +219,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                       in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
                       out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
 
+    if stage.prepare is not None:
+        stage.prepare(mesh)
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):
@@ -231,7 +235,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         else:
             step, meta = 0, {}
             params = _initial_params(config, stage, init_key, param_sh)
-            if config.init_from and stage.init_params is None:
+            if config.init_from and (stage.load_params is not None or stage.init_params is None):
                 log(f"initialised from {config.init_from}")
             opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
 

@@ -23,8 +23,12 @@ class Stage:
     name: str = "pretrain"
     # Trainable parameters when they are not the model's (e.g. a backbone plus a value head); a stage
     # with its own initialiser also owns `init_from` (the loop does not load it):
-    init_params: Callable | None = None    # rng -> params pytree
+    init_params: Callable | None = None    # rng -> params pytree (random; jitted by the loop)
     param_axes: Any = None                 # pytree of logical PartitionSpecs matching init_params
+    # A new run's parameters read from a checkpoint, laid out on the given shardings (rng, shardings) ->
+    # params. Called outside jit: a jitted closure over loaded weights would embed them as constants.
+    load_params: Callable | None = None
+    prepare: Callable | None = None        # mesh -> None: work on the mesh before the data is made
     tokens_per_row: int | None = None      # for tokens/s and MFU (default: data.seq_len)
     tokenizer_path: str | None = None      # copied to RUN/tokenizer.model
 
