@@ -1,4 +1,5 @@
 """SFT / DPO / RM stages on the one train loop: masking, resume, learning signal, CLI."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -191,6 +192,35 @@ def test_stage_recipes_load():
                  "ctllm-2b-dpo"):
         config, options = load_stage_recipe(name)
         assert config.data.sources and options.truncation in ("truncate", "drop"), name
+        assert config.stage == dataclasses.asdict(options), name
+    assert load_stage_recipe("llama2-7b-sft")[0].train.epochs == 2  # spec §3.3
+    assert load_stage_recipe("baichuan2-7b-sft")[0].train.epochs == 4  # spec §6.6
+
+
+def test_epochs_count_the_packed_rows_and_stage_options_are_part_of_the_run(tmp_path):
+    """train.epochs=2 on the SFT sample: steps = ceil(2 × packed rows / batch), the schedule's length too;
+    a rerun with another DPO β (a stage option) is refused like any other config change."""
+    from jaxllm.train.config import resolve_epochs
+    from jaxllm.train.rundir import RunDirError, prepare
+
+    config = run_config(tmp_path, "epochs", "sft_sample.jsonl", train={"epochs": 2, "batch_size": 4},
+                        optimizer={"lr": 1e-3, "warmup_steps": 0})
+    assert config.optimizer.decay_steps is None  # pinned once the rows are known
+    stage = sft_stage(config, StageOptions(), log=quiet)
+    resolve_epochs(config, stage.num_rows)
+    assert config.train.steps == -(-2 * stage.num_rows // 4) and config.optimizer.decay_steps == config.train.steps
+    with pytest.raises(ConfigError, match="train.epochs needs a stage that knows its rows"):
+        resolve_epochs(run_config(tmp_path, "x", "sft_sample.jsonl", train={"epochs": 1}), None)
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(run_config(tmp_path, "dpo-run", "dpo_sample.jsonl").to_yaml())
+    first, _ = load_stage_recipe(str(recipe), ["stage.beta=0.1"])
+    prepare(first.run_dir, first)
+    again, _ = load_stage_recipe(str(recipe), ["stage.beta=0.1"])
+    prepare(again.run_dir, again)
+    other, _ = load_stage_recipe(str(recipe), ["stage.beta=0.5"])
+    with pytest.raises(RunDirError, match=r"stage.beta: 0.1 → 0.5"):
+        prepare(other.run_dir, other)
 
 
 def test_stage_cli_and_bad_input(tmp_path, capsys, start):

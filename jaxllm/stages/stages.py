@@ -67,7 +67,9 @@ def load_stage_recipe(recipe: str, overrides=()):
                 raise ConfigError(f"stage.{key} must be a number, got {value!r}") from None
     options = StageOptions(**section)
     options.validate()
-    return load_config(None, [o for o in overrides if not o.startswith("stage.")], base=data), options
+    config = load_config(None, [o for o in overrides if not o.startswith("stage.")], base=data)
+    config.stage = dataclasses.asdict(options)  # in RUN/config.yaml: a resume cannot change β, margin, ...
+    return config, options
 
 
 def _inputs(config):
@@ -103,7 +105,7 @@ def sft_stage(config, options: StageOptions, log=print) -> Stage:
         return RowIterator(rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
     return Stage(loss_fn=lm_loss(config.model), make_data=make_data, name="sft",
-                 tokens_per_row=config.data.seq_len, tokenizer_path=tok_path)
+                 tokens_per_row=config.data.seq_len, tokenizer_path=tok_path, num_rows=len(rows["tokens"]))
 
 
 def _stat_dict(stats: Stats) -> dict:
@@ -190,7 +192,7 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
         return RowIterator(pairs, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
     return Stage(loss_fn=loss_fn, make_data=make_data, name="dpo", tokens_per_row=2 * config.data.seq_len,
-                 tokenizer_path=tok_path, prepare=prepare)
+                 tokenizer_path=tok_path, prepare=prepare, num_rows=len(pairs["tokens"]))
 
 
 def rm_stage(config, options: StageOptions, log=print):
@@ -237,6 +239,7 @@ def rm_stage(config, options: StageOptions, log=print):
     stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
                   load_params=load_params if config.init_from else None,
                   param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
+                  num_rows=len(train_rows["tokens"]),
                   tokenizer_path=tok_path)
     return stage, eval_rows
 

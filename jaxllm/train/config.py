@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    epochs: float | None = None       # SFT/DPO/RM: passes over the stage's rows; sets steps (and decay_steps)
     batch_size: int = 8               # rows per optimizer step, over all hosts
     grad_accum: int = 1               # micro-batches per step (batch_size / grad_accum rows each)
     max_nan_streak: int = 10          # consecutive non-finite losses that stop the run (after a save)
@@ -93,6 +95,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    stage: dict | None = None         # a stage's own options (SFT/DPO/RM), recorded so a resume keeps them
 
     def validate(self) -> "RunConfig":
         t, o = self.train, self.optimizer
@@ -101,6 +104,8 @@ class RunConfig:
                             ("checkpoint.every", self.checkpoint.every), ("log.every", self.log.every)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if t.epochs is not None and not t.epochs > 0:
+            raise ConfigError(f"train.epochs must be > 0 or null, got {t.epochs}")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
         if o.schedule not in SCHEDULES:
@@ -190,6 +195,8 @@ def _coerce(value, annotation, path: str):
             return text in ("true", "yes")
     elif isinstance(value, list) and "list" in kinds:
         return value
+    elif isinstance(value, dict) and "dict" in kinds:
+        return value
     expected = " or ".join(sorted(k for k in kinds if k != "None")) + (" or null" if "None" in kinds else "")
     raise ConfigError(f"{path} must be {expected}, got {value!r}")
 
@@ -262,9 +269,26 @@ def from_dict(data: dict) -> RunConfig:
         else:
             kwargs[key] = _coerce(value, top[key].type, key)
     config = RunConfig(**kwargs)
-    if config.optimizer.decay_steps is None:  # pin the schedule length, so a longer rerun is a visible change
+    # Pin the schedule length, so a longer rerun is a visible change (with train.epochs: once the stage's
+    # row count is known, `resolve_epochs`).
+    if config.optimizer.decay_steps is None and config.train.epochs is None:
         config.optimizer.decay_steps = config.train.steps
     return config.validate()
+
+
+def resolve_epochs(config: RunConfig, rows: int | None) -> None:
+    """With train.epochs, set train.steps to cover that many passes over `rows` training rows (and the
+    schedule's decay_steps to match unless it was given)."""
+    t = config.train
+    if t.epochs is None:
+        return
+    if not rows:
+        raise ConfigError("train.epochs needs a stage that knows its rows (sft, dpo, rm); pretraining streams "
+                          "its data: set train.steps, or data.num_epochs to stop when the data ends")
+    t.steps = max(1, math.ceil(t.epochs * rows / t.batch_size))
+    if config.optimizer.decay_steps is None:
+        config.optimizer.decay_steps = t.steps
+    config.validate()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -356,8 +380,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 # Comparing a run's saved config with a new one.
 
 # Keys that may change between the segments of one run: cadence, display, parallel layout, run length.
-RESUMABLE_KEYS = ("run_dir", "init_from", "distributed", "train.steps", "train.max_nan_streak", "mesh.",
-                  "checkpoint.", "log.", "data.prefetch")
+RESUMABLE_KEYS = ("run_dir", "init_from", "distributed", "train.steps", "train.epochs", "train.max_nan_streak",
+                  "mesh.", "checkpoint.", "log.", "data.prefetch")
 
 
 def flatten(data, prefix: str = "") -> dict[str, Any]:

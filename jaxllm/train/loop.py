@@ -26,7 +26,7 @@ from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
 from jaxllm.train import flops, rundir
 from jaxllm.train.checkpointing import RunCheckpoints
-from jaxllm.train.config import RunConfig
+from jaxllm.train.config import RunConfig, resolve_epochs
 from jaxllm.train.metrics import MetricsLog, Reporter, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
@@ -190,6 +190,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     maybe_initialize_distributed(config.distributed)
     config.validate()
     stage = stage or pretraining_stage(config)
+    resolve_epochs(config, stage.num_rows)
     model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
     try:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)

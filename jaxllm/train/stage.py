@@ -30,6 +30,7 @@ class Stage:
     load_params: Callable | None = None
     prepare: Callable | None = None        # mesh -> None: work on the mesh before the data is made
     tokens_per_row: int | None = None      # for tokens/s and MFU (default: data.seq_len)
+    num_rows: int | None = None            # training rows over all hosts, when known (train.epochs)
     tokenizer_path: str | None = None      # copied to RUN/tokenizer.model
 
 
