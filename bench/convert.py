@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,6 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def largest(layers: int) -> tuple[int, int]:
+    """(largest single HF tensor, largest layer-stacked jaxllm leaf) in bytes, bf16."""
+    from jaxllm.models import get_preset, param_shapes
+
+    cfg = get_preset("llama2-7b", num_layers=layers)
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
+    tensor = max(math.prod(s.shape[1:]) if str(p[0].key) == "layers" else math.prod(s.shape) for p, s in leaves)
+    stacked = max(math.prod(s.shape) for p, s in leaves if str(p[0].key) == "layers")
+    return 2 * tensor, 2 * stacked
 
 
 def write_random_hf(directory: Path, layers: int) -> int:
@@ -103,6 +117,8 @@ def main() -> None:
               f"{'anon/ckpt':>11}")
         for name, wall, rss, anon in rows:
             print(f"{name:<14}{wall:>9.1f}{rss:>14.2f}{anon:>15.2f}{size:>10.2f}{anon / size:>11.2f}")
+        tensor, stacked = largest(args.layers)
+        print(f"\nlargest single tensor {tensor / 2**30:.2f} GiB; largest layer-stacked leaf {stacked / 2**30:.2f} GiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,6 +23,7 @@ def _size(text: str) -> int:
 
 def main(argv: list[str]) -> int:
     from jaxllm.checkpoint import CheckpointError
+    from jaxllm.config import ConfigError
     from jaxllm.convert.core import apply_delta, hf_to_jaxllm, jaxllm_to_hf
     from jaxllm.convert.readers import ConversionError
 
@@ -55,8 +56,12 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     try:
         result = action()
-    except (ConversionError, CheckpointError) as err:
-        print(f"jaxllm convert: error: {err}", file=sys.stderr)
+    except (ConversionError, CheckpointError, ConfigError) as err:
+        print(f"jaxllm convert: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions: the destination is still absent
+        print(f"jaxllm convert: error: {err.filename or args.dst}: {err.strerror or err}", file=sys.stderr)
         return 2
     what = f" ({result.family}, {result.num_layers} layers)" if result is not None else ""
     print(f"wrote {args.dst}{what} in {time.perf_counter() - start:.1f}s")

@@ -1,11 +1,15 @@
 """Streaming conversion HF/Meta ⇄ jaxllm, driven by the table in `mapping.py`.
 
-Import fills one layer-stacked leaf at a time in memory-mapped staging files, then orbax writes them;
-export restores one leaf (or the q/k/v group of W_pack) at a time and writes HF safetensors shards whose
-layout is planned from the table before any data is read. Destinations appear complete or not at all.
+Import hands orbax `StreamedArray` leaves: each layer slice is read from the source, rearranged and
+written into its own storage chunk when orbax asks for it, one slice at a time. Export reads the stored
+chunks back one layer at a time and writes HF safetensors shards whose layout is planned from the table
+before any data is read. Peak memory is a few times the largest single tensor, not a stacked leaf.
+Everything is checked (names, shapes, dtypes) before anything is written, and destinations appear
+complete or not at all.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -58,7 +62,9 @@ def _leaf_groups(maps: list[TensorMap]) -> list[list[TensorMap]]:
     return list(groups.values())
 
 
-def validate_source(reader, maps: list[TensorMap], where: str) -> None:
+def validate_source(reader, maps: list[TensorMap], where: str, *, cast: bool = False) -> None:
+    """Every tensor of the layout present with its shape and a float dtype, nothing else (one clear error).
+    `cast`: the dtype is converted anyway (--dtype), so any float dtype will do."""
     expected = {m.hf_key: m.hf_shape for m in maps}
     present = set(reader.keys())
     missing = [k for k in expected if k not in present]
@@ -68,61 +74,57 @@ def validate_source(reader, maps: list[TensorMap], where: str) -> None:
     unexpected = sorted(k for k in present if k not in expected and not is_ignored(k))
     if unexpected:
         raise ConversionError(f"{where}: unexpected tensor {unexpected[0]} — does the config match the weights?")
+    if not hasattr(reader, "shape"):
+        return
+    floats = {np.dtype(v) for v in DTYPES.values()} | ({np.dtype(np.float64)} if cast else set())
+    for m in maps:
+        shape = tuple(reader.shape(m.hf_key))
+        if shape != m.hf_shape:
+            raise ConversionError(f"{where}: tensor {m.hf_key} has shape {shape}, expected {m.hf_shape} "
+                                  f"— does the config match the weights?")
+        dtype = reader.dtype(m.hf_key)
+        if dtype not in floats:
+            raise ConversionError(f"{where}: tensor {m.hf_key} has dtype {dtype}, expected one of "
+                                  f"float32, bfloat16, float16" + ("" if cast else " (or pass --dtype)"))
+
+
+def _leaf_blocks(reader, group: list[TensorMap], j: int, dtype: np.dtype):
+    """(index, block) of leaf j of `group`: one layer slice per HF tensor, produced on demand."""
+    for m in group:
+        # no local name for the block: a suspended generator would keep it alive until its next turn
+        yield ((slice(None) if m.layer is None else m.layer),
+               m.leaf(reader.get(m.hf_key), j).astype(dtype, copy=False))
 
 
 def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str | None = None,
                  dtype: str | None = None) -> ModelConfig:
     """Convert an HF (safetensors / .bin) or Meta (.pth) directory into a jaxllm checkpoint at `dst`."""
-    from jaxllm.checkpoint import save_params
+    from jaxllm.checkpoint import StreamedArray, save_params
+    from jaxllm.models import param_shapes
 
     src, dst = Path(src), Path(dst)
     _check_destination(dst)
     reader = open_source(src)
     if isinstance(reader, MetaReader):
-        rows = reader.get("model.embed_tokens.weight").shape[0]
-        config = model_config_from_meta(src, rows, family)
+        config = model_config_from_meta(src, reader.shape("model.embed_tokens.weight")[0], family)
     else:
         config = model_config_from_hf(src, family, name=src.name)
     maps = tensor_maps(config)
-    validate_source(reader, maps, str(src))
+    validate_source(reader, maps, str(src), cast=dtype is not None)
+    names = {np.dtype(v): k for k, v in DTYPES.items()}
+    # stored as in the source (each leaf as its tensors), unless --dtype says otherwise
+    config = config.replace(param_dtype=dtype or names[reader.dtype("model.embed_tokens.weight")])
+    shapes = param_shapes(config)
+    params: dict = {}
+    for group in _leaf_groups(maps):
+        leaf_dtype = np.dtype(DTYPES[dtype]) if dtype else reader.dtype(group[0].hf_key)
+        for j, path in enumerate(group[0].leaves):
+            _set(params, path, StreamedArray(_get(shapes, path).shape, leaf_dtype,
+                                             functools.partial(_leaf_blocks, reader, group, j, leaf_dtype)))
     staging = _staging(dst)
     try:
-        leaves: dict[tuple, np.ndarray] = {}
-        from jaxllm.models import param_shapes
-        shapes = param_shapes(config)
-        for group in _leaf_groups(maps):
-            for m in group:
-                w = reader.get(m.hf_key)
-                if tuple(w.shape) != m.hf_shape:
-                    raise ConversionError(f"{src}: tensor {m.hf_key} has shape {tuple(w.shape)}, expected "
-                                          f"{m.hf_shape} for {config.num_layers} layers × hidden "
-                                          f"{config.hidden_size}")
-                target = np.dtype(DTYPES[dtype]) if dtype else w.dtype
-                for path, value in zip(m.leaves, m.to_jax(w)):
-                    if path not in leaves:
-                        shape = _get(shapes, path).shape
-                        leaves[path] = np.lib.format.open_memmap(
-                            staging / ("__staging_" + "_".join(path) + ".npy"), mode="w+", dtype=target,
-                            shape=shape)
-                    if m.layer is None:
-                        leaves[path][...] = value.astype(target)
-                    else:
-                        leaves[path][m.layer] = value.astype(target)
-            for path in group[0].leaves:
-                leaves[path].flush()
-        stored = {np.dtype(v): k for k, v in DTYPES.items()}.get(next(iter(leaves.values())).dtype)
-        if stored is None:
-            raise ConversionError(f"{src}: weights of dtype {next(iter(leaves.values())).dtype} are not "
-                                  f"float32/bfloat16/float16; pass --dtype")
-        config = config.replace(param_dtype=stored)
-        params: dict = {}
-        for path, leaf in leaves.items():
-            _set(params, path, leaf)
         out = staging / "checkpoint"
         save_params(out, params, config)
-        del params, leaves
-        for f in staging.glob("__staging_*.npy"):
-            f.unlink()
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
@@ -130,31 +132,6 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return config
-
-
-def _restore_leaves(ckpt_dir: Path, paths: list[tuple], config: ModelConfig, step=None) -> dict:
-    """Restore only the given leaves (numpy) from a jaxllm checkpoint."""
-    import orbax.checkpoint as ocp
-
-    from jaxllm.checkpoint import manager
-    from jaxllm.models import param_shapes
-
-    shapes = param_shapes(config)
-    item: dict = {}
-    restore: dict = {}
-    for path in paths:
-        _set(item, path, np.zeros((), np.float32))
-        _set(restore, path, ocp.RestoreArgs(restore_type=np.ndarray))
-    with manager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else step
-        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore, partial_restore=True)))["params"]
-    result = {p: np.asarray(_get(out, p)) for p in paths}
-    for p, v in result.items():
-        if v.shape != _get(shapes, p).shape:
-            raise ConversionError(f"{ckpt_dir}: leaf {'/'.join(p)} has shape {v.shape}, expected "
-                                  f"{_get(shapes, p).shape}")
-    return result
 
 
 class _ShardWriter:
@@ -171,7 +148,8 @@ class _ShardWriter:
         assert key == expected_key, (key, expected_key)
         if self.file is None or self.current != shard:
             self._open(shard)
-        self.file.write(np.ascontiguousarray(array).tobytes())
+        # the array's own buffer (bytes view), not a `tobytes()` copy
+        self.file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
         self.cursor += 1
         if self.cursor == len(self.order) or self.order[self.cursor][0] != shard:
             self.file.close()
@@ -199,7 +177,8 @@ class _ShardWriter:
 def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                  max_shard_bytes: int = 5 * 2**30) -> ModelConfig:
     """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors)."""
-    from jaxllm.checkpoint import read_model_config, resolve, find_tokenizer
+    from jaxllm.checkpoint import find_tokenizer, open_arrays, read_model_config, resolve, trim_host_memory
+    from jaxllm.models import param_shapes
 
     ckpt = resolve(src)
     dst = Path(dst)
@@ -207,17 +186,25 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     config = read_model_config(ckpt)
     maps = tensor_maps(config)
     groups = _leaf_groups(maps)
+    shapes = param_shapes(config)
+    arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
+    for path, array in arrays.items():
+        if array.shape != _get(shapes, path).shape:
+            raise ConversionError(f"{ckpt}: leaf {'/'.join(path)} has shape {array.shape}, expected "
+                                  f"{_get(shapes, path).shape} for the model in {ckpt / 'model.json'}")
     out_dtype = np.dtype(DTYPES[dtype or config.param_dtype])
     plan = plan_shards([(m.hf_key, m.hf_shape, out_dtype) for group in groups for m in group], max_shard_bytes)
     staging = _staging(dst)
     try:
         writer = _ShardWriter(staging, plan)
-        for group in groups:
-            leaves = _restore_leaves(ckpt, list(group[0].leaves), config)
+        for group in groups:  # leaf by leaf; within a leaf, one layer at a time
             for m in group:
-                parts = [leaves[p] if m.layer is None else leaves[p][m.layer] for p in m.leaves]
-                writer.write(m.hf_key, m.to_hf(parts).astype(out_dtype))
-            del leaves
+                parts = [arrays[p].read() if m.layer is None else arrays[p].layer(m.layer) for p in m.leaves]
+                writer.write(m.hf_key, m.to_hf(parts).astype(out_dtype, copy=False))
+                del parts
+                trim_host_memory()
+            for p in group[0].leaves:
+                arrays[p].release()
         (staging / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
         hf_cfg, gen_cfg = hf_config_from_model(config, dtype or config.param_dtype)
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -234,31 +221,49 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     return config
 
 
+# Ziya's delta (spec §8, Fengshenbang apply_delta.py): these are the fine-tuned tensors themselves.
+_VERBATIM = ("model.embed_tokens.weight", "lm_head.weight")
+_BUFFER = "rotary_emb.inv_freq"
+
+
+def _verbatim(key: str) -> bool:
+    return key in _VERBATIM or key.endswith(_BUFFER)
+
+
 def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Ziya's release format (spec §8): W = W_base + Δ in float16 for every tensor, except the embedding,
-    `lm_head` and `rotary_emb.inv_freq`, taken verbatim from the delta. Writes an HF directory."""
+    `lm_head` and `rotary_emb.inv_freq`, taken verbatim (values and dtype) from the delta. Writes an HF
+    directory; every other tensor must be in both, with the same shape."""
     base_dir, delta_dir, dst = Path(base), Path(delta), Path(dst)
     _check_destination(dst)
     base_r, delta_r = open_hf(base_dir), open_hf(delta_dir)
-    verbatim = ("model.embed_tokens.weight", "lm_head.weight")
-    keys = [k for k in delta_r.keys()]
+    base_keys, keys = set(base_r.keys()), delta_r.keys()
+    # inv_freq is a buffer recomputed from the config: a base converted by newer transformers lacks it
+    # while an older delta has it (or the other way round); it is never an added weight.
+    only_delta = [k for k in keys if k not in base_keys and not k.endswith(_BUFFER)]
+    if only_delta:
+        raise ConversionError(f"{delta_dir}: tensor {only_delta[0]} is in the delta but not in the base "
+                              f"{base_dir}" + (f" (and {len(only_delta) - 1} more)" if len(only_delta) > 1 else ""))
+    only_base = sorted(k for k in base_keys - set(keys) if not k.endswith(_BUFFER))
+    if only_base:
+        raise ConversionError(f"{base_dir}: tensor {only_base[0]} is in the base but not in the delta "
+                              f"{delta_dir}" + (f" (and {len(only_base) - 1} more)" if len(only_base) > 1 else ""))
     for k in keys:
-        if k not in verbatim and not k.endswith("rotary_emb.inv_freq") and k not in set(base_r.keys()):
-            raise ConversionError(f"{base_dir}: missing tensor {k} that the delta adds to")
-    plan = plan_shards([(k, delta_r.get(k).shape, np.float16) for k in keys], 5 * 2**30)
+        if not _verbatim(k) and tuple(base_r.shape(k)) != tuple(delta_r.shape(k)):
+            raise ConversionError(f"{delta_dir}: tensor {k} has shape {tuple(delta_r.shape(k))}, but "
+                                  f"{tuple(base_r.shape(k))} in the base {base_dir}")
+    out_dtype = {k: delta_r.dtype(k) if _verbatim(k) else np.dtype(np.float16) for k in keys}
+    plan = plan_shards([(k, delta_r.shape(k), out_dtype[k]) for k in keys], 5 * 2**30)
     staging = _staging(dst)
     try:
         writer = _ShardWriter(staging, plan)
         for k in keys:
-            d = delta_r.get(k).astype(np.float16)
-            if k in verbatim or k.endswith("rotary_emb.inv_freq"):
-                out = d
+            if _verbatim(k):
+                out = delta_r.get(k)
             else:
-                b = base_r.get(k).astype(np.float16)
-                if b.shape != d.shape:
-                    raise ConversionError(f"tensor {k}: base shape {b.shape} differs from delta {d.shape}")
-                out = b + d
+                out = base_r.get(k).astype(np.float16) + delta_r.get(k).astype(np.float16)
             writer.write(k, out)
+            del out
         (staging / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
         for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
             if (delta_dir / name).is_file():

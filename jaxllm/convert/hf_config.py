@@ -1,26 +1,44 @@
 """config.json (HF) / params.json (Meta) ⇄ ModelConfig, with family detection (spec §1)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from jaxllm.config import FAMILIES, ModelConfig, closest
-from jaxllm.convert.readers import ConversionError
+from jaxllm.config import FAMILIES, ConfigError, ModelConfig, closest
+from jaxllm.convert.readers import ConversionError, read_json
 
 # Embedding rows → (family, tokenizer pieces) for Llama-layout releases with padded vocabularies.
 _PADDED = {125824: ("ctllm", 125696), 39424: ("ziya", 39410)}
+# Keys jaxllm's exports add to config.json (transformers keeps unknown keys as plain attributes), so an
+# export of a non-standard size re-imports as what it was.
+FAMILY_KEY = "jaxllm_family"
+PIECES_KEY = "tokenizer_vocab_size"
 
 
 def detect_family(cfg: dict, where: str = "config.json") -> str:
+    """The family of an HF config.json (spec §1): model_type / architectures, then the vocabulary size."""
+    if cfg.get(FAMILY_KEY) in FAMILIES:
+        return cfg[FAMILY_KEY]
     model_type = cfg.get("model_type")
     arch = (cfg.get("architectures") or [""])[0]
     if model_type == "llama" or arch == "LlamaForCausalLM":
         return _PADDED.get(cfg.get("vocab_size"), ("llama", None))[0]
-    if model_type == "baichuan" or arch.lower() == "baichuanforcausallm":
+    # Baichuan-7B says BaiChuanForCausalLM (capital C), the others BaichuanForCausalLM.
+    if model_type == "baichuan" or str(arch).lower() == "baichuanforcausallm":
         return "baichuan2" if cfg.get("vocab_size") == 125696 else "baichuan"
     raise ConversionError(f"{where}: unknown model_type {model_type!r} (architectures {arch!r}); expected "
                           f"'llama' or 'baichuan', or force one with --family {{{','.join(FAMILIES)}}}")
+
+
+def _rope_theta(cfg: dict, where) -> float:
+    """rope_theta, top-level (transformers 4) or in rope_parameters (transformers 5); no scaling."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConversionError(f"{where}: rope_parameters must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ConversionError(f"{where}: RoPE scaling '{kind}' is not supported (plain RoPE only)")
+    return float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
 def model_config_from_hf(path: str | Path, family: str | None = None, name: str = "converted") -> ModelConfig:
@@ -28,45 +46,79 @@ def model_config_from_hf(path: str | Path, family: str | None = None, name: str 
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConversionError(f"{file}: no config.json")
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{file}: invalid JSON: {err.msg}") from None
+    cfg = read_json(file)
     if family is not None and family not in FAMILIES:
         raise ConversionError(f"unknown family {family!r}{closest(family, FAMILIES)}")
     family = family or detect_family(cfg, str(file))
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if field not in cfg:
             raise ConversionError(f"{file}: missing field '{field}'")
-    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    hidden, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 \
+            and hidden % heads == 0 and head_dim != hidden // heads:
+        raise ConversionError(f"{file}: head_dim {head_dim} is not hidden_size/num_attention_heads = "
+                              f"{hidden}/{heads}; jaxllm needs head_dim = hidden_size/num_heads")
     # Baichuan's config does not say ALiBi; its 13B models (5120 wide, 40 layers) use it, 7B use RoPE.
     # jaxllm's own exports also say it explicitly (`position_encoding`), for non-standard sizes.
     alibi = family in ("baichuan", "baichuan2") and (
         cfg.get("position_encoding", "alibi" if (hidden, layers) == (5120, 40) else "rope") == "alibi")
-    return ModelConfig(
-        name=name, family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden,
-        intermediate_size=cfg["intermediate_size"], num_layers=layers, num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        max_position_embeddings=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096,
-        position="alibi" if alibi else "rope", rope_theta=float(cfg.get("rope_theta") or 10000.0),
-        rms_norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("epsilon") or 1e-6),
-        norm_head=family == "baichuan2", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        tokenizer_vocab_size=_PADDED.get(cfg["vocab_size"], (None, None))[1] if family in ("ctllm", "ziya") else None,
-        bos_id=cfg.get("bos_token_id") if cfg.get("bos_token_id") is not None else 1,
-        eos_id=cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), int) else 2,
-        pad_id=cfg.get("pad_token_id") if isinstance(cfg.get("pad_token_id"), int) else 0)
+    pieces = cfg.get(PIECES_KEY)
+    if pieces is None and family in ("ctllm", "ziya"):
+        pieces = _PADDED.get(cfg["vocab_size"], (None, None))[1]
+    try:
+        return ModelConfig(
+            name=name, family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"], num_layers=layers, num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            max_position_embeddings=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096,
+            position="alibi" if alibi else "rope",
+            rope_theta=10000.0 if alibi else _rope_theta(cfg, file),
+            rms_norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("epsilon") or 1e-6),
+            norm_head=family == "baichuan2", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tokenizer_vocab_size=pieces,
+            bos_id=cfg["bos_token_id"] if isinstance(cfg.get("bos_token_id"), int) else 1,
+            eos_id=cfg["eos_token_id"] if isinstance(cfg.get("eos_token_id"), int) else 2,
+            pad_id=cfg["pad_token_id"] if isinstance(cfg.get("pad_token_id"), int) else 0)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise ConversionError(f"{file}: {_plain(err)}") from None
+
+
+_HF_NAMES = (("model.num_layers", "num_hidden_layers"), ("model.num_heads", "num_attention_heads"),
+             ("model.num_kv_heads", "num_key_value_heads"), ("model.tokenizer_vocab_size", PIECES_KEY))
+_META_NAMES = (("model.num_layers", "n_layers"), ("model.num_heads", "n_heads"),
+               ("model.num_kv_heads", "n_kv_heads"), ("model.hidden_size", "dim"))
+
+
+def _plain(err: Exception, names=_HF_NAMES) -> str:
+    """ModelConfig's messages name `model.<field>`; say the file's own field names instead."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    for ours, theirs in names + (("model.", ""),):
+        text = text.replace(ours, theirs)
+    return text
 
 
 def model_config_from_meta(directory: Path, vocab_rows: int, family: str | None = None) -> ModelConfig:
     """Meta params.json: FFN width from `multiple_of` and `ffn_dim_multiplier` (spec §1 note)."""
-    p = json.loads((directory / "params.json").read_text())
-    dim, multiple = p["dim"], p.get("multiple_of", 256)
-    ffn = int(p.get("ffn_dim_multiplier", 1) * int(8 * dim / 3))
-    ffn = multiple * math.ceil(ffn / multiple)
-    return ModelConfig(name="converted", family=family or "llama", vocab_size=vocab_rows, hidden_size=dim,
-                       intermediate_size=ffn, num_layers=p["n_layers"], num_heads=p["n_heads"],
-                       num_kv_heads=p.get("n_kv_heads") or p["n_heads"], rms_norm_eps=p.get("norm_eps", 1e-5),
-                       rope_theta=float(p.get("rope_theta", 10000.0)))
+    file = directory / "params.json"
+    p = read_json(file)
+    if family not in (None, "llama", "ctllm", "ziya"):
+        raise ConversionError(f"{file}: Meta's consolidated checkpoints are Llama-layout; --family {family} "
+                              f"does not apply")
+    for field in ("dim", "n_layers", "n_heads"):
+        if field not in p:
+            raise ConversionError(f"{file}: missing field '{field}'")
+    try:
+        dim, multiple = p["dim"], p.get("multiple_of", 256)
+        ffn = int(float(p.get("ffn_dim_multiplier") or 1) * int(8 * dim / 3))
+        ffn = multiple * math.ceil(ffn / multiple)
+        return ModelConfig(name="converted", family=family or "llama", vocab_size=vocab_rows, hidden_size=dim,
+                           intermediate_size=ffn, num_layers=p["n_layers"], num_heads=p["n_heads"],
+                           num_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+                           rms_norm_eps=float(p.get("norm_eps", 1e-5)),
+                           rope_theta=float(p.get("rope_theta", 10000.0)))
+    except (ConfigError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ConversionError(f"{file}: {_plain(err, _META_NAMES)}") from None
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str) -> tuple[dict, dict]:
@@ -79,6 +131,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> tuple[dict, dict]:
                   rms_norm_eps=cfg.rms_norm_eps, hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings,
                   bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
                   initializer_range=cfg.initializer_range, torch_dtype=torch_dtype, use_cache=True)
+    common[FAMILY_KEY] = cfg.family
+    if cfg.tokenizer_vocab_size is not None:
+        common[PIECES_KEY] = cfg.tokenizer_vocab_size
     if cfg.family in ("baichuan", "baichuan2"):
         arch = "BaiChuanForCausalLM" if cfg.family == "baichuan" and cfg.position == "rope" else "BaichuanForCausalLM"
         config = dict(architectures=[arch], model_type="baichuan", model_max_length=cfg.max_position_embeddings,

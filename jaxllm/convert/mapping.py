@@ -25,6 +25,11 @@ class TensorMap:
     layer: int | None                       # slice of the stacked `layers` axis, or None
     to_jax: Callable[[np.ndarray], list[np.ndarray]]
     to_hf: Callable[[list[np.ndarray]], np.ndarray]
+    # leaf j alone (saves computing the others when leaves are written one at a time)
+    to_jax_part: Callable[[np.ndarray, int], np.ndarray] | None = None
+
+    def leaf(self, w: np.ndarray, j: int) -> np.ndarray:
+        return self.to_jax_part(w, j) if self.to_jax_part is not None else self.to_jax(w)[j]
 
 
 def _in_heads(heads, head_dim):
@@ -47,13 +52,16 @@ def _w_pack(cfg: ModelConfig):
     """Baichuan's fused [3H, H] = rows q | k | v → three [H, heads, head_dim] leaves."""
     h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
+    def part(w, j):
+        return np.ascontiguousarray(w[j * h:(j + 1) * h].T).reshape(h, n, d)
+
     def to_jax(w):
-        return [np.ascontiguousarray(part.T).reshape(h, n, d) for part in np.split(w, 3, axis=0)]
+        return [part(w, j) for j in range(3)]
 
     def to_hf(ws):
         return np.concatenate([w.reshape(h, n * d).T for w in ws], axis=0)
 
-    return to_jax, to_hf
+    return to_jax, to_hf, part
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:

@@ -1,7 +1,8 @@
 """Tensor readers for HF / PyTorch / Meta checkpoints: one tensor at a time, as numpy.
 
 - safetensors (single or sharded with `model.safetensors.index.json`): the header is parsed here and each
-  tensor is a memory-mapped view, so bfloat16 survives bit-exactly and a truncated file is caught.
+  tensor is read with one positioned read into a fresh array (bfloat16 survives bit-exactly, a truncated
+  file is caught, and nothing stays mapped into the process after the tensor is dropped).
 - `pytorch_model*.bin`: `torch.load(weights_only=True, mmap=True)`; a pickle can never run code.
 - Meta `consolidated.*.pth` + `params.json`: model-parallel shards merged and RoPE rows permuted into
   HF's rotate-half layout (spec §2.2–2.3), presented under HF names.
@@ -48,18 +49,33 @@ class SafetensorsFile:
         if self.start + end > size:
             raise ConversionError(f"{path}: truncated safetensors file: tensors need {self.start + end} bytes, "
                                   f"the file has {size}")
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self):
         return list(self.header)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        name = self.header[key]["dtype"]
+        if name not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {key} has unsupported dtype {name}")
+        return np.dtype(SAFETENSORS_DTYPES[name])
+
     def get(self, key: str) -> np.ndarray:
         info = self.header[key]
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ConversionError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
+        dtype = self.dtype(key)
         begin, end = info["data_offsets"]
-        raw = self._map[self.start + begin:self.start + end]
-        return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out = np.empty(info["shape"], dtype)
+        if out.nbytes != end - begin:
+            raise ConversionError(f"{self.path}: tensor {key} has {end - begin} bytes, expected {out.nbytes} "
+                                  f"for shape {tuple(info['shape'])} {info['dtype']}")
+        # A read, not a memory map: mapped pages would stay in the process until the file is closed.
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise ConversionError(f"{self.path}: truncated while reading tensor {key}")
+        return out
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -99,8 +115,24 @@ class TorchFile:
     def keys(self):
         return list(self.state)
 
+    def shape(self, key) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key) -> np.dtype:
+        import torch
+
+        return _torch_to_numpy(torch.empty(0, dtype=self._tensor(key).dtype)).dtype
+
     def get(self, key):
-        return _torch_to_numpy(self.state[key])
+        return _torch_to_numpy(self._tensor(key))
+
+    def _tensor(self, key):
+        import torch
+
+        t = self.state[key]
+        if not isinstance(t, torch.Tensor):
+            raise ConversionError(f"{self.path}: entry {key} is a {type(t).__name__}, not a tensor")
+        return t
 
 
 class TensorReader:
@@ -116,14 +148,36 @@ class TensorReader:
     def keys(self) -> list[str]:
         return list(self.where)
 
-    def get(self, key: str) -> np.ndarray:
+    def _file(self, key: str):
         if key not in self.where:
             raise ConversionError(f"missing tensor {key}")
-        return self.where[key].get(key)
+        return self.where[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file(key).shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._file(key).dtype(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._file(key).get(key)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a ConversionError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConversionError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path}: invalid JSON: {getattr(err, 'msg', err)}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _index_files(directory: Path, index_name: str) -> list[Path]:
-    index = json.loads((directory / index_name).read_text())
+    index = read_json(directory / index_name)
     names = sorted(set(index.get("weight_map", {}).values()))
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
@@ -171,12 +225,19 @@ def rope_unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+# Buffers in Meta's files that carry no parameters (the RoPE table); skipped.
+_META_IGNORED = ("rope.freqs",)
+
+
 class MetaReader:
     """Meta's `consolidated.NN.pth` shards + `params.json`, presented under HF Llama names."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.params = json.loads((directory / "params.json").read_text())
+        self.params = read_json(directory / "params.json")
+        for field in ("dim", "n_layers", "n_heads"):
+            if field not in self.params:
+                raise ConversionError(f"{directory / 'params.json'}: missing field '{field}'")
         paths = sorted(directory.glob("consolidated.*.pth"))
         if not paths:
             raise ConversionError(f"{directory}: params.json but no consolidated.*.pth shards")
@@ -184,23 +245,53 @@ class MetaReader:
         self.n_heads = self.params["n_heads"]
         self.n_kv_heads = self.params.get("n_kv_heads") or self.n_heads
         self.names: dict[str, tuple[str, int | None]] = {}
-        for key in self.shards[0].keys():
-            if key.startswith("layers."):
+        first = self.shards[0]
+        for key in first.keys():
+            if key.endswith(_META_IGNORED):
+                continue
+            hf, dim = None, None
+            if key.startswith("layers.") and key.count(".") >= 2:
                 _, i, rest = key.split(".", 2)
-                if rest in _META_LAYER:
+                if i.isdigit() and rest in _META_LAYER:
                     hf, dim = _META_LAYER[rest]
-                    self.names[f"model.layers.{i}.{hf}"] = (key, dim)
+                    hf = f"model.layers.{i}.{hf}"
             elif key in _META_TOP:
                 hf, dim = _META_TOP[key]
-                self.names[hf] = (key, dim)
+            if hf is None:
+                raise ConversionError(f"{first.path}: unexpected tensor {key} — not a Llama 2 parameter")
+            self.names[hf] = (key, dim)
+        expected = set(first.keys())
+        for shard in self.shards[1:]:
+            odd = sorted(set(shard.keys()) ^ expected)
+            if odd:
+                raise ConversionError(f"{shard.path}: tensor {odd[0]} is in only one of the model-parallel "
+                                      f"shards {paths[0].name} and {shard.path.name}")
 
     def keys(self):
         return list(self.names)
 
-    def get(self, hf_key):
+    def _entry(self, hf_key):
         if hf_key not in self.names:
             raise ConversionError(f"missing tensor {hf_key} in {self.directory}")
-        key, dim = self.names[hf_key]
+        return self.names[hf_key]
+
+    def shape(self, hf_key) -> tuple[int, ...]:
+        key, dim = self._entry(hf_key)
+        shapes = [s.shape(key) for s in self.shards]
+        for shard, shape in zip(self.shards, shapes):  # model-parallel shards are equal slices
+            if shape != shapes[0]:
+                raise ConversionError(f"{shard.path}: tensor {key} has shape {shape}, which does not fit "
+                                      f"{shapes[0]} in {self.shards[0].path.name}")
+        if dim is None:
+            return shapes[0]
+        return tuple(sum(s[dim] for s in shapes) if a == dim else n for a, n in enumerate(shapes[0]))
+
+    def dtype(self, hf_key) -> np.dtype:
+        return self.shards[0].dtype(self._entry(hf_key)[0])
+
+    def get(self, hf_key):
+        key, dim = self._entry(hf_key)
+        self.shape(hf_key)  # shards must fit together
         parts = [s.get(key) for s in self.shards]
         w = parts[0] if dim is None or len(parts) == 1 else np.concatenate(parts, axis=dim)
         if hf_key.endswith("q_proj.weight"):
