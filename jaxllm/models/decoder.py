@@ -112,8 +112,8 @@ class MLP(nn.Module):
         gate = _param(self, "gate", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
         up = _param(self, "up", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
         down = _param(self, "down", ("mlp", "embed"), shape_in[::-1], init, cfg.param_dtype)
-        hidden = nn.silu(_dense("bte,ef->btf", x, gate.astype(cfg.dtype))) * _dense("bte,ef->btf", x,
-                                                                                 up.astype(cfg.dtype))
+        gated = nn.silu(_dense("bte,ef->btf", x, gate.astype(cfg.dtype)))
+        hidden = gated * _dense("bte,ef->btf", x, up.astype(cfg.dtype))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
         return _dense("btf,fe->bte", hidden, down.astype(cfg.dtype))
 
