@@ -245,3 +245,13 @@ def test_presets_command_prints_every_preset(capsys):
     for name in PRESETS:
         assert name in out
     assert "6,738,415,616" in out and "13,896,668,160" in out and "2,134,509,568" in out
+
+
+def test_last_only_equals_the_last_position_of_the_full_forward():
+    cfg = get_preset("baichuan2-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    full = forward(cfg, params, tokens)
+    last = jax.jit(lambda p, t: _forward(cfg, p, t, last_only=True))(params, tokens)
+    assert last.shape == (2, 1, cfg.vocab_size)
+    assert rel_err(last[:, 0], full[:, -1]) < 1e-6

@@ -119,7 +119,7 @@ def _prefill(params, tokens, positions, segments, rng, *, config, sampling, stop
     token is the prefill). `out`/`logp` have room for max_new_tokens."""
     batch, steps = tokens.shape[0], sampling.max_new_tokens
     cache = _cache_constraint(init_kv_cache(config, batch, cache_len), mesh)
-    logits, cache = forward(config, params, tokens, positions, segments, cache)
+    logits, cache = forward(config, params, tokens, positions, segments, cache, last_only=True)
     seen = jnp.zeros((batch, logits.shape[-1]), bool).at[jnp.arange(batch)[:, None], tokens].max(segments > 0)
     state = dict(i=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32), cache=cache, seen=seen,
                  pos=positions[:, -1] + 1, done=jnp.zeros((batch,), bool), out=jnp.zeros((batch, steps), jnp.int32),

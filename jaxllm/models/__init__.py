@@ -50,10 +50,11 @@ def init_params(config: ModelConfig, rng: jax.Array, shardings=None):
 
 
 def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None, kv_cache=None, *,
-            return_hidden: bool = False):
-    """logits float32[batch, len, vocab] (and the new cache when `kv_cache` is given)."""
+            return_hidden: bool = False, last_only: bool = False):
+    """logits float32[batch, len, vocab] (len 1 with `last_only`), and the new cache when `kv_cache` is
+    given."""
     return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
-                                 return_hidden=return_hidden)
+                                 return_hidden=return_hidden, last_only=last_only)
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -161,12 +161,14 @@ class Decoder(nn.Module):
                 (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
     def __call__(self, tokens, positions=None, segment_ids=None, kv_cache=None, *,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, last_only: bool = False):
         """Returns logits (or hidden states), and the updated cache when `kv_cache` is given.
 
         positions: int32[batch, len], default counting from the cache index. segment_ids:
         int32[batch, len], tokens attend only within their segment (>= 1; 0 marks padding).
         kv_cache: dict from `init_kv_cache`; the new tokens are written at its `index`.
+        last_only: the output for the last position only ([batch, 1, ...]): a prefill needs no more,
+        and the LM head over every prompt token is most of its work in a small model.
         """
         cfg = self.config
         batch, length = tokens.shape
@@ -190,6 +192,8 @@ class Decoder(nn.Module):
         x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         x, new_layer_caches = self.layers(x, positions, mask, distance, index, layer_caches)
+        if last_only:
+            x = x[:, -1:]
         x = self.final_norm(x)
         if return_hidden or cfg.head == "none":
             out = x
