@@ -143,7 +143,8 @@ def main(argv=None) -> None:
         results["transformers + torch AdamW"] = torch_tokens_per_second(cfg, args.batch, args.seq_len, args.steps,
                                                                         args.warmup)
     width = max(map(len, results))
-    print(f"{'implementation':<{width}}  {'ms/step':>9}  {'tokens/s':>10}  {'TFLOP/s':>8}  {'MFU':>6}  {'final loss':>10}")
+    print(f"{'implementation':<{width}}  {'ms/step':>9}  {'tokens/s':>10}  {'TFLOP/s':>8}  {'MFU':>6}  "
+          f"{'final loss':>10}")
     for name, (tps, seconds, loss) in results.items():
         utilisation = mfu(tps, per_token, 1, peak)
         print(f"{name:<{width}}  {seconds * 1e3:9.1f}  {tps:10.0f}  {tps * per_token / 1e12:8.3f}  "

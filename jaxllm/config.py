@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 POSITIONS = ("rope", "alibi")
@@ -24,6 +24,12 @@ class ConfigError(ValueError):
 def closest(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_choice(key: str, value, options) -> None:
+    """ConfigError naming `key` unless `value` is one of `options` (suggesting the closest)."""
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {tuple(options)}, got {value!r}" + closest(str(value), options))
 
 
 @dataclass(frozen=True)
@@ -87,25 +93,15 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
                               f"model.num_heads={self.num_heads}")
-        if self.position not in POSITIONS:
-            raise ConfigError(f"model.position must be one of {POSITIONS}, got {self.position!r}"
-                              + closest(str(self.position), POSITIONS))
+        check_choice("model.position", self.position, POSITIONS)
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.hidden_size/num_heads={self.head_dim} must be even for RoPE")
-        if self.family not in FAMILIES:
-            raise ConfigError(f"model.family must be one of {FAMILIES}, got {self.family!r}"
-                              + closest(str(self.family), FAMILIES))
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}"
-                              + closest(str(self.remat), REMAT_POLICIES))
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"model.attention must be one of {ATTENTION_IMPLS}, got "
-                              f"{self.attention!r}" + closest(str(self.attention), ATTENTION_IMPLS))
-        if self.head not in HEADS:
-            raise ConfigError(f"model.head must be one of {HEADS}, got {self.head!r}")
+        check_choice("model.family", self.family, FAMILIES)
+        check_choice("model.remat", self.remat, REMAT_POLICIES)
+        check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+        check_choice("model.head", self.head, HEADS)
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+            check_choice(f"model.{name}", getattr(self, name), DTYPES)
         if self.tokenizer_vocab_size is not None and not (0 < self.tokenizer_vocab_size <= self.vocab_size):
             raise ConfigError(f"model.tokenizer_vocab_size={self.tokenizer_vocab_size} must be in "
                               f"(0, vocab_size={self.vocab_size}]")

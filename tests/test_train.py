@@ -1,5 +1,4 @@
 """Run configs (recipes, overrides, errors), the optimizer, the loss and the jitted train step."""
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from jaxllm.config import ConfigError, closest
+from jaxllm.config import ConfigError, check_choice, closest
 from jaxllm.data.files import FORMATS, TEXT_SPLITS
 from jaxllm.data.sources import ERROR_POLICIES
 
@@ -50,15 +50,9 @@ class DataConfig:
                 raise ConfigError(f"{where}.path is empty")
             if not (isinstance(s.weight, (int, float)) and s.weight > 0):
                 raise ConfigError(f"{where}.weight must be > 0, got {s.weight!r}")
-            if s.format not in FORMATS:
-                raise ConfigError(f"{where}.format must be one of {FORMATS}, got {s.format!r}"
-                                  + closest(str(s.format), FORMATS))
-            if s.text_split not in TEXT_SPLITS:
-                raise ConfigError(f"{where}.text_split must be one of {TEXT_SPLITS}, got {s.text_split!r}"
-                                  + closest(str(s.text_split), TEXT_SPLITS))
-        if self.on_error not in ERROR_POLICIES:
-            raise ConfigError(f"data.on_error must be one of {ERROR_POLICIES}, got {self.on_error!r}"
-                              + closest(str(self.on_error), ERROR_POLICIES))
+            check_choice(f"{where}.format", s.format, FORMATS)
+            check_choice(f"{where}.text_split", s.text_split, TEXT_SPLITS)
+        check_choice("data.on_error", self.on_error, ERROR_POLICIES)
         if self.seq_len < 1:
             raise ConfigError(f"data.seq_len must be >= 1, got {self.seq_len}")
         if self.shuffle_window < 1:

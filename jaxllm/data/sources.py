@@ -4,8 +4,9 @@ malformed-record accounting, and an exact, small, JSON iterator state.
 Order: each epoch visits the files in a seeded order. With at least as many files as hosts, host h reads
 files h, h + hosts, ... of that order and nothing else (a sharded corpus is not read by every host); with
 fewer files, records are dealt round-robin (record k of the epoch goes to host k mod hosts). Each host
-reads its documents in blocks of `shuffle_window` and shuffles within a block. The state is the start of the current block plus how much of it was consumed, so a resumed
-iterator re-reads one block and continues with the same documents.
+reads its documents in blocks of `shuffle_window` and shuffles within a block. The state is the start of
+the current block plus how much of it was consumed, so a resumed iterator re-reads one block and
+continues with the same documents.
 """
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import ModelConfig
 
 
 def serving_mesh(spec: str | None = "auto", devices=None):

@@ -115,19 +115,16 @@ def _parser(kind: str) -> argparse.ArgumentParser:
 
 def _recipe(kind: str, argv: list[str]):
     """(parsed args, RLHFRecipe) from the command line."""
-    args = _parser(kind).parse_intermixed_args(argv)  # flags and key=value in any order
-    recipes = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
-    if len(recipes) > 1:
-        _parser(kind).error(f"one recipe at most, got {recipes}")
-    for flag in ("policy", "reward_model", "prompts", "tokenizer", "run_dir", "output"):
-        if getattr(args, flag, None):
-            overrides.append(f"{flag}={getattr(args, flag)}")
+    from jaxllm.train.config import recipe_and_overrides
+    parser = _parser(kind)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
+    options = {flag: getattr(args, flag, None)
+               for flag in ("policy", "reward_model", "prompts", "tokenizer", "run_dir", "output")}
     if kind == "rejection":
-        for flag in ("k", "temperature", "top_p", "max_new_tokens", "seed"):
-            if getattr(args, flag) is not None:
-                overrides.append(f"rejection.{flag}={getattr(args, flag)}")
-    return args, load_recipe(kind, recipes[0] if recipes else DEFAULTS[kind], overrides)
+        options.update({f"rejection.{flag}": getattr(args, flag)
+                        for flag in ("k", "temperature", "top_p", "max_new_tokens", "seed")})
+    recipe, overrides = recipe_and_overrides(args.args, parser.error, **options)
+    return args, load_recipe(kind, recipe or DEFAULTS[kind], overrides)
 
 
 def _load(recipe: RLHFRecipe):

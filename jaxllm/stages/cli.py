@@ -29,14 +29,9 @@ def run(kind: str, argv: list[str]) -> int:
     parser.add_argument("--run-dir", metavar="DIR")
     parser.add_argument("--print-config", action="store_true")
     args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
-    recipes = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
-    if len(recipes) > 1:
-        parser.error(f"one recipe at most, got {recipes}")
-    if args.init_from:
-        overrides.append(f"init_from={args.init_from}")
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
+    from jaxllm.train.config import recipe_and_overrides
+    recipe, overrides = recipe_and_overrides(args.args, parser.error, init_from=args.init_from,
+                                             run_dir=args.run_dir)
 
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
@@ -46,7 +41,7 @@ def run(kind: str, argv: list[str]) -> int:
     from jaxllm.tokenizer import TokenizerError
 
     try:
-        config, options = load_stage_recipe(recipes[0] if recipes else DEFAULTS[kind], overrides)
+        config, options = load_stage_recipe(recipe or DEFAULTS[kind], overrides)
         if args.print_config:
             print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
                                                           dataclasses.asdict(options).items()), end="")

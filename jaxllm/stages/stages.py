@@ -74,7 +74,6 @@ def load_stage_recipe(recipe: str, overrides=()):
 
 def _inputs(config):
     from jaxllm.data import expand_paths, load_tokenizer, resolve_path
-    from jaxllm.tokenizer import get_chat_template, template_for_family
 
     data = config.data
     if not data.sources:

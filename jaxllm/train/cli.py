@@ -26,15 +26,10 @@ def parse_args(argv):
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (same as run_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # options may come between the recipe and its overrides
-    recipes = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
-    if len(recipes) > 1:
-        parser.error(f"one recipe at most, got {recipes} (overrides are key=value)")
-    if args.init_from:
-        overrides.append(f"init_from={args.init_from}")
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    return (recipes[0] if recipes else DEFAULT_RECIPE), overrides, args.print_config
+    from jaxllm.train.config import recipe_and_overrides
+    recipe, overrides = recipe_and_overrides(args.args, parser.error, init_from=args.init_from,
+                                             run_dir=args.run_dir)
+    return recipe or DEFAULT_RECIPE, overrides, args.print_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from jaxllm.config import ConfigError, ModelConfig, closest
+from jaxllm.config import ConfigError, ModelConfig, check_choice, closest
 from jaxllm.data.config import DataConfig, SourceConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -108,8 +108,7 @@ class RunConfig:
             raise ConfigError(f"train.epochs must be > 0 or null, got {t.epochs}")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
-        if o.schedule not in SCHEDULES:
-            raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+        check_choice("optimizer.schedule", o.schedule, SCHEDULES)
         if o.lr < 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
             raise ConfigError(f"optimizer: need lr >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
                               f"lr={o.lr}, warmup_steps={o.warmup_steps}, min_lr_ratio={o.min_lr_ratio}")
@@ -118,8 +117,7 @@ class RunConfig:
                               f"optimizer.warmup_steps={o.warmup_steps}; lower the warmup for short runs")
         if self.checkpoint.keep is not None and self.checkpoint.keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {self.checkpoint.keep}")
-        if self.distributed not in DISTRIBUTED:
-            raise ConfigError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        check_choice("distributed", self.distributed, DISTRIBUTED)
         if self.data.sources:  # stages with their own data leave this empty
             self.data.validate()
             if self.data.seq_len > self.model.max_position_embeddings:
@@ -355,6 +353,18 @@ def find_recipe(name: str | Path) -> Path:
     known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
     raise ConfigError(f"recipe '{name}' is neither a file nor a shipped recipe" + closest(str(name), known)
                       + (f"; recipes: {', '.join(known)}" if known else ""))
+
+
+def recipe_and_overrides(words, error, **options) -> tuple[str | None, list[str]]:
+    """(recipe or None, overrides) from a command line's positional words (one recipe at most, then
+    `key=value` overrides) and its options (`run_dir="D"` → run_dir=D; None or empty ones skipped).
+    `error(message)` reports a misuse (argparse's `parser.error`)."""
+    recipes = [word for word in words if "=" not in word]
+    if len(recipes) > 1:
+        error(f"one recipe at most, got {recipes} (overrides are key=value)")
+    overrides = [word for word in words if "=" in word]
+    overrides += [f"{key}={value}" for key, value in options.items() if value is not None and value != ""]
+    return (recipes[0] if recipes else None), overrides
 
 
 def read_yaml(path: str | Path) -> dict:
