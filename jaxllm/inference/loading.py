@@ -7,7 +7,6 @@ from pathlib import Path
 import jax
 
 
-
 def serving_mesh(spec: str | None = "auto", devices=None):
     """The mesh `generate`/`chat` shard params over: 'auto' puts every device on the tensor axis (heads,
     MLP and vocabulary split, so each device holds 1/n of the weights; None with one device), 'none' is

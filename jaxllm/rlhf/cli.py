@@ -235,16 +235,13 @@ def _claim_run_dir(recipe: RLHFRecipe) -> Path:
     """Create RUN (or check that RUN/ppo.yaml describes the same run) and write the resolved recipe."""
     from jaxllm.config import ConfigError
     from jaxllm.data import resolve_path
-    from jaxllm.train.config import flatten
+    from jaxllm.train.config import config_differences
 
     run_dir = Path(resolve_path(recipe.run_dir))
     path = run_dir / "ppo.yaml"
     text = to_yaml(recipe)
     if path.is_file():
-        old, new = flatten(yaml.safe_load(path.read_text("utf-8")) or {}), flatten(yaml.safe_load(text))
-        diffs = [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
-                                                         for r in RESUMABLE)]
+        diffs = config_differences(yaml.safe_load(path.read_text("utf-8")) or {}, yaml.safe_load(text), RESUMABLE)
         if diffs:
             raise ConfigError(f"run directory {run_dir} holds a PPO run with a different recipe ({'; '.join(diffs[:6])})"
                               f"; choose another run_dir=… or remove {run_dir}")

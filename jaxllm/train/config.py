@@ -407,12 +407,13 @@ def flatten(data, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, new: dict) -> list[str]:
-    """'key: old → new' for every difference that makes `new` a different run than `saved`."""
+def config_differences(saved: dict, new: dict, resumable=RESUMABLE_KEYS) -> list[str]:
+    """'key: old → new' for every difference that makes `new` a different run than `saved` (keys in
+    `resumable`, or under a prefix ending with '.', may differ)."""
     a, b = flatten(saved), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}")
