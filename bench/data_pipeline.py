@@ -41,8 +41,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed train steps")
     args = parser.parse_args(argv)
 
-    from jaxllm.train.config import load_config
     from train_step import jax_tokens_per_second
+
+    from jaxllm.train.config import load_config
 
     config = load_config(args.recipe, args.overrides)
     batch, seq_len = config.train.batch_size, config.data.seq_len

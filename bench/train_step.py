@@ -9,7 +9,9 @@ CUDA when there is a GPU), and the MFU of each where the device's peak FLOP/s is
 
 Both sides: AdamW (0.9, 0.95, eps 1e-5, wd 0.1 except norms), global-norm clipping at 1.0, next-token
 cross-entropy on every position, random tokens, fp32 master weights (bf16 compute with --dtype bfloat16:
-jaxllm's compute dtype, torch's autocast). Timed steps follow untimed warm-up steps (compilation for JAX).
+jaxllm's compute dtype, torch's autocast), and the same initial weights (the PyTorch model's, converted), so
+the final losses agree: the two sides do the same work. Timed steps follow untimed warm-up steps
+(compilation for JAX).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import time
 import numpy as np
 
 
-def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
+def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0, params=None):
     import jax
     import jax.numpy as jnp
 
@@ -34,7 +36,7 @@ def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
     optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
                                          steps, param_logical_axes(cfg))
     step = jax.jit(make_train_step(lm_loss(cfg), optimizer, schedule), donate_argnums=(0, 1))
-    params = init_params(cfg, jax.random.key(seed))
+    params = init_params(cfg, jax.random.key(seed)) if params is None else jax.device_put(params)
     opt_state = jax.jit(optimizer.init)(params)
     tokens = np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
     data = {"tokens": tokens[None, :, :-1], "targets": tokens[None, :, 1:],
@@ -54,13 +56,11 @@ def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
     return batch * seq_len * steps / elapsed, elapsed / steps, float(metrics["loss"])
 
 
-def torch_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
-    """The same step in PyTorch on the same device kind: fp32 master weights, bf16 autocast when jaxllm
-    computes in bf16, AdamW without decay on norm weights, clipping at 1.0."""
+def torch_model(cfg, seq_len, seed=0):
+    """A randomly initialised `transformers` Llama with jaxllm's architecture, on the CPU, in fp32."""
     import torch
     import transformers
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     hf = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -68,7 +68,16 @@ def torch_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0):
         num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=max(cfg.max_position_embeddings, seq_len), tie_word_embeddings=cfg.tie_embeddings,
         attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf).to(device).train()
+    return transformers.LlamaForCausalLM(hf)
+
+
+def torch_tokens_per_second(model, cfg, batch, seq_len, steps, warmup, seed=0):
+    """The same step in PyTorch on the same device kind: fp32 master weights, bf16 autocast when jaxllm
+    computes in bf16, AdamW without decay on norm weights, clipping at 1.0."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm weights, as jaxllm's decay mask
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -138,10 +147,18 @@ def main(argv=None) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
           f"on {device.platform} ({device.device_kind}); torch {torch.__version__} "
           f"({'cuda' if torch.cuda.is_available() else f'{torch.get_num_threads()} CPU threads'})\n")
-    results = {"jaxllm (jax.jit)": jax_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, args.warmup)}
+    params = model = None
     if not args.no_torch:
-        results["transformers + torch AdamW"] = torch_tokens_per_second(cfg, args.batch, args.seq_len, args.steps,
-                                                                        args.warmup)
+        from jaxllm.convert.mapping import hf_to_params
+
+        model = torch_model(cfg, args.seq_len)
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        params = hf_to_params(state.__getitem__, cfg)
+    results = {"jaxllm (jax.jit)": jax_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, args.warmup,
+                                                         params=params)}
+    if model is not None:
+        results["transformers + torch AdamW"] = torch_tokens_per_second(model, cfg, args.batch, args.seq_len,
+                                                                        args.steps, args.warmup)
     width = max(map(len, results))
     print(f"{'implementation':<{width}}  {'ms/step':>9}  {'tokens/s':>10}  {'TFLOP/s':>8}  {'MFU':>6}  "
           f"{'final loss':>10}")
@@ -151,7 +168,10 @@ def main(argv=None) -> None:
               f"{'-' if utilisation is None else f'{utilisation:.1%}':>6}  {loss:10.4f}")
     if len(results) == 2:
         ours, theirs = (r[0] for r in results.values())
+        (_, _, loss_ours), (_, _, loss_theirs) = results.values()
         print(f"\nratio jaxllm / PyTorch: {ours / theirs:.2f}x tokens/s")
+        print(f"final loss, same initial weights and data: relative difference "
+              f"{abs(loss_ours - loss_theirs) / abs(loss_theirs):.1e}")
     if peak is None:
         print(f"(MFU: no peak FLOP/s known for {device.device_kind})")
 
