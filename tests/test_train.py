@@ -109,6 +109,37 @@ def test_mfu_counts_causal_attention_once():
     assert flops.mfu(1000.0, 1e9, 2, 1e12) == 0.5
 
 
+def test_mfu_formula_counts_the_flops_xla_compiles():
+    """The MFU numerator is what the model computes: XLA's own FLOP count of the compiled forward and train
+    step matches the per-matmul count 2(N - V·E) + 4·L·H·Q·T per token (the embedding lookup is free, the
+    attention scores and AV product are computed in full), and 3× that for forward + backward. One layer,
+    because XLA's cost analysis counts a scanned layer's loop body once."""
+    from jaxllm.models import count_params, forward, param_shapes
+
+    cfg = get_preset("llama2-7b", hidden_size=512, intermediate_size=1344, num_heads=8, num_kv_heads=2,
+                     num_layers=1, vocab_size=2048, remat="none")
+    batch, seq = 2, 256
+    matmuls = 2 * (count_params(cfg) - cfg.vocab_size * cfg.hidden_size) + 4 * cfg.num_heads * cfg.head_dim * seq
+    params = param_shapes(cfg)
+
+    def xla_flops(fn, *args):
+        return fn.lower(*args).compile().cost_analysis()["flops"] / (batch * seq)
+
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    assert xla_flops(jax.jit(lambda p, t: forward(cfg, p, t)), params, tokens) == pytest.approx(matmuls, rel=0.01)
+    optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=1), 10, param_logical_axes(cfg))
+    row = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
+    data = {"tokens": row, "targets": row, "segment_ids": row, "positions": row,
+            "loss_mask": jax.ShapeDtypeStruct((1, batch, seq), jnp.float32)}
+    step = jax.jit(make_train_step(lm_loss(cfg), optimizer, schedule))
+    train = xla_flops(step, params, jax.eval_shape(optimizer.init, params), data, jax.random.key(0), jnp.int32(0))
+    assert train == pytest.approx(3 * matmuls, rel=0.03)  # the rest: norms, softmax, AdamW
+    # What the MFU column reports: spec §9's 6N + 6·L·H·Q·T, i.e. the above with the embedding counted
+    # as a matmul and the attention halved for causality.
+    assert flops.flops_per_token(cfg, seq) == (3 * matmuls + 6 * cfg.vocab_size * cfg.hidden_size
+                                               - 6 * cfg.num_heads * cfg.head_dim * seq)
+
+
 # ----------------------------------------------------------------------------------------- loss and step
 
 CFG = get_preset("llama2-tiny")
