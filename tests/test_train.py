@@ -95,6 +95,16 @@ def test_schedule_warms_up_then_decays_to_ten_percent():
     assert float(constant(7)) == 2.0
 
 
+def test_warmup_fraction_with_a_floor():
+    # Llama 2's RM recipe: warmup 3 % of the steps, at least 5 (spec §3.3).
+    config = load_config(CONFIGS_DIR / "llama2-7b-rm.yaml").optimizer
+    for total, warmup in ((1000, 30), (100, 5), (2001, 61)):
+        schedule = make_schedule(config, total)
+        assert float(schedule(warmup)) == pytest.approx(config.lr) and float(schedule(warmup - 1)) < config.lr
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        load_config(CONFIGS_DIR / "demo.yaml", ["optimizer.warmup_fraction=1.5"])
+
+
 def test_weight_decay_skips_norms_only():
     mask = decay_mask(param_logical_axes(get_preset("llama2-tiny")))
     assert mask["embedding"] and mask["lm_head"] and mask["layers"]["attn"]["wq"]

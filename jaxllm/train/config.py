@@ -8,7 +8,7 @@ state unless the recipe sets `model.dtype` / `model.param_dtype`.
     run_dir: runs/demo          seed: 0          init_from: null (a jaxllm checkpoint to start from)
     model:      {preset: demo, dtype: float32, ...}
     data:       {sources: [{path, weight, name, format, text_field, text_split}], tokenizer, seq_len, ...}
-    optimizer:  {lr, schedule, warmup_steps, decay_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm}
+    optimizer:  {lr, schedule, warmup_steps, warmup_fraction, decay_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm}
     mesh:       {data, fsdp, tensor}           (-1: the remaining devices)
     train:      {steps, batch_size, grad_accum, max_nan_streak}
     checkpoint: {every, keep, async_save}
@@ -41,6 +41,7 @@ class OptimizerConfig:
     lr: float = 3e-4
     schedule: str = "cosine"          # cosine: warmup, then cosine to min_lr_ratio·lr; linear; constant
     warmup_steps: int = 2000
+    warmup_fraction: float | None = None  # warmup = max(warmup_steps, ⌈fraction · decay_steps⌉), e.g. 3 % min 5
     decay_steps: int | None = None    # length of the schedule, warmup included; null: train.steps
     min_lr_ratio: float = 0.1
     b1: float = 0.9
@@ -109,6 +110,8 @@ class RunConfig:
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
         check_choice("optimizer.schedule", o.schedule, SCHEDULES)
+        if o.warmup_fraction is not None and not 0 <= o.warmup_fraction < 1:
+            raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1) or null, got {o.warmup_fraction}")
         if o.lr < 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
             raise ConfigError(f"optimizer: need lr >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
                               f"lr={o.lr}, warmup_steps={o.warmup_steps}, min_lr_ratio={o.min_lr_ratio}")

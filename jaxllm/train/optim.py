@@ -1,6 +1,8 @@
 """AdamW + global-norm clipping + warmup/decay schedule (optax), with weight decay off on norm scales."""
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 from jax.sharding import PartitionSpec
@@ -10,10 +12,13 @@ from jaxllm.train.config import OptimizerConfig
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine (or linear) decay to `min_lr_ratio·lr` at `decay_steps`
-    (default `total_steps`), flat afterwards; or a constant `lr` after the warmup."""
+    (default `total_steps`), flat afterwards; or a constant `lr` after the warmup. The warmup is
+    `warmup_steps`, or `warmup_fraction` of `decay_steps` when that is longer."""
     decay = config.decay_steps or total_steps
     peak, end = config.lr, config.lr * config.min_lr_ratio
     warmup = config.warmup_steps
+    if config.warmup_fraction:
+        warmup = max(warmup, math.ceil(config.warmup_fraction * decay))
     if config.schedule == "constant":
         if not warmup:
             return optax.constant_schedule(peak)
