@@ -57,7 +57,8 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
     """RLHFRecipe from a recipe (path or shipped name) plus `key=value` overrides; every key is checked."""
     from jaxllm.config import ConfigError, closest
     from jaxllm.rlhf.ppo import PPOConfig
-    from jaxllm.train.config import MeshConfig, _build, _coerce, apply_overrides, find_recipe, read_yaml
+    from jaxllm.train.config import (MeshConfig, apply_overrides, build_section, coerce_field, find_recipe,
+                                     read_yaml)
 
     path = find_recipe(recipe)
     data = apply_overrides(read_yaml(path), list(overrides))
@@ -71,11 +72,11 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
             raise ConfigError(f"{path}: unknown key '{key}' for jaxllm {'ppo' if kind == 'ppo' else 'rejection-sample'}"
                               + closest(str(key), allowed) + f"; known: {', '.join(allowed)}")
         if key == "mesh":
-            values[key] = _build(MeshConfig, value or {}, "mesh")
+            values[key] = build_section(MeshConfig, value or {}, "mesh")
         elif key == section:
-            values[key] = _build(PPOConfig if kind == "ppo" else RejectionConfig, value or {}, key)
+            values[key] = build_section(PPOConfig if kind == "ppo" else RejectionConfig, value or {}, key)
         else:
-            values[key] = _coerce(value, allowed[key].type, key)
+            values[key] = coerce_field(value, allowed[key].type, key)
     out = RLHFRecipe(**values)
     out.mesh = out.mesh or MeshConfig()
     setattr(out, section, getattr(out, section) or (PPOConfig() if kind == "ppo" else RejectionConfig()))

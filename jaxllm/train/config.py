@@ -162,7 +162,7 @@ def _type_names(annotation) -> set[str]:
     return {part.strip() for part in text.split("|")}
 
 
-def _coerce(value, annotation, path: str):
+def coerce_field(value, annotation, path: str):
     """Check (and where unambiguous convert) one leaf value against its field type."""
     kinds = _type_names(annotation)
     if value is None:
@@ -202,7 +202,8 @@ def _coerce(value, annotation, path: str):
     raise ConfigError(f"{path} must be {expected}, got {value!r}")
 
 
-def _build(cls, data, path: str):
+def build_section(cls, data, path: str):
+    """A config dataclass from a recipe mapping: unknown keys and mistyped values raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -214,7 +215,7 @@ def _build(cls, data, path: str):
         if cls is DataConfig and key == "sources":
             kwargs[key] = _build_sources(value, full)
         else:
-            kwargs[key] = _coerce(value, fields[key].type, full)
+            kwargs[key] = coerce_field(value, fields[key].type, full)
     return cls(**kwargs)
 
 
@@ -227,7 +228,7 @@ def _build_sources(value, path: str) -> list[SourceConfig]:
     for i, item in enumerate(value):
         if isinstance(item, str):
             item = {"path": item}
-        source = _build(SourceConfig, item, f"{path}.{i}")
+        source = build_section(SourceConfig, item, f"{path}.{i}")
         if not isinstance(source.path, (str, list)):
             raise ConfigError(f"{path}.{i}.path must be a path, a glob or a list of them")
         out.append(source)
@@ -245,7 +246,7 @@ def build_model(section: dict | None, path: str = "model") -> ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     for key, value in list(section.items()):
         if key != "preset":
-            section[key] = _coerce(value, fields[key].type, f"{path}.{key}")
+            section[key] = coerce_field(value, fields[key].type, f"{path}.{key}")
     preset = section.pop("preset", None)
     overrides = {**TRAIN_MODEL_DEFAULTS, **section}
     if preset is not None:
@@ -266,9 +267,9 @@ def from_dict(data: dict) -> RunConfig:
         if key == "model":
             kwargs[key] = build_model(value)
         elif key in _SECTIONS:
-            kwargs[key] = _build(_SECTIONS[key], value or {}, key)
+            kwargs[key] = build_section(_SECTIONS[key], value or {}, key)
         else:
-            kwargs[key] = _coerce(value, top[key].type, key)
+            kwargs[key] = coerce_field(value, top[key].type, key)
     config = RunConfig(**kwargs)
     # Pin the schedule length, so a longer rerun is a visible change (with train.epochs: once the stage's
     # row count is known, `resolve_epochs`).
