@@ -88,8 +88,12 @@ def test_choice_scores_each_letter_by_log_likelihood(checkpoint, tmp_path, capsy
         right += "ABCD"[int(np.argmax(scores))] == q["answer"]
     assert result["questions"] == 10 and result["accuracy"] == right / 10
     assert set(result["subjects"]) == {"history_zh", "science_en", "math_en"}
-    assert cli(["eval", "choice", "--checkpoint", str(directory)]) == 0
+    assert cli(["eval", "choice", "--checkpoint", str(directory)]) == 0  # tensor-parallel over 8 devices
     assert "overall" in capsys.readouterr().out
+    # data x fsdp x tensor, with batches of 3 padded to the 4 rows the batch axes split into
+    assert cli(["eval", "choice", "--checkpoint", str(directory), "--json", "--mesh", "2,2,2",
+                "--batch-size", "3"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "A": 1, "B": 2, "C": 3, "D": 4, "answer": "E"}) + "\n")
     assert cli(["eval", "choice", "--checkpoint", str(directory), str(bad)]) == 2
@@ -272,6 +276,9 @@ def test_perplexity_over_windows_shorter_than_the_text(checkpoint, tmp_path, cap
     file = tmp_path / "long.txt"
     file.write_text(text)
     assert cli(["eval", "perplexity", "--checkpoint", str(directory), str(file), "--seq-len", "8", "--json"]) == 0
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["nll"], result["nll"], rtol=1e-6)
+    assert cli(["eval", "perplexity", "--checkpoint", str(directory), str(file), "--seq-len", "8", "--json",
+                "--mesh", "2,2,2", "--batch-size", "3"]) == 0
     np.testing.assert_allclose(json.loads(capsys.readouterr().out)["nll"], result["nll"], rtol=1e-6)
     assert cli(["eval", "perplexity", "--checkpoint", str(directory), str(file), "--seq-len", "1"]) == 2
     assert "seq_len must be >= 2" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 perplexity reads text (one document per blank-line-separated block) or jsonl (`--text-field`);
 choice reads C-Eval CSVs (with a header row), MMLU CSVs (none: question,A,B,C,D,answer) or jsonl with
 question, A-D, answer (and subject) and prints accuracy per subject and overall. With no FILES, the tiny
-sample sets shipped in jaxllm/assets/eval are used."""
+sample sets shipped in jaxllm/assets/eval are used. Parameters are split over all devices (--mesh)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,8 @@ def main(argv: list[str]) -> int:
         p.add_argument("--tokenizer")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--mesh", default="auto", help="'auto' (tensor-parallel over all devices), 'none' (one "
+                       "device) or DATA,FSDP,TENSOR sizes")
         if name == "perplexity":
             p.add_argument("--text-field", default="text")
             p.add_argument("--seq-len", type=int, default=512)
@@ -51,7 +53,7 @@ def main(argv: list[str]) -> int:
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.convert.readers import ConversionError
     from jaxllm.eval.scoring import choice_accuracy, perplexity, read_questions
-    from jaxllm.inference.loading import load_model
+    from jaxllm.inference.loading import load_model, serving_mesh
     from jaxllm.tokenizer import TokenizerError
 
     try:
@@ -61,13 +63,16 @@ def main(argv: list[str]) -> int:
             texts = [t for f in files for t in read_texts(f, args.text_field)]
         else:
             questions = [q for f in files for q in read_questions(f)]
-        config, params, tok = load_model(args.checkpoint, tokenizer=args.tokenizer)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        mesh = serving_mesh(args.mesh)
+        config, params, tok = load_model(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         if args.task == "perplexity":
-            result = perplexity(config, params, tok, texts, args.seq_len, args.batch_size)
+            result = perplexity(config, params, tok, texts, args.seq_len, args.batch_size, mesh)
         else:
-            result = choice_accuracy(config, params, tok, questions, args.batch_size)
+            result = choice_accuracy(config, params, tok, questions, args.batch_size, mesh)
     except (ValueError, CheckpointError, ConversionError, TokenizerError) as err:
         print(f"jaxllm eval: error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Log-likelihood scoring with one jitted forward per length bucket."""
+"""Log-likelihood scoring with one jitted forward per length bucket, on one device or sharded over a mesh."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.inference.generate import bucket
+from jaxllm.inference.generate import batch_shards, bucket, on_mesh
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -30,23 +30,30 @@ def _token_logprobs(config):
     return fn
 
 
-def sequence_token_logprobs(config, params, sequences, batch_size: int = 8):
-    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets)."""
+def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
+    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets). With
+    `mesh`, params should already be sharded on it; the rows are split over its batch axes."""
+    rows = batch_size if mesh is None else -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         length = bucket(max(len(s) for s in chunk))
-        tokens = np.zeros((batch_size, length), np.int32)
-        segments = np.zeros((batch_size, length), np.int32)
+        tokens = np.zeros((rows, length), np.int32)
+        segments = np.zeros((rows, length), np.int32)
         for i, s in enumerate(chunk):
             tokens[i, :len(s)] = s
             segments[i, :len(s)] = 1
-        logp = np.asarray(_token_logprobs(config)(params, tokens, segments))
+        with on_mesh(mesh):
+            if mesh is not None:
+                from jaxllm.sharding import batch_sharding
+
+                tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
+            logp = np.asarray(_token_logprobs(config)(params, tokens, segments))
         out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
     return out
 
 
-def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size: int = 8) -> dict:
+def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size: int = 8, mesh=None) -> dict:
     """exp(mean NLL per token) over documents, each split into windows of at most `seq_len` tokens that
     overlap by one, so every token after a document's first is predicted exactly once (context restarts
     at each window)."""
@@ -59,12 +66,13 @@ def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size:
     windows = [w for w in windows if len(w) > 1]
     if not windows:
         raise ValueError("no text to score")
-    nll = [-lp.sum() for lp in sequence_token_logprobs(config, params, windows, batch_size)]
+    nll = [-lp.sum() for lp in sequence_token_logprobs(config, params, windows, batch_size, mesh)]
     tokens = sum(len(w) - 1 for w in windows)
     return {"tokens": tokens, "nll": float(sum(nll)) / tokens, "perplexity": math.exp(float(sum(nll)) / tokens)}
 
 
-def continuation_logprobs(config, params, tokenizer, prompt: str, continuations, batch_size: int = 8):
+def continuation_logprobs(config, params, tokenizer, prompt: str, continuations, batch_size: int = 8,
+                          mesh=None):
     """Sum of log p over each continuation's tokens after `prompt` (tokenised together, as a model sees it)."""
     prefix = tokenizer.encode(prompt, bos=True)
     sequences, starts = [], []
@@ -73,7 +81,7 @@ def continuation_logprobs(config, params, tokenizer, prompt: str, continuations,
         common = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
         sequences.append(ids)
         starts.append(min(common, len(ids) - 1))
-    logps = sequence_token_logprobs(config, params, sequences, batch_size)
+    logps = sequence_token_logprobs(config, params, sequences, batch_size, mesh)
     return [float(lp[start - 1:].sum()) for lp, start in zip(logps, starts)]
 
 
@@ -138,12 +146,12 @@ def format_question(q: dict) -> str:
     return f"{q['question']}\n{options}\n{label}"
 
 
-def choice_accuracy(config, params, tokenizer, questions, batch_size: int = 8) -> dict:
+def choice_accuracy(config, params, tokenizer, questions, batch_size: int = 8, mesh=None) -> dict:
     """Pick the letter with the highest log-likelihood after the formatted question (zero-shot)."""
     per_subject = defaultdict(lambda: [0, 0])
     for q in questions:
         scores = continuation_logprobs(config, params, tokenizer, format_question(q),
-                                       [f" {letter}" for letter in LETTERS], batch_size)
+                                       [f" {letter}" for letter in LETTERS], batch_size, mesh)
         correct = LETTERS[int(np.argmax(scores))] == q["answer"]
         per_subject[q["subject"]][0] += int(correct)
         per_subject[q["subject"]][1] += 1

@@ -76,14 +76,15 @@ def _cache_constraint(cache, mesh):
     return jax.lax.with_sharding_constraint(cache, tree_shardings(specs, cache, mesh))
 
 
-def _batch_shards(mesh) -> int:
+def batch_shards(mesh) -> int:
+    """How many ways the batch dimension is split on `mesh` (its data and fsdp axes)."""
     from jaxllm.sharding import batch_sharding
 
     axes = batch_sharding(mesh).spec[0] or ()
     return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
-def _on_mesh(mesh):
+def on_mesh(mesh):
     """The mesh and logical-axis rules the model's sharding constraints resolve through."""
     if mesh is None:
         return contextlib.nullcontext()
@@ -154,11 +155,11 @@ class _Run:
             cache_len = length + self.steps
         self.rows = len(prompts)
         if mesh is not None:  # the batch must split evenly over the data axes: pad it with copies
-            prompts = list(prompts) + [prompts[0]] * (-len(prompts) % _batch_shards(mesh))
+            prompts = list(prompts) + [prompts[0]] * (-len(prompts) % batch_shards(mesh))
         tokens, positions, segments = left_pad(prompts, length, pad_id)
         self.static = dict(config=config, sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids),
                            vocab_limit=effective_vocab_limit(config, vocab_limit), mesh=mesh)
-        with _on_mesh(mesh):
+        with on_mesh(mesh):
             if mesh is not None:
                 from jaxllm.sharding import batch_sharding
 
@@ -171,7 +172,7 @@ class _Run:
         """Decode up to `until` new tokens in all (not `ended`, not stopped) rows."""
         ended_rows = np.ones(self.state["done"].shape, bool)  # rows added for the mesh count as ended
         ended_rows[:self.rows] = False if ended is None else ended
-        with _on_mesh(self.mesh):
+        with on_mesh(self.mesh):
             self.state = _decode(self.params, self.state, jnp.int32(until), ended_rows, **self.static)
         self._refresh()
 
