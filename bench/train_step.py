@@ -23,11 +23,11 @@ import time
 import numpy as np
 
 
-def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0, params=None):
+def train_step_and_optimizer(cfg, steps):
+    """jaxllm's jitted train step (params and optimizer state donated) and its optax optimizer."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxllm.models import init_params, param_logical_axes
+    from jaxllm.models import param_logical_axes
     from jaxllm.train.config import OptimizerConfig
     from jaxllm.train.loss import lm_loss
     from jaxllm.train.optim import make_optimizer
@@ -35,25 +35,45 @@ def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0, params=Non
 
     optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
                                          steps, param_logical_axes(cfg))
-    step = jax.jit(make_train_step(lm_loss(cfg), optimizer, schedule), donate_argnums=(0, 1))
-    params = init_params(cfg, jax.random.key(seed)) if params is None else jax.device_put(params)
-    opt_state = jax.jit(optimizer.init)(params)
+    return jax.jit(make_train_step(lm_loss(cfg), optimizer, schedule), donate_argnums=(0, 1)), optimizer
+
+
+def random_batch(cfg, batch, seq_len, seed=0):
+    """One micro-batch of random tokens in the train step's layout (leading grad-accumulation axis)."""
     tokens = np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-    data = {"tokens": tokens[None, :, :-1], "targets": tokens[None, :, 1:],
+    return {"tokens": tokens[None, :, :-1], "targets": tokens[None, :, 1:],
             "loss_mask": np.ones((1, batch, seq_len), np.float32),
             "segment_ids": np.ones((1, batch, seq_len), np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)).copy()}
-    data = jax.device_put(data)
+
+
+def time_steps(step, params, opt_state, data, steps, warmup):
+    """(seconds per step, final loss) over `steps` calls after `warmup` untimed ones."""
+    import jax
+    import jax.numpy as jnp
+
     rng = jax.random.key(1)
     for i in range(warmup):
         params, opt_state, metrics = step(params, opt_state, data, rng, jnp.int32(i))
-    jax.block_until_ready(metrics)
+    jax.block_until_ready((params, opt_state))
     start = time.perf_counter()
     for i in range(steps):
         params, opt_state, metrics = step(params, opt_state, data, rng, jnp.int32(i))
     jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
-    return batch * seq_len * steps / elapsed, elapsed / steps, float(metrics["loss"])
+    return (time.perf_counter() - start) / steps, float(metrics["loss"])
+
+
+def jax_tokens_per_second(cfg, batch, seq_len, steps, warmup, seed=0, params=None):
+    import jax
+
+    from jaxllm.models import init_params
+
+    step, optimizer = train_step_and_optimizer(cfg, steps)
+    params = init_params(cfg, jax.random.key(seed)) if params is None else jax.device_put(params)
+    opt_state = jax.jit(optimizer.init)(params)
+    seconds, loss = time_steps(step, params, opt_state, jax.device_put(random_batch(cfg, batch, seq_len, seed)),
+                               steps, warmup)
+    return batch * seq_len / seconds, seconds, loss
 
 
 def torch_model(cfg, seq_len, seed=0):

@@ -82,3 +82,18 @@ def test_convert_table(tmp_path):
         wall, rss, anon = map(float, cells[:3])
         assert wall > 0 and rss >= anon > 0
     assert list(tmp_path.iterdir()) == []  # the scratch checkpoints are removed
+
+
+def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
+    tiny = ["--preset", "llama2-tiny", "--remat", "dots", "--batch", "2", "--seq-len", "32", "--steps", "1",
+            "--warmup", "1"]
+    out = run_bench("mfu_sweep.py", *tiny, "--layers", "1", "2")
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("layers"))
+    rows = [line.split() for line in lines[header + 1:header + 3]]
+    assert [(r[0], r[2]) for r in rows] == [("1", "dots"), ("2", "dots")]
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in rows)  # ms/step, tokens/s
+    assert "1 layers" in out.split("best per depth")[1] and "2 layers" in out.split("best per depth")[1]
+    # Planned against a device too small: compiled, measured, never run.
+    out = run_bench("mfu_sweep.py", *tiny, "--layers", "1", "--memory-gb", "0.0001")
+    assert "does not fit" in out and "no setting fits at 1 layers" in out
