@@ -107,7 +107,10 @@ def reference(tmp_path_factory, start):
     return get
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "rm"])
+# The kill-and-resume path is the training loop's, shared by every stage: SFT runs by default, DPO (whose
+# reference log-probabilities are recomputed on resume) and RM with `pytest -m slow`.
+@pytest.mark.parametrize("kind", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
+                                  pytest.param("rm", marks=pytest.mark.slow)])
 def test_stage_resumes_a_killed_run_bit_identically(tmp_path, start, reference, kind):
     _, straight, _ = reference(kind)
     config = stage_config(tmp_path, kind, start, name="killed")

@@ -8,7 +8,8 @@ state unless the recipe sets `model.dtype` / `model.param_dtype`.
     run_dir: runs/demo          seed: 0          init_from: null (a jaxllm checkpoint to start from)
     model:      {preset: demo, dtype: float32, ...}
     data:       {sources: [{path, weight, name, format, text_field, text_split}], tokenizer, seq_len, ...}
-    optimizer:  {lr, schedule, warmup_steps, warmup_fraction, decay_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm}
+    optimizer:  {lr, schedule, warmup_steps, warmup_fraction, decay_steps, min_lr_ratio, b1, b2, eps,
+                 weight_decay, clip_norm}
     mesh:       {data, fsdp, tensor}           (-1: the remaining devices)
     train:      {steps, batch_size, grad_accum, max_nan_streak}
     checkpoint: {every, keep, async_save}
