@@ -10,7 +10,11 @@ compile on a laptop.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -23,13 +27,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import jax.numpy as jnp
+    from train_step import abstract_step_inputs, train_step_and_optimizer
 
-    from jaxllm.models import get_preset, param_logical_axes, param_shapes
-    from jaxllm.train.config import OptimizerConfig
-    from jaxllm.train.loss import lm_loss
-    from jaxllm.train.optim import make_optimizer
-    from jaxllm.train.step import make_train_step
+    from jaxllm.models import count_params, get_preset
 
     print(f"hidden {args.hidden}, seq {args.seq}, batch {args.batch}, remat {args.remat}, "
           f"{jax.devices()[0].platform}")
@@ -38,19 +38,14 @@ def main() -> None:
     for layers in args.layers:
         cfg = get_preset("llama2-7b", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
                          num_heads=args.hidden // 128, num_layers=layers, remat=args.remat, dtype="bfloat16")
-        optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=10), 1000, param_logical_axes(cfg))
-        step = jax.jit(make_train_step(lm_loss(cfg), optimizer, schedule))
-        params = param_shapes(cfg)
-        opt_state = jax.eval_shape(optimizer.init, params)
-        row = jax.ShapeDtypeStruct((1, args.batch, args.seq), jnp.int32)
-        batch = {"tokens": row, "targets": row, "segment_ids": row, "positions": row,
-                 "loss_mask": jax.ShapeDtypeStruct((1, args.batch, args.seq), jnp.float32)}
+        step, optimizer = train_step_and_optimizer(cfg, 1000)
+        inputs = abstract_step_inputs(cfg, optimizer, args.batch, args.seq)
         t0 = time.perf_counter()
-        lowered = step.lower(params, opt_state, batch, jax.random.key(0), jnp.int32(0))
+        lowered = step.lower(*inputs)
         t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()
-        n = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+        n = count_params(cfg) / 1e6
         print(f"{layers:>6} {n:>11.1f} {t1 - t0:>14.2f} {t2 - t1:>10.2f}")
         base = base or (t2 - t0)
         last = t2 - t0

@@ -41,18 +41,10 @@ def device_memory(device) -> int:
 
 def compile_step(cfg, batch, seq_len, steps):
     """The train step compiled for `cfg` from shapes alone, its optimizer and the bytes it needs."""
-    import jax
-    import jax.numpy as jnp
-    from train_step import random_batch, train_step_and_optimizer
-
-    from jaxllm.models import param_shapes
+    from train_step import abstract_step_inputs, train_step_and_optimizer
 
     step, optimizer = train_step_and_optimizer(cfg, steps)
-    params = param_shapes(cfg)
-    data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(cfg, 1, 1))
-    data = {k: jax.ShapeDtypeStruct((1, batch, seq_len), v.dtype) for k, v in data.items()}
-    compiled = step.lower(params, jax.eval_shape(optimizer.init, params), data, jax.eval_shape(jax.random.key, 0),
-                          jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    compiled = step.lower(*abstract_step_inputs(cfg, optimizer, batch, seq_len)).compile()
     memory = compiled.memory_analysis()
     need = getattr(memory, "peak_memory_in_bytes", 0) or (
         memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes

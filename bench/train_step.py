@@ -47,6 +47,20 @@ def random_batch(cfg, batch, seq_len, seed=0):
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)).copy()}
 
 
+def abstract_step_inputs(cfg, optimizer, batch, seq_len):
+    """Shapes of the train step's arguments (params, optimizer state, batch, rng, step): enough to compile
+    it without allocating anything."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.models import param_shapes
+
+    params = param_shapes(cfg)
+    data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(cfg, batch, seq_len))
+    return (params, jax.eval_shape(optimizer.init, params), data, jax.eval_shape(jax.random.key, 0),
+            jax.ShapeDtypeStruct((), jnp.int32))
+
+
 def time_steps(step, params, opt_state, data, steps, warmup):
     """(seconds per step, final loss) over `steps` calls after `warmup` untimed ones."""
     import jax
@@ -196,8 +210,7 @@ def main(argv=None) -> None:
         print(f"{name:<{width}}  {seconds * 1e3:9.1f}  {tps:10.0f}  {tps * per_token / 1e12:8.3f}  "
               f"{'-' if utilisation is None else f'{utilisation:.1%}':>6}  {loss:10.4f}")
     if len(results) == 2:
-        ours, theirs = (r[0] for r in results.values())
-        (_, _, loss_ours), (_, _, loss_theirs) = results.values()
+        (ours, _, loss_ours), (theirs, _, loss_theirs) = results.values()
         print(f"\nratio jaxllm / PyTorch: {ours / theirs:.2f}x tokens/s")
         if params is not None:
             print(f"final loss, same initial weights and data: relative difference "

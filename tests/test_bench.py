@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True, check=False,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
+                          check=False, text=True, timeout=600)
     assert proc.returncode == 0, f"bench/{script} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

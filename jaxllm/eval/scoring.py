@@ -33,6 +33,8 @@ def _token_logprobs(config):
 def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
     """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets). With
     `mesh`, params should already be sharded on it; the rows are split over its batch axes."""
+    from jaxllm.sharding import batch_sharding
+
     rows = batch_size if mesh is None else -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
     out = []
     for start in range(0, len(sequences), batch_size):
@@ -45,8 +47,6 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh
             segments[i, :len(s)] = 1
         with on_mesh(mesh):
             if mesh is not None:
-                from jaxllm.sharding import batch_sharding
-
                 tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
             logp = np.asarray(_token_logprobs(config)(params, tokens, segments))
         out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
