@@ -94,6 +94,7 @@ def main(argv=None) -> None:
 
     import jax
 
+    from jaxllm.config import ConfigError
     from jaxllm.models import count_params, get_preset
     from jaxllm.train.flops import flops_per_token, mfu, peak_flops
 
@@ -103,6 +104,11 @@ def main(argv=None) -> None:
                               args.dtype or defaults["dtype"])
     layers, remats, batches = (args.layers or defaults["layers"], args.remat or defaults["remat"],
                                args.batch or defaults["batch"])
+    try:  # every setting is checked before the first one compiles
+        configs = {(depth, remat): get_preset(preset, num_layers=depth, remat=remat, dtype=dtype,
+                                              attention=args.attention) for depth in layers for remat in remats}
+    except (ConfigError, KeyError, ValueError) as err:
+        raise SystemExit(f"mfu_sweep: {err}") from None
     capacity = int(args.memory_gb * 2**30) if args.memory_gb else device_memory(device)
     peak = peak_flops(device.device_kind, args.peak_tflops)
     print(f"{preset} widths, seq {seq_len}, {dtype} compute, attention={args.attention}; {device.platform} "
@@ -112,23 +118,21 @@ def main(argv=None) -> None:
               f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     print(header)
     best = {}
-    for depth in layers:
-        for remat in remats:
-            for batch in batches:
-                cfg = get_preset(preset, num_layers=depth, remat=remat, dtype=dtype, attention=args.attention)
-                per_token = flops_per_token(cfg, seq_len)
-                need, seconds, why = run(cfg, batch, seq_len, args.steps, args.warmup, capacity)
-                size = human(count_params(cfg))
-                row = f"{depth:>6} {size:>8} {remat:>13} {batch:>5} {need / 2**30:>9.2f} "
-                if seconds is None:
-                    print(row + f"{why:>9}", flush=True)
-                    continue
-                tps = batch * seq_len / seconds
-                utilisation = mfu(tps, per_token, 1, peak)
-                print(row + f"{seconds * 1e3:>9.1f} {tps:>10.0f} {tps * per_token / 1e12:>8.3f} "
-                      f"{'-' if utilisation is None else f'{utilisation:.1%}':>6}", flush=True)
-                if depth not in best or tps * per_token > best[depth][0]:
-                    best[depth] = (tps * per_token, size, remat, batch, utilisation)
+    for (depth, remat), cfg in configs.items():
+        for batch in batches:
+            per_token = flops_per_token(cfg, seq_len)
+            need, seconds, why = run(cfg, batch, seq_len, args.steps, args.warmup, capacity)
+            size = human(count_params(cfg))
+            row = f"{depth:>6} {size:>8} {remat:>13} {batch:>5} {need / 2**30:>9.2f} "
+            if seconds is None:
+                print(row + f"{why:>9}", flush=True)
+                continue
+            tps = batch * seq_len / seconds
+            utilisation = mfu(tps, per_token, 1, peak)
+            print(row + f"{seconds * 1e3:>9.1f} {tps:>10.0f} {tps * per_token / 1e12:>8.3f} "
+                  f"{'-' if utilisation is None else f'{utilisation:.1%}':>6}", flush=True)
+            if depth not in best or tps * per_token > best[depth][0]:
+                best[depth] = (tps * per_token, size, remat, batch, utilisation)
     print("\nbest per depth (model TFLOP/s):")
     for depth, (flops, size, remat, batch, utilisation) in best.items():
         print(f"  {depth} layers ({size}): remat {remat}, batch {batch}: {flops / 1e12:.3f} TFLOP/s"

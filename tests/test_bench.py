@@ -97,3 +97,7 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
     # Planned against a device too small: compiled, measured, never run.
     out = run_bench("mfu_sweep.py", *tiny, "--layers", "1", "--memory-gb", "0.0001")
     assert "does not fit" in out and "no setting fits at 1 layers" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "mfu_sweep.py"), "--remat", "fancy"], cwd=ROOT,
+                         capture_output=True, check=False, text=True, timeout=600)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("mfu_sweep: model.remat must be one of")

@@ -94,6 +94,8 @@ def test_choice_scores_each_letter_by_log_likelihood(checkpoint, tmp_path, capsy
     assert cli(["eval", "choice", "--checkpoint", str(directory), "--json", "--mesh", "2,2,2",
                 "--batch-size", "3"]) == 0
     assert json.loads(capsys.readouterr().out) == result
+    assert cli(["eval", "choice", "--checkpoint", str(directory), "--mesh", "3,1,1"]) == 2
+    assert "mesh: data*fsdp*tensor = 3 but 8 devices" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "A": 1, "B": 2, "C": 3, "D": 4, "answer": "E"}) + "\n")
     assert cli(["eval", "choice", "--checkpoint", str(directory), str(bad)]) == 2
