@@ -178,32 +178,47 @@ def _initial_params(config: RunConfig, stage: Stage, init_key, param_sh):
     return model_init_params(config.model, init_key, param_sh)
 
 
-def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
-          on_step: Callable | None = None, log: Callable = print) -> TrainResult:
-    """Train `stage` (default: pretraining on `config.data`) for `config.train.steps` optimizer steps in
-    `config.run_dir`, resuming from its latest good checkpoint.
+@dataclasses.dataclass
+class RunPlan:
+    """Everything a run compiles, and where: the mesh, the shardings of parameters, optimizer state and
+    batches, and the jitted train step. `train` executes it; a compile-only pre-flight lowers the same step
+    for another set of devices (only `devices` differ, so what is checked is what runs)."""
+    mesh: Any
+    param_axes: Any           # pytree of logical PartitionSpecs
+    param_shapes: Any         # pytree of ShapeDtypeStruct
+    param_sh: Any             # pytree of NamedSharding
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    opt_shapes: Any
+    opt_sh: Any
+    put_batch: Callable       # this host's numpy rows -> global [accum, rows/accum, ...] arrays
+    batch_sh: NamedSharding
+    step_fn: Callable         # jitted (params, opt_state, batch, rng, step) -> (params, opt_state, metrics)
+    local_rows: int           # rows this host loads per step
+    init_key: jax.Array
+    train_key: jax.Array
 
-    on_batch(step, local_batch): called with each host batch (numpy) before its update (tests, debugging).
-    on_step(step, metrics): called with each step's fetched metrics (floats).
-    devices: the devices of the mesh (default: all).
-    """
-    maybe_initialize_distributed(config.distributed)
-    config.validate()
-    stage = stage or pretraining_stage(config)
-    resolve_epochs(config, stage.num_rows)
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def abstract_params(self):
+        return _abstract(self.param_shapes, self.param_sh)
+
+    def abstract_opt_state(self):
+        return _abstract(self.opt_shapes, self.opt_sh)
+
+
+def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
+    """The mesh over `devices` (default: all), shardings by the logical-axis rules (optimizer moments like
+    their parameters, the rest replicated) and the jitted step, for `config.train.steps` steps. Allocates
+    nothing: shapes come from `jax.eval_shape`."""
     model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
     try:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     local_rows = _check_batch_layout(config, mesh)
-    # Only a config that got this far claims the run directory.
-    run_dir = rundir.prepare(config.run_dir, config)
-    primary = jax.process_index() == 0
-    if stage.tokenizer_path:
-        rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
-
-    # Shardings: params by the logical-axis rules, optimizer moments like their params, the rest replicated.
     replicated = NamedSharding(mesh, P())
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     if stage.init_params is not None:
@@ -219,32 +234,58 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule),
                       in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
                       out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    return RunPlan(mesh=mesh, param_axes=param_axes, param_shapes=shapes, param_sh=param_sh, optimizer=optimizer,
+                   schedule=schedule, opt_shapes=opt_shapes, opt_sh=opt_sh, put_batch=put_batch, batch_sh=batch_sh,
+                   step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key)
+
+
+def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
+          on_step: Callable | None = None, log: Callable = print) -> TrainResult:
+    """Train `stage` (default: pretraining on `config.data`) for `config.train.steps` optimizer steps in
+    `config.run_dir`, resuming from its latest good checkpoint.
+
+    on_batch(step, local_batch): called with each host batch (numpy) before its update (tests, debugging).
+    on_step(step, metrics): called with each step's fetched metrics (floats).
+    devices: the devices of the mesh (default: all).
+    """
+    maybe_initialize_distributed(config.distributed)
+    config.validate()
+    stage = stage or pretraining_stage(config)
+    resolve_epochs(config, stage.num_rows)
+    model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
+    plan = plan_run(config, stage, devices)
+    mesh, train_key = plan.mesh, plan.train_key
+    # Only a config that got this far claims the run directory.
+    run_dir = rundir.prepare(config.run_dir, config)
+    primary = jax.process_index() == 0
+    if stage.tokenizer_path:
+        rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
 
     if stage.prepare is not None:
         stage.prepare(mesh)
     with contextlib.ExitStack() as cleanup:
-        data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
+        data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):
             cleanup.callback(data.close)
         ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
         cleanup.callback(ckpts.close)
-        restored = ckpts.restore_latest(_abstract(shapes, param_sh), _abstract(opt_shapes, opt_sh), data, log=log)
+        restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
         if restored is not None:
             step, params, opt_state, meta = restored
             log(f"resumed {run_dir} at step {step}")
         else:
             step, meta = 0, {}
-            params = _initial_params(config, stage, init_key, param_sh)
+            params = _initial_params(config, stage, plan.init_key, plan.param_sh)
             if config.init_from and (stage.load_params is not None or stage.init_params is None):
                 log(f"initialised from {config.init_from}")
-            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+            opt_state = jax.jit(plan.optimizer.init, out_shardings=plan.opt_sh)(params)
 
         seq_len = stage.tokens_per_row or config.data.seq_len
         tokens_per_step = config.train.batch_size * seq_len
         device = mesh.devices.flat[0]
         if primary:
-            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.param_shapes))
             log(f"{stage.name} {model_config.name} ({n_params / 1e6:.1f}M parameters, {model_config.dtype} "
                 f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
                 f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
@@ -280,7 +321,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 data_state = data.get_state()  # what a checkpoint after this step records
                 if on_batch is not None:
                     on_batch(step + 1, local)
-                params, opt_state, metrics = step_fn(params, opt_state, put_batch(local),
+                params, opt_state, metrics = plan.step_fn(params, opt_state, plan.put_batch(local),
                                                      jax.random.fold_in(train_key, step), step)
                 step += 1
                 if pending is not None:
