@@ -45,6 +45,10 @@ def extend_tokenizer(base_model: str | Path, out_path: str | Path, pieces: Itera
     `special_tokens` (e.g. `<human>`) appended in that order, deduplicated against the base and each other.
     Every old piece keeps its id. A space in a piece means the word boundary `▁`."""
     proto = read_proto(base_model)
+    beyond = [t for t in Tokenizer(base_model).added.values() if t.id >= len(proto.pieces)]
+    if beyond:  # appended pieces would take their ids
+        raise TokenizerError(f"{base_model}: its added token {beyond[0].content!r} has id {beyond[0].id}, past "
+                             f"the {len(proto.pieces)} pieces; extending would give that id to a new piece")
     new_pieces = [(p.replace(" ", "▁"), _NORMAL) for p in pieces]
     if from_model is not None:
         new_pieces += _typed_pieces(from_model)  # its user-defined pieces stay atomic
