@@ -202,6 +202,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     primary = jax.process_index() == 0
     if stage.tokenizer_path:
         rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
+    rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
 
     # Shardings: params by the logical-axis rules, optimizer moments like their params, the rest replicated.
     replicated = NamedSharding(mesh, P())
