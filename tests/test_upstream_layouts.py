@@ -189,20 +189,28 @@ def test_inv_freq_is_exported_where_the_loading_code_keeps_it_as_a_persistent_bu
 
 
 def test_export_without_carried_code_names_baichuan_incs_code(tmp_path, capsys):
-    cfg = get_preset("baichuan2-tiny")
+    """A Baichuan 2 model trained from a preset carries no code: the export's auto_map names baichuan-inc's
+    code on the Hub, and its tokenizer gets a tokenizer_config.json saying the BOS rule jaxllm used."""
+    cfg = get_preset("baichuan2-tiny", vocab_size=4096)
     save_params(tmp_path / "jx", hf_to_params(random_hf_state_dict(cfg).__getitem__, cfg), cfg)
-    shutil.copy(DATA / "baichuan-64k.model", tmp_path / "jx" / "tokenizer.model")  # pieces past the rows: refused
+    shutil.copy(DATA / "llama2-32k.model", tmp_path / "jx" / "tokenizer.model")  # 32,000 ids, 4,096 rows: refused
     capsys.readouterr()
     assert cli(["convert", "--from", "jaxllm", "--to", "hf", str(tmp_path / "jx"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "has ids up to 63999, but the model" in err and "256 embedding rows" in err
-    (tmp_path / "jx" / "tokenizer.model").unlink()
+    assert len(err.strip().splitlines()) == 1 and re.search(r"tokenizer.model: the tokenizer has ids up to 31999, "
+                                                            r"but the model in .* has 4096 embedding rows", err)
+    shutil.copy(Path(__file__).parent.parent / "jaxllm" / "assets" / "demo" / "tokenizer.model", tmp_path / "jx")
     assert cli(["convert", "--from", "jaxllm", "--to", "hf", str(tmp_path / "jx"), str(tmp_path / "hf")]) == 0
-    assert "auto_map names baichuan-inc/Baichuan2-7B-Base's code on the Hub" in capsys.readouterr().out
-    written = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert written["auto_map"] == {"AutoConfig": "baichuan-inc/Baichuan2-7B-Base--configuration_baichuan.BaichuanConfig",
-                                   "AutoModelForCausalLM": "baichuan-inc/Baichuan2-7B-Base--modeling_baichuan."
-                                                           "BaichuanForCausalLM"}
+    out = capsys.readouterr().out
+    assert "auto_map names baichuan-inc/Baichuan2-7B-Base's code on the Hub" in out
+    assert "(BOS: no, from the baichuan2 default)" in out
+    repo = "baichuan-inc/Baichuan2-7B-Base--"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": f"{repo}configuration_baichuan.BaichuanConfig",
+        "AutoModelForCausalLM": f"{repo}modeling_baichuan.BaichuanForCausalLM"}
+    written = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (written["add_bos_token"], written["tokenizer_class"], written["auto_map"]) == \
+        (False, "BaichuanTokenizer", {"AutoTokenizer": [f"{repo}tokenization_baichuan.BaichuanTokenizer", None]})
 
 
 @pytest.mark.parametrize("variant", ["baichuan-7b", "baichuan2-7b"])

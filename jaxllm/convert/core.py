@@ -28,9 +28,10 @@ from jaxllm.convert.carried import (REMOTE_DIR, TOKENIZER_CONFIG, carry_remote_c
                                     hub_auto_map, persistent_inv_freq, read_auto_map, tokenizer_config)
 from jaxllm.convert.mapping import TensorMap, _get, _set, is_ignored, layout_of, native_layout, tensor_maps
 from jaxllm.convert.readers import DTYPE_NAMES, ConversionError, MetaReader, open_hf, open_source, read_json
+from jaxllm.tokenizer.hf_files import COMPANION_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.model",) + COMPANION_FILES
 HF_ARCHS = ("native", "llama")
 
 
