@@ -135,14 +135,16 @@ def persistent_inv_freq(config: ModelConfig, code: Path | None, auto_map: dict |
     return config.family == "baichuan"
 
 
-def tokenizer_config(config: ModelConfig, tok, code: Path | None, layout: str) -> dict:
+def tokenizer_config(config: ModelConfig, tok, code: Path | None) -> dict:
     """tokenizer_config.json for an export whose tokenizer came without one: the tokenizer class users
-    load (Baichuan's own through `auto_map`) and the BOS rule jaxllm used (`add_bos_token`)."""
+    load and the BOS rule jaxllm used (`add_bos_token`). A Baichuan model keeps Baichuan's own tokenizer
+    (through `auto_map`) even as `--hf-arch llama`: transformers' LlamaTokenizer would add a dummy-prefix
+    space that Baichuan 2's tokenizer does not."""
     out = {"add_bos_token": tok.add_bos, "add_eos_token": False, "bos_token": tok.id_to_piece(tok.bos_id),
            "eos_token": tok.id_to_piece(tok.eos_id), "unk_token": tok.id_to_piece(tok.unk_id),
            "model_max_length": config.max_position_embeddings, "clean_up_tokenization_spaces": False,
            "tokenizer_class": "LlamaTokenizer"}
-    if layout == "baichuan":
+    if config.family in ("baichuan", "baichuan2"):
         repo, prefix = hub_code(config)
         module = "tokenization_baichuan"
         ref = f"{module}.{prefix}Tokenizer" if code is not None and (code / f"{module}.py").is_file() \

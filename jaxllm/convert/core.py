@@ -229,11 +229,10 @@ class _ShardWriter:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """RoPE's inverse frequencies float32[head_dim / 2], as the PyTorch modeling code computes them."""
-    import torch
-
+    """RoPE's inverse frequencies float32[head_dim / 2] (the modeling code's float32 buffer), correctly
+    rounded from float64."""
     d = config.head_dim
-    return (1.0 / (config.rope_theta ** (torch.arange(0, d, 2).float() / d))).numpy()
+    return (1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)).astype(np.float32)
 
 
 def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
@@ -320,7 +319,7 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
             carry_tokenizer(tok.path, staging)
             if not (staging / TOKENIZER_CONFIG).is_file():
                 (staging / TOKENIZER_CONFIG).write_text(
-                    json.dumps(tokenizer_config(config, tok, code, layout), indent=2))
+                    json.dumps(tokenizer_config(config, tok, code), indent=2))
             log(f"tokenizer: {tok.path} (BOS: {'yes' if tok.add_bos else 'no'}, from {tok.add_bos_source})")
         staging.rename(dst)
     finally:
