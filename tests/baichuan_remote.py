@@ -252,4 +252,5 @@ def write_release(directory, cfg, sd, variant):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({k: sd[k] for k in chunk}, str(Path(directory) / name))
         weight_map.update({k: name for k in chunk})
-    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -103,8 +103,9 @@ def test_llama_layout_release_in_float32_matches_the_reference(tmp_path, family,
     sd = stored(random_hf_state_dict(cfg, seed=7), dtype)
     (tmp_path / "hf").mkdir()
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
-    hf = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                                  intermediate_size=cfg.intermediate_size, num_attention_heads=cfg.num_heads,
+    hf = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                  num_hidden_layers=cfg.num_layers, intermediate_size=cfg.intermediate_size,
+                                  num_attention_heads=cfg.num_heads,
                                   num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps,
                                   tie_word_embeddings=False, dtype="float16" if dtype == np.float16 else "bfloat16")
     hf.save_pretrained(tmp_path / "hf")
@@ -181,7 +182,8 @@ def test_inv_freq_is_exported_where_the_loading_code_keeps_it_as_a_persistent_bu
     for line, expected in (('self.register_buffer("inv_freq", 1.0 / (b ** (torch.arange(0, d, 2) / d)))', True),
                            ("self.register_buffer('inv_freq', f(torch.arange(0, d, 2)), persistent = False)", False),
                            ("self.inv_freq = 1.0 / (b ** (torch.arange(0, d, 2) / d))", False)):
-        (tmp_path / "modeling_baichuan.py").write_text(f"class RotaryEmbedding:\n    def __init__(self):\n        {line}\n")
+        (tmp_path / "modeling_baichuan.py").write_text(
+            f"class RotaryEmbedding:\n    def __init__(self):\n        {line}\n")
         assert persistent_inv_freq(cfg, tmp_path, None) is expected, line
     assert persistent_inv_freq(cfg, None, None)  # no code carried: Baichuan-7B's own keeps it
     assert not persistent_inv_freq(get_preset("baichuan2-tiny"), None, None)
@@ -330,8 +332,8 @@ def test_a_trained_baichuan_run_exports_with_its_code_and_tokenizer_files(tmp_pa
     (release / "tokenization_baichuan.py").write_text("# the tokenizer's own code: carried, never run here\n")
     assert cli(["convert", "--from", "hf", "--to", "jaxllm", str(release), str(tmp_path / "jx")]) == 0
     run = tmp_path / "run"
-    data = {"sources": [{"path": "assets:demo/zh_poems.jsonl.gz"}], "tokenizer": str(tmp_path / "jx" / "tokenizer.model"),
-            "seq_len": 32, "add_bos": False}
+    data = {"sources": [{"path": "assets:demo/zh_poems.jsonl.gz"}], "seq_len": 32, "add_bos": False,
+            "tokenizer": str(tmp_path / "jx" / "tokenizer.model")}
     result = train(from_dict({"run_dir": str(run), "init_from": str(tmp_path / "jx"), "data": data,
                               "model": {"preset": "baichuan-tiny", "vocab_size": 4096, "dtype": "float32"},
                               "optimizer": {"lr": 1e-2, "warmup_steps": 1}, "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
