@@ -2,8 +2,11 @@
 `jaxllm convert apply-delta --base LLAMA_13B_HF --delta ZIYA_DELTA_HF DST`.
 
 SRC for `--from hf` is an HF directory (safetensors or pytorch_model*.bin, sharded or not) or Meta's
-original `consolidated.*.pth` + `params.json`. The family is detected from config.json; force it with
---family. DST must not exist: it appears complete or not at all."""
+original `consolidated.*.pth` + `params.json` (its tokenizer.model is taken from the parent folder, where
+Meta keeps it, or from --tokenizer). The family is detected from config.json; force it with --family.
+A Baichuan checkpoint's position encoding follows the modeling code it ships; that code and `auto_map`
+are kept and written back on export. Each such decision is printed. DST must not exist: it appears
+complete or not at all."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +27,7 @@ def _size(text: str) -> int:
 def main(argv: list[str]) -> int:
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
-    from jaxllm.convert.core import apply_delta, hf_to_jaxllm, jaxllm_to_hf
+    from jaxllm.convert.core import HF_ARCHS, apply_delta, hf_to_jaxllm, jaxllm_to_hf
     from jaxllm.convert.readers import ConversionError
 
     if argv and argv[0] == "apply-delta":
@@ -45,12 +48,23 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--family", choices=FAMILIES, help="override family detection")
         parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype")
         parser.add_argument("--max-shard-size", default="5GB", help="HF shard size (e.g. 2GB, 500MB)")
+        parser.add_argument("--tokenizer", help="hf → jaxllm: the tokenizer.model to keep with the checkpoint "
+                            "(default: beside the weights; for Meta's release, its parent folder)")
+        parser.add_argument("--hf-arch", choices=HF_ARCHS, default="native",
+                            help="jaxllm → hf: 'llama' writes a RoPE Baichuan model as a stock LlamaForCausalLM "
+                            "(W_pack split into q/k/v, NormHead rows normalised), loadable without remote code")
         args = parser.parse_args(argv)
         if (args.src_kind, args.dst_kind) == ("hf", "jaxllm"):
-            action = lambda: hf_to_jaxllm(args.src, args.dst, family=args.family, dtype=args.dtype)
+            if args.hf_arch != "native":
+                parser.error("--hf-arch applies to --to hf")
+            action = lambda: hf_to_jaxllm(args.src, args.dst, family=args.family, dtype=args.dtype,
+                                          tokenizer=args.tokenizer, log=print)
         elif (args.src_kind, args.dst_kind) == ("jaxllm", "hf"):
-            action = lambda: jaxllm_to_hf(args.src, args.dst, dtype=args.dtype,
-                                          max_shard_bytes=_size(args.max_shard_size))
+            if args.tokenizer or args.family:
+                parser.error(f"{'--tokenizer' if args.tokenizer else '--family'} applies to --from hf "
+                             f"(an export takes the checkpoint's own)")
+            action = lambda: jaxllm_to_hf(args.src, args.dst, dtype=args.dtype, hf_arch=args.hf_arch,
+                                          max_shard_bytes=_size(args.max_shard_size), log=print)
         else:
             parser.error("--from and --to must differ (hf → jaxllm or jaxllm → hf)")
     start = time.perf_counter()

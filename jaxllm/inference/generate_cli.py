@@ -3,8 +3,11 @@
 DIR is a jaxllm checkpoint, a training run directory, or an HF directory (converted on the fly).
 Sampling defaults come from the model family (Baichuan 2: temperature 0.3, top-k 5, top-p 0.85,
 repetition penalty 1.05); flags override them. --chat wraps each prompt in the family's chat template.
-Generation ends at a stop string (--stop); ids the tokenizer has no piece for (padded embedding rows)
-are never sampled. Parameters are split over all devices (--mesh)."""
+A plain prompt starts with BOS as the checkpoint's tokenizer_config.json says (add_bos_token), else
+as the family does (Baichuan 2: no BOS; the others: BOS). Added tokens (Ziya's <human>, <bot>) are single
+ids in prompts and can be generated. Generation ends at a stop string (--stop); ids the tokenizer has
+no piece or added token for (padded embedding rows) are never sampled. Parameters are split over all
+devices (--mesh)."""
 from __future__ import annotations
 
 import argparse
@@ -98,7 +101,7 @@ def main(argv: list[str]) -> int:
         sampling = sampling_from_args(args, config.family)
         template = get_chat_template(template_for_family(config.family))
         encode = ((lambda p: template.prompt(tok, [{"role": "user", "content": p}])) if args.chat
-                  else (lambda p: tok.encode(p, bos=config.family not in ("baichuan2",))))
+                  else (lambda p: tok.encode(p, bos=tok.add_bos)))  # the checkpoint's add_bos_token, else the family's
         encoded = [encode(p) for p in prompts]  # a prompt the template refuses fails before any work
         stop_ids = template.stop_ids(tok) if args.chat else [tok.eos_id]
     except (ValueError, CheckpointError, ConversionError, TokenizerError) as err:

@@ -30,9 +30,12 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
                tokenizer: str | Path | None = None, mesh=None):
     """(config, params, tokenizer or None). An HF directory (config.json + weights) is converted in
     memory on the fly; `dtype` sets the compute dtype (parameters are kept as stored). With `mesh`,
-    each device receives only its shard of every parameter."""
+    each device receives only its shard of every parameter. The tokenizer (the one stored with the
+    checkpoint, or `tokenizer`) knows the model family's BOS default and its own added tokens, each of
+    which must have an embedding row."""
     from jaxllm.checkpoint import (CheckpointError, find_tokenizer, is_checkpoint, load_params, read_model_config,
                                    resolve)
+    from jaxllm.convert.core import check_tokenizer_fits
     from jaxllm.sharding import param_shardings
     from jaxllm.tokenizer import Tokenizer
 
@@ -42,13 +45,14 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
     if (path / "config.json").is_file() and not is_checkpoint(resolve(path)):
         from jaxllm.convert.hf_config import model_config_from_hf
         from jaxllm.convert.core import validate_source
-        from jaxllm.convert.mapping import hf_to_params, tensor_maps
+        from jaxllm.convert.mapping import hf_to_params, layout_of, tensor_maps
         from jaxllm.convert.readers import open_hf
 
         config = model_config_from_hf(path, family, name=path.name)
         reader = open_hf(path)
-        validate_source(reader, tensor_maps(config), str(path))
-        host = hf_to_params(reader.get, config)
+        layout = layout_of(reader.keys())
+        validate_source(reader, tensor_maps(config, layout), str(path))
+        host = hf_to_params(reader.get, config, layout=layout)
         params = jax.device_put(host, param_shardings(config, mesh) if mesh is not None else None)
         tok_path = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
     else:
@@ -60,4 +64,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
         config = config.replace(dtype=dtype)
     if tokenizer is not None:
         tok_path = tokenizer
-    return config, params, (Tokenizer.load(tok_path) if tok_path else None)
+    tok = Tokenizer.load(tok_path, family=config.family) if tok_path else None
+    if tok is not None:
+        check_tokenizer_fits(tok, config, str(path))
+    return config, params, tok

@@ -260,6 +260,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     primary = jax.process_index() == 0
     if stage.tokenizer_path:
         rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
+    rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
 
     if stage.prepare is not None:
         stage.prepare(mesh)

@@ -54,3 +54,12 @@ def copy_tokenizer(run_dir: str | Path, tokenizer_path: str | Path) -> Path:
     if jax.process_index() == 0 and Path(tokenizer_path).resolve() != target.resolve():
         shutil.copyfile(tokenizer_path, target)
     return target
+
+
+def copy_model_files(run_dir: str | Path, tokenizer_path: str | Path | None, init_from: str | Path | None) -> None:
+    """The starting model's files besides weights: the tokenizer's HF files (added tokens, add_bos_token)
+    and the HF remote code of `init_from`, so that an export of the run is the model users loaded."""
+    if jax.process_index() == 0:
+        from jaxllm.convert.carried import copy_model_files as copy
+
+        copy(run_dir, tokenizer_path, init_from)
