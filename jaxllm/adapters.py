@@ -185,8 +185,8 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
 
         if base_config is None:
             raise jckpt.CheckpointError(f"{path}: a PEFT adapter needs the base model it adapts")
-        config, leaves = read_peft(path, base_config)
-        return config, leaves, {"base": None, "base_digest": None, "train": [], "lm_path": []}
+        config, leaves, train = read_peft(path, base_config)
+        return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": []}
     directory = jckpt.resolve(path)
     record = read_record(directory)
     config = jckpt.read_model_config(directory)

@@ -175,8 +175,9 @@ class _ShardWriter:
 
 
 def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                 max_shard_bytes: int = 5 * 2**30) -> ModelConfig:
-    """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors)."""
+                 max_shard_bytes: int = 5 * 2**30, arrays: dict | None = None) -> ModelConfig:
+    """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors).
+    `arrays`: leaves to export instead of the stored ones, read the same way (a LoRA merge)."""
     from jaxllm.checkpoint import find_tokenizer, open_arrays, read_model_config, resolve, trim_host_memory
     from jaxllm.models import param_shapes
 
@@ -187,7 +188,8 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     maps = tensor_maps(config)
     groups = _leaf_groups(maps)
     shapes = param_shapes(config)
-    arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
+    if arrays is None:
+        arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
     for path, array in arrays.items():
         if array.shape != _get(shapes, path).shape:
             raise ConversionError(f"{ckpt}: leaf {'/'.join(path)} has shape {array.shape}, expected "
