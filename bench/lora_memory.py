@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
-DEFAULT = ["full:-:full:1", "lora:bfloat16:full:1", "lora:bfloat16:full:2", "lora:int8:full:4", "lora:int4:full:8"]
+DEFAULT = ["lora:bfloat16:full:1", "lora:bfloat16:full:2", "lora:int8:full:4", "lora:int4:full:8", "full:-:full:1"]
 CAPACITY_GIB = {"v5e:1x1": 16.0}
 
 
@@ -60,15 +61,24 @@ def measure(config, devices):
     rows, seq = config.train.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((1, rows, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-    start = time.perf_counter()
-    compiled = plan.step_fn.lower(*plan.abstract_args(batch)).compile()
-    seconds = time.perf_counter() - start
-    m = compiled.memory_analysis()
     size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     parts = {"trainable": size(plan.param_shapes), "optimizer": size(plan.opt_shapes),
-             "frozen": size(plan.lora.frozen_shapes) if plan.lora is not None else 0,
-             "temp": m.temp_size_in_bytes,
-             "total": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes}
+             "frozen": size(plan.lora.frozen_shapes) if plan.lora is not None else 0}
+    start = time.perf_counter()
+    try:
+        compiled = plan.step_fn.lower(*plan.abstract_args(batch)).compile()
+    except jax.errors.JaxRuntimeError as err:
+        # The TPU compiler refuses a program that cannot fit and says how much it needs.
+        need = re.search(r"required for HLO temporaries \(([\d.]+)([GMK])\)", str(err))
+        if "RESOURCE_EXHAUSTED" not in str(err) or need is None:
+            raise
+        unit = {"G": 2**30, "M": 2**20, "K": 2**10}[need.group(2)]
+        return {**parts, "temp": None, "total": float(need.group(1)) * unit, "refused": True}, \
+            time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    parts.update(temp=m.temp_size_in_bytes, total=m.argument_size_in_bytes + m.output_size_in_bytes
+                 - m.alias_size_in_bytes + m.temp_size_in_bytes)
     return parts, seconds
 
 
@@ -101,13 +111,18 @@ def main(argv=None) -> None:
           + (f", {capacity:.0f} GiB per chip" if capacity else "") + "\n")
     print(f"{'setting':<24}  {'trainable GiB':>13}  {'Adam GiB':>8}  {'frozen GiB':>10}  {'temp GiB':>8}  "
           f"{'total GiB':>9}  {'fits':>4}  {'compile s':>9}")
-    gib = 2**30
+    gib, refused = 2**30, False
     for text, config in settings:
         parts, seconds = measure(config, devices)
         fits = "-" if not capacity else ("yes" if parts["total"] <= capacity * gib else "no")
+        temp = "-" if parts["temp"] is None else f"{parts['temp'] / gib:.3f}"
         print(f"{text:<24}  {parts['trainable'] / gib:>13.3f}  {parts['optimizer'] / gib:>8.3f}  "
-              f"{parts['frozen'] / gib:>10.3f}  {parts['temp'] / gib:>8.3f}  {parts['total'] / gib:>9.3f}  "
+              f"{parts['frozen'] / gib:>10.3f}  {temp:>8}  {parts['total'] / gib:>9.3f}  "
               f"{fits:>4}  {seconds:>9.1f}", flush=True)
+        if parts.get("refused"):
+            refused = True
+    if refused:
+        print("\ntemp '-': the TPU compiler refused the program (out of HBM); total is the need it reported")
 
 
 if __name__ == "__main__":
