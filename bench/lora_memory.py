@@ -90,6 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--topology", default="v5e:1x1", help="TPU topology name, or 'cpu' for this machine")
     parser.add_argument("--settings", nargs="+", default=DEFAULT, help="KIND:BASE_DTYPE:REMAT:BATCH ...")
     parser.add_argument("--memory-gib", type=float, help="the chip's memory (default: 16 for v5e:1x1)")
+    parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="of the table (MiB for tiny models)")
     args = parser.parse_args(argv)
 
     from jaxllm.config import ConfigError
@@ -109,12 +110,13 @@ def main(argv=None) -> None:
     print(f"{args.preset}, seq {args.seq_len}, bf16 compute, LoRA rank {args.rank} on q/k/v/o/gate/up/down; "
           f"compiled for {args.topology} ({devices[0].device_kind})"
           + (f", {capacity:.0f} GiB per chip" if capacity else "") + "\n")
-    print(f"{'setting':<24}  {'trainable GiB':>13}  {'Adam GiB':>8}  {'frozen GiB':>10}  {'temp GiB':>8}  "
-          f"{'total GiB':>9}  {'fits':>4}  {'compile s':>9}")
-    gib, refused = 2**30, False
+    u = args.unit
+    print(f"{'setting':<24}  {'trainable ' + u:>13}  {'Adam ' + u:>8}  {'frozen ' + u:>10}  {'temp ' + u:>8}  "
+          f"{'total ' + u:>9}  {'fits':>4}  {'compile s':>9}")
+    gib, refused = (2**30 if u == "GiB" else 2**20), False
     for text, config in settings:
         parts, seconds = measure(config, devices)
-        fits = "-" if not capacity else ("yes" if parts["total"] <= capacity * gib else "no")
+        fits = "-" if not capacity else ("yes" if parts["total"] <= capacity * 2**30 else "no")
         temp = "-" if parts["temp"] is None else f"{parts['temp'] / gib:.3f}"
         print(f"{text:<24}  {parts['trainable'] / gib:>13.3f}  {parts['optimizer'] / gib:>8.3f}  "
               f"{parts['frozen'] / gib:>10.3f}  {temp:>8}  {parts['total'] / gib:>9.3f}  "

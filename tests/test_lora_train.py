@@ -176,7 +176,8 @@ def test_lora_recipes_load():
     baichuan = load_stage_recipe("baichuan2-7b-sft-lora")[0]
     assert baichuan.model.lora.targets == ("qkv",) and baichuan.model.lora.rank == 1  # Baichuan 2's fine-tune.py
     llama = load_stage_recipe("llama2-7b-sft-lora")[0]
-    assert llama.data.seq_len == 2048 and llama.train.batch_size // llama.train.grad_accum == 1
+    assert llama.data.seq_len == 2048 and llama.train.batch_size // llama.train.grad_accum == 4  # measured to fit
+    assert llama.lora.base_dtype == "int8"
 
 
 # ---- slow: kill-resume, another base, DPO and RM with LoRA -----------------------------------------------
