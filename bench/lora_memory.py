@@ -61,7 +61,7 @@ def measure(config, devices):
     rows, seq = config.train.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((1, rows, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    from jaxllm.models.quant import nbytes as size  # int4 counts half a byte, as the chip stores it
     parts = {"trainable": size(plan.param_shapes), "optimizer": size(plan.opt_shapes),
              "frozen": size(plan.lora.frozen_shapes) if plan.lora is not None else 0}
     start = time.perf_counter()

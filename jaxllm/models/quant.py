@@ -90,4 +90,5 @@ def storage_axes(axes: P, stored) -> P | QuantizedWeight:
 
 
 def nbytes(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes of a tree of arrays or shapes, int4 packed two to a byte (as devices store it)."""
+    return sum(math.prod(x.shape) * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
