@@ -101,3 +101,15 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
                          capture_output=True, check=False, text=True, timeout=600)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("mfu_sweep: model.remat must be one of")
+
+
+def test_lora_memory_table():
+    out = run_bench("lora_memory.py", "--preset", "llama2-tiny", "--seq-len", "32", "--topology", "cpu",
+                    "--unit", "MiB", "--settings", "lora:int8:full:2", "full:-:full:2")
+    rows = table_rows(out, "setting")
+    assert set(rows) == {"lora:int8:full:2", "full:-:full:2"}
+    lora, full = (list(map(float, rows[k][:5])) for k in ("lora:int8:full:2", "full:-:full:2"))
+    assert lora[0] < full[0] and lora[1] < full[1] and lora[2] > 0 == full[2]  # trainable, Adam, frozen
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--settings", "half:x:full:1"],
+                         cwd=ROOT, capture_output=True, check=False, text=True, timeout=600)
+    assert bad.returncode != 0 and "KIND must be lora or full" in bad.stderr.strip().splitlines()[-1]

@@ -6,7 +6,12 @@ original `consolidated.*.pth` + `params.json` (its tokenizer.model is taken from
 Meta keeps it, or from --tokenizer). The family is detected from config.json; force it with --family.
 A Baichuan checkpoint's position encoding follows the modeling code it ships; that code and `auto_map`
 are kept and written back on export. Each such decision is printed. DST must not exist: it appears
-complete or not at all."""
+complete or not at all.
+
+LoRA adapters (SRC a LoRA run, a jaxllm adapter or a PEFT adapter directory):
+  --from jaxllm --to hf RUN DST --adapter          a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  --from hf --to jaxllm PEFT DST --adapter --base B a jaxllm adapter of the jaxllm checkpoint B
+  --from jaxllm|hf --to hf|jaxllm SRC DST --merge   the base with the adapter merged in (base: recorded, or --base)"""
 from __future__ import annotations
 
 import argparse
@@ -53,10 +58,35 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--hf-arch", choices=HF_ARCHS, default="native",
                             help="jaxllm → hf: 'llama' writes a RoPE Baichuan model as a stock LlamaForCausalLM "
                             "(W_pack split into q/k/v, NormHead rows normalised), loadable without remote code")
+        lora = parser.add_mutually_exclusive_group()
+        lora.add_argument("--adapter", action="store_true", help="convert a LoRA adapter (jaxllm ⇄ PEFT format)")
+        lora.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base")
+        parser.add_argument("--base", metavar="DIR", help="the jaxllm checkpoint an adapter adapts (default: the "
+                            "one the LoRA run recorded)")
         args = parser.parse_args(argv)
-        if (args.src_kind, args.dst_kind) == ("hf", "jaxllm"):
-            if args.hf_arch != "native":
-                parser.error("--hf-arch applies to --to hf")
+        from jaxllm.convert import merge
+
+        kinds = (args.src_kind, args.dst_kind)
+        if args.base and not (args.adapter or args.merge):
+            parser.error("--base goes with --adapter or --merge")
+        if args.hf_arch != "native" and (args.dst_kind != "hf" or args.adapter or args.merge):
+            parser.error("--hf-arch applies to a plain export (--from jaxllm --to hf)")
+        if args.adapter and kinds == ("jaxllm", "hf"):
+            action = lambda: merge.export_peft(args.src, args.dst)
+        elif args.adapter and kinds == ("hf", "jaxllm"):
+            action = lambda: merge.import_adapter(args.src, args.dst, args.base)
+        elif args.adapter:
+            parser.error("--adapter converts jaxllm → hf (PEFT export) or hf → jaxllm (PEFT import)")
+        elif args.merge and args.dst_kind == "jaxllm":
+            action = lambda: merge.merge_to_jaxllm(args.src, args.dst, args.base)
+        elif args.merge:
+            action = lambda: merge.merge_to_hf(args.src, args.dst, args.base, dtype=args.dtype,
+                                               max_shard_bytes=_size(args.max_shard_size))
+        elif kinds[0] == kinds[1]:
+            parser.error("--from and --to must differ (hf → jaxllm or jaxllm → hf), except with --merge")
+        elif merge.is_adapter(args.src):
+            parser.error(f"{args.src} is a LoRA adapter: --adapter converts it, --merge merges it into its base")
+        elif kinds == ("hf", "jaxllm"):
             action = lambda: hf_to_jaxllm(args.src, args.dst, family=args.family, dtype=args.dtype,
                                           tokenizer=args.tokenizer, log=print)
         elif (args.src_kind, args.dst_kind) == ("jaxllm", "hf"):

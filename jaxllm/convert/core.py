@@ -237,7 +237,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                  max_shard_bytes: int = 5 * 2**30, hf_arch: str = "native",
-                 log: Callable[[str], None] | None = None) -> ModelConfig:
+                 log: Callable[[str], None] | None = None, arrays: dict | None = None) -> ModelConfig:
     """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors, the
     tokenizer and its HF files, the remote code it carries).
 
@@ -245,7 +245,8 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     `auto_map` (or an `auto_map` naming baichuan-inc's code on the Hub when it carries none) and, where
     that code keeps RoPE's `inv_freq` as a persistent buffer (Baichuan-7B), the buffers it expects.
     hf_arch "llama": a RoPE Baichuan model as a stock `LlamaForCausalLM` (W_pack split into q/k/v,
-    NormHead rows normalised in float32 and stored in the export dtype); no remote code needed."""
+    NormHead rows normalised in float32 and stored in the export dtype); no remote code needed.
+    `arrays`: leaves to export instead of the stored ones, read the same way (a LoRA merge)."""
     from jaxllm.checkpoint import find_tokenizer, open_arrays, read_model_config, resolve, trim_host_memory
     from jaxllm.models import param_shapes
     from jaxllm.tokenizer import Tokenizer, TokenizerError
@@ -264,7 +265,8 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     maps = tensor_maps(config, layout)
     groups = _leaf_groups(maps)
     shapes = param_shapes(config)
-    arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
+    if arrays is None:
+        arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
     for path, array in arrays.items():
         if array.shape != _get(shapes, path).shape:
             raise ConversionError(f"{ckpt}: leaf {'/'.join(path)} has shape {array.shape}, expected "

@@ -29,10 +29,10 @@ def logical_axes(config: ModelConfig) -> dict:
             "head": {"kernel": P("norm"), "bias": P()}}
 
 
-def scores(config: ModelConfig, params: dict, tokens, positions, segment_ids, last) -> jax.Array:
+def scores(config: ModelConfig, params: dict, tokens, positions, segment_ids, last, rng=None) -> jax.Array:
     """Scalar reward per sequence, read at its last token: float32[batch] for tokens [batch, seq],
-    last int32[batch]."""
-    hidden = forward(backbone_config(config), params["backbone"], tokens, positions, segment_ids)
+    last int32[batch]. `rng`: training randomness (LoRA dropout)."""
+    hidden = forward(backbone_config(config), params["backbone"], tokens, positions, segment_ids, rng=rng)
     final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     return final @ params["head"]["kernel"] + params["head"]["bias"]
 

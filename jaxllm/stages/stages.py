@@ -174,14 +174,16 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     del pairs["margin"], pairs["last"]
     model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
 
-    def prepare(mesh):  # the frozen reference, read straight onto the run's mesh, scores every pair once
-        start = _load_start(config, "dpo", param_shardings(model_config, mesh))
+    def prepare(mesh, start=None):  # the frozen reference, read straight onto the run's mesh, scores every pair once
+        # With LoRA the loop passes the starting model: its frozen base plus the adapters as they start (B = 0:
+        # the base with adapters off, or `lora.init_adapter`), so the reference is no second copy of the weights.
+        if start is None:
+            start = _load_start(config, "dpo", param_shardings(model_config, mesh))
         pairs["ref_logps"] = _reference_logprobs(model_config, start, pairs, mesh)
 
     def loss_fn(params, batch, rng):
-        del rng
         b = _flat(batch)
-        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"])
+        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"], rng=rng)
         logps = sequence_logprobs(logits, b["targets"], b["loss_mask"]).reshape(-1, 2)
         ref = batch["ref_logps"]
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
@@ -225,10 +227,9 @@ def rm_stage(config, options: StageOptions, log=print):
         return attach_head(lm, rng)
 
     def loss_fn(params, batch, rng):
-        del rng
         b = _flat(batch)
         scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
-                               batch["last"].reshape(-1)).reshape(-1, 2)
+                               batch["last"].reshape(-1), rng=rng).reshape(-1, 2)
         loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
         return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
 
@@ -238,7 +239,7 @@ def rm_stage(config, options: StageOptions, log=print):
     stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
                   load_params=load_params if config.init_from else None,
                   param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
-                  num_rows=len(train_rows["tokens"]),
+                  num_rows=len(train_rows["tokens"]), lm_path=("backbone",),
                   tokenizer_path=tok_path)
     return stage, eval_rows
 

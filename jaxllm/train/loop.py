@@ -24,7 +24,7 @@ from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
-from jaxllm.train import flops, rundir
+from jaxllm.train import adapted, flops, rundir
 from jaxllm.train.checkpointing import RunCheckpoints
 from jaxllm.train.config import RunConfig, resolve_epochs
 from jaxllm.train.metrics import MetricsLog, Reporter, plot_loss
@@ -45,6 +45,13 @@ class TrainResult:
     nan_skipped: int
     run_dir: Path
     last_metrics: dict
+    frozen: Any = None        # a LoRA run's frozen base (params are what trained)
+
+    @property
+    def full_params(self):
+        """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
+        from jaxllm.models.lora import merge
+        return self.params if self.frozen is None else merge(self.params, self.frozen)
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
@@ -197,6 +204,7 @@ class RunPlan:
     local_rows: int           # rows this host loads per step
     init_key: jax.Array
     train_key: jax.Array
+    lora: adapted.LoraLayout | None = None  # a LoRA run: params are what trains; step_fn takes the frozen base last
 
     @property
     def replicated(self) -> NamedSharding:
@@ -207,6 +215,15 @@ class RunPlan:
 
     def abstract_opt_state(self):
         return _abstract(self.opt_shapes, self.opt_sh)
+
+    def abstract_args(self, batch_shapes) -> tuple:
+        """The step's arguments as sharded shapes, for `step_fn.lower(*args)`: params, optimizer state,
+        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a LoRA run's frozen base."""
+        batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sh), batch_shapes)
+        args = (self.abstract_params(), self.abstract_opt_state(), batch,
+                jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated),
+                jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated))
+        return args + ((self.lora.abstract_frozen(),) if self.lora is not None else ())
 
 
 def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
@@ -225,18 +242,24 @@ def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
         param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
     else:
         param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
+    lora_layout = None
+    if config.lora is not None:  # only the adapters (and new heads) train; the base is frozen
+        param_axes, shapes, lora_layout = adapted.layout(config, stage.lm_path, param_axes, shapes, mesh)
     param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
     optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
     opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
     opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_shapes, param_sh,
                                    transform_non_params=lambda _: replicated)
     put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
-    step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule),
-                      in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
+    in_sh = (param_sh, opt_sh, batch_sh, replicated, replicated)
+    if lora_layout is not None:  # the frozen base: an argument (never a constant), not donated
+        in_sh += (lora_layout.frozen_sh,)
+    step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule), in_shardings=in_sh,
                       out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
     return RunPlan(mesh=mesh, param_axes=param_axes, param_shapes=shapes, param_sh=param_sh, optimizer=optimizer,
                    schedule=schedule, opt_shapes=opt_shapes, opt_sh=opt_sh, put_batch=put_batch, batch_sh=batch_sh,
-                   step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key)
+                   step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key,
+                   lora=lora_layout)
 
 
 def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
@@ -262,8 +285,15 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
     rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
 
+    frozen = initial = None
+    if plan.lora is not None:
+        frozen, initial, base_digest = adapted.start(config, plan, stage.init_params or adapted.lm_init(config), log)
     if stage.prepare is not None:
-        stage.prepare(mesh)
+        if frozen is None:
+            stage.prepare(mesh)
+        else:  # the starting model is the frozen base plus the initial adapters: no second copy of the weights
+            from jaxllm.models.lora import merge
+            stage.prepare(mesh, start=merge(initial, frozen))
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):
@@ -271,13 +301,15 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
         cleanup.callback(ckpts.close)
+        if plan.lora is not None:
+            adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
         restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
         if restored is not None:
             step, params, opt_state, meta = restored
             log(f"resumed {run_dir} at step {step}")
         else:
             step, meta = 0, {}
-            params = _initial_params(config, stage, plan.init_key, plan.param_sh)
+            params = initial if initial is not None else _initial_params(config, stage, plan.init_key, plan.param_sh)
             if config.init_from and (stage.load_params is not None or stage.init_params is None):
                 log(f"initialised from {config.init_from}")
             opt_state = jax.jit(plan.optimizer.init, out_shardings=plan.opt_sh)(params)
@@ -291,6 +323,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
                 f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
                 f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
+            if plan.lora is not None:
+                log(adapted.describe(plan))
         metrics_log = MetricsLog(run_dir, step, tensorboard=config.log.tensorboard, enabled=primary)
         report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
                           tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
@@ -323,7 +357,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 if on_batch is not None:
                     on_batch(step + 1, local)
                 params, opt_state, metrics = plan.step_fn(params, opt_state, plan.put_batch(local),
-                                                     jax.random.fold_in(train_key, step), step)
+                                                          jax.random.fold_in(train_key, step), step,
+                                                          *(() if frozen is None else (frozen,)))
                 step += 1
                 if pending is not None:
                     report(pending[0], jax.device_get(pending[1]))
@@ -365,4 +400,5 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         log(f"  metrics      {metrics_log.path}")
         log(f"  loss curve   {png}" if png else "  loss curve   (none)")
     return TrainResult(step=step, params=params, opt_state=opt_state, stop_reason=stop_reason,
-                       exit_code=exit_code, nan_skipped=report.nan_skipped, run_dir=run_dir, last_metrics=last)
+                       exit_code=exit_code, nan_skipped=report.nan_skipped, run_dir=run_dir, last_metrics=last,
+                       frozen=frozen)
