@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         if args.base and not (args.adapter or args.merge):
             parser.error("--base goes with --adapter or --merge")
         if args.hf_arch != "native" and (args.dst_kind != "hf" or args.adapter or args.merge):
-            parser.error("--hf-arch applies to a plain export (--from jaxllm --to hf)")
+            parser.error("--hf-arch applies to --to hf (a plain export, not --adapter or --merge)")
         if args.adapter and kinds == ("jaxllm", "hf"):
             action = lambda: merge.export_peft(args.src, args.dst)
         elif args.adapter and kinds == ("hf", "jaxllm"):
