@@ -51,7 +51,7 @@ def test_curriculum_splits_by_loss_and_chained_sft_runs_start_from_each_other(tm
     assert sorted(written) == sorted(json.dumps(json.loads(x), ensure_ascii=False) for x in lines)
     # a score is the model's mean loss per reply token
     tok = Tokenizer.load(TOKENIZER)
-    (ids, mask, labels), = encode_sft([out / "stage2.jsonl"], tok, get_chat_template("ziya"), 96)[0][:1]
+    ids, mask, labels = encode_sft([out / "stage2.jsonl"], tok, get_chat_template("ziya"), 96)[0][0]
     logits = forward(cfg, load_params(start, cfg)[0], jnp.asarray(ids[None, :-1]))
     nll = np.asarray(token_nll(logits, jnp.asarray(labels[None, 1:])))[0]
     first_hard = next(s for s in scores if s["stage"] == 2)

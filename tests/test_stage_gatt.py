@@ -170,3 +170,22 @@ def test_gatt_command_samples_every_turn_from_a_policy(tmp_path, capsys):
                 "--tokenizer", str(TOKENIZER), "--temperature", "0", "--max-new-tokens", "8", "--mesh", "none",
                 "-o", str(tmp_path / "none.jsonl")]) == 2
     assert "ended: reply unfinished: 3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gatt_makes_a_first_turn_instruction_hold_at_turns_3_and_4(tmp_path):
+    """examples/gatt_demo.py, shortened: with GAtt the instruction holds at turns ≥ 3; without (the base
+    model, or the same extra steps on the base data) it does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gatt_demo", ROOT / "examples" / "gatt_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    figures = tmp_path / "figures.json"
+    assert demo.main(["--base-steps", "250", "--tune-steps", "80", "--eval", "32", "--work-dir", str(tmp_path),
+                      "--json", str(figures)]) == 0
+    table = json.loads(figures.read_text())
+    with_gatt, base, control = (table[k] for k in ("with GAtt", "without GAtt (base)", "without GAtt (control)"))
+    assert base["turns"][0] > 0.5 and with_gatt["turns"][0] > 0.5  # both follow it in the turn that states it
+    assert with_gatt["turn>=3"] >= max(base["turn>=3"], control["turn>=3"]) + 0.25
+    assert with_gatt["no instruction"] > 0.9  # and the default behaviour is intact

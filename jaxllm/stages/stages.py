@@ -82,7 +82,7 @@ def _inputs(config, options):
     """([(source name, files, weight)], tokenizer, tokenizer path)."""
     from jaxllm.data import load_tokenizer, resolve_path
 
-    sources = mixture.stage_sources(config, options.weights)
+    sources = mixture.stage_sources(config, mixture.parse_weights(options.weights))
     if not config.data.tokenizer:
         raise ConfigError("data.tokenizer is required (the starting model's tokenizer.model)")
     tokenizer = load_tokenizer(config.data.tokenizer)
