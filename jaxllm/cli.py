@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("jaxllm.stages.cli:rm_main", "train a reward model (Llama 2 margin ranking loss)"),
     "rejection-sample": ("jaxllm.rlhf.cli:rejection_main", "best-of-K sampling with a reward model → SFT data"),
     "ppo": ("jaxllm.rlhf.cli:ppo_main", "PPO with a KL penalty against the starting policy"),
+    "data": ("jaxllm.stages.data_cli", "alignment data: Ghost Attention dialogues, easy-to-hard SFT curriculum"),
     "convert": ("jaxllm.convert.cli", "convert HuggingFace / PyTorch / Meta checkpoints to and from jaxllm"),
     "tokenizer": ("jaxllm.tokenizer.cli", "train, extend, inspect sentencepiece tokenizers"),
     "generate": ("jaxllm.inference.generate_cli", "sample text from a checkpoint (KV-cached)"),
