@@ -98,6 +98,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stage: dict | None = None         # a stage's own options (SFT/DPO/RM), recorded so a resume keeps them
+    stage_name: str | None = None     # the stage that trains the run (pretrain, sft, dpo, rm); set by train()
 
     def validate(self) -> "RunConfig":
         t, o = self.train, self.optimizer
