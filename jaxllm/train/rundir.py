@@ -82,21 +82,29 @@ def claim(run_dir: str | Path, config: RunConfig, log=print) -> "RunLock":
     """Check RUN (see `check`), create it, lock it for this run and write the resolved config. Process 0
     holds the lock for every process of a multi-host run; the others learn whether it was taken."""
     run_dir = check(run_dir, config)
-    lock, error = None, None
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = RunLock.acquire(run_dir, log=log)
-        except RunDirLocked as err:
-            error = err
-    if not _agreed(error is None):
-        raise error or RunDirLocked(f"run directory {run_dir} is in use by another run (see process 0)")
+    held = lock(run_dir, log=log)
     if jax.process_index() == 0:
         path = run_dir / "config.yaml"
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(config.to_yaml(), encoding="utf-8")
         tmp.replace(path)
-    return lock or RunLock(run_dir, token=None)
+    return held
+
+
+def lock(run_dir: str | Path, log=print) -> "RunLock":
+    """Create RUN if needed and lock it for this run until `release()` or the end of the process
+    (RunDirLocked, one line naming the holder, when another run holds it). Process 0 of a multi-host run
+    takes the lock for all; every process learns the outcome, so none trains alone."""
+    run_dir, held, error = Path(run_dir), None, None
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            held = RunLock.acquire(run_dir, log=log)
+        except RunDirLocked as err:
+            error = err
+    if not _agreed(error is None):
+        raise error or RunDirLocked(f"run directory {run_dir} is in use by another run (see process 0)")
+    return held or RunLock(run_dir, token=None)
 
 
 def prepare(run_dir: str | Path, config: RunConfig) -> Path:
