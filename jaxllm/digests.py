@@ -210,7 +210,9 @@ def device_digests(tree) -> dict[str, str]:
         return {}
     sharding = getattr(leaves[0][1], "sharding", None)
     out = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
-    lanes = np.asarray(_digest_fn(out)([leaf for _, leaf in leaves]))
+    result = _digest_fn(out)([leaf for _, leaf in leaves])
+    # Replicated: every process holds the whole (tiny) result, though not every device of a multi-host mesh.
+    lanes = np.asarray(result if result.is_fully_addressable else result.addressable_data(0))
     return {name: encode(row) for (name, _), row in zip(leaves, lanes)}
 
 
