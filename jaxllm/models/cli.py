@@ -8,6 +8,7 @@ import argparse
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm presets", description=__doc__)
     parser.add_argument("--published", action="store_true", help="only the published model sizes")
+    parser.add_argument("--all", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
     args = parser.parse_args(argv)
     from jaxllm.models import PRESETS, PUBLISHED, count_params, get_preset
 
