@@ -205,3 +205,14 @@ def test_a_live_holder_keeps_the_run_directory_and_a_dead_or_silent_one_loses_it
     assert lines[-1] == (f"run directory {run}: taking over the lock of pid {dead} on {socket.gethostname()} "
                          f"(the process no longer runs)")
     lock.release()
+
+
+def test_a_run_directory_of_another_stage_is_refused_as_such(tmp_path):
+    from jaxllm.train.config import RunConfig
+
+    rm = RunConfig(run_dir=str(tmp_path / "rm-demo"), stage_name="rm")
+    rundir.claim(rm.run_dir, rm).release()
+    assert "stage_name: rm" in (tmp_path / "rm-demo" / "config.yaml").read_text()
+    dpo = RunConfig(run_dir=rm.run_dir, stage_name="dpo")
+    with pytest.raises(rundir.RunDirError, match=r"rm-demo holds a `jaxllm rm` run, not a `jaxllm dpo` one"):
+        rundir.claim(dpo.run_dir, dpo)

@@ -168,6 +168,9 @@ def test_a_stage_whose_inputs_fail_leaves_nothing_and_says_what_to_run_first(tmp
     assert cli.main(["generate", "--checkpoint", "runs/rm-demo", "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         "jaxllm generate: error: runs/rm-demo holds a reward model, not a language model")
+    assert cli.main(["generate", "--checkpoint", "runs/rm-demo/model.json", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is a file; a checkpoint is a directory (with model.json): did you mean runs/rm-demo?")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["rm-demo", "sft-demo"]
 
 
@@ -223,3 +226,44 @@ def test_the_readme_demo_trains_and_its_loss_falls(tmp_path):
     assert cli.main(["train", f"run_dir={tmp_path / 'demo'}", "train.steps=60", "log.tensorboard=false"]) == 0
     losses = [json.loads(x)["loss"] for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_a_clean_finish_is_bit_identical(tmp_path):
+    """A checkpoint every step, two kept (retention renames and deletes all the time), SIGKILL at random
+    moments five times: each restart resumes from a verified step, no debris stays listed, and the finished
+    run equals one that was never interrupted."""
+    import random
+
+    import jax
+    import numpy as np
+
+    from jaxllm.checkpoint import load_params
+    from jaxllm.train.loop import train
+
+    sections = dict(train={"steps": 12}, optimizer={"decay_steps": 12}, checkpoint={"every": 1, "keep": 2})
+    straight = train(tiny_config(tmp_path / "straight", **sections), log=lambda *_: None)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "kill.yaml", run, **sections)
+    rng = random.Random(0)
+    for _ in range(5):
+        child = subprocess.Popen([sys.executable, "-m", "jaxllm.cli", "train", str(recipe), *QUIET],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics, deadline = run / "metrics.jsonl", time.time() + 240
+        start = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) <= start) and child.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
+        child.kill()
+        child.wait()
+    done = run_cli("train", recipe, *QUIET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "damaged" not in done.stdout + done.stderr
+    listed = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert [int(n) for n in listed if n.isdigit()] == [11, 12]
+    assert all(n.isdigit() or n in ("model.json", ".retired") for n in listed), listed  # no debris
+    assert not (run / "checkpoints" / ".retired").exists() or not any((run / "checkpoints" / ".retired").iterdir())
+    params, _ = load_params(run)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(straight.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -179,8 +179,10 @@ def test_a_run_whose_checkpoints_all_fail_stops_and_keeps_them(reference, tmp_pa
 def test_keep_n_prunes_older_checkpoints(tmp_path):
     result = train(tiny_config(tmp_path / "run", checkpoint={"every": 1, "keep": 2}), log=lambda *_: None)
     assert result.step == STEPS
-    kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    checkpoints = tmp_path / "run" / "checkpoints"
+    kept = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert kept == [STEPS - 1, STEPS]
+    assert not any((checkpoints / ".retired").iterdir())  # retired by a rename, then deleted
 
 
 def test_resuming_with_another_host_count_is_refused(reference, tmp_path):

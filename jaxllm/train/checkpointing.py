@@ -285,6 +285,9 @@ class RunCheckpoints:
             self.manager.close()
             if self._emptying is not None:
                 self._emptying.join()
+            self._empty_retired()  # what the last save's retention moved away
+            if self._emptying is not None:
+                self._emptying.join()
 
 
 def _missing(step_dir: Path) -> list[str]:
