@@ -104,7 +104,8 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
 
 
 def test_checkpoint_digest_table(tmp_path):
-    out = run_bench("checkpoint_digest.py", "--preset", "llama2-tiny", "--repeats", "1", "--tmp", str(tmp_path))
+    out = run_bench("checkpoint_digest.py", "--preset", "llama2-tiny", "--params-only", "--repeats", "1",
+                    "--tmp", str(tmp_path))
     rows = table_rows(out, "step")
     assert set(rows) == {"save: orbax (blocking part)", "save: orbax (until committed)",
                          "save: digests (added, blocking)", "restore: orbax", "restore: verify digests"}
