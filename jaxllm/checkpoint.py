@@ -225,8 +225,8 @@ def is_storage_failure(err: BaseException) -> bool:
                for e in _causes(err))
 
 
-_TS_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "INVALID_ARGUMENT", "UNKNOWN",
-             "INTERNAL", "PERMISSION_DENIED", "UNAVAILABLE")
+# TensorStore status codes that mean the stored bytes (not the request) are at fault.
+_TS_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED", "UNAVAILABLE")
 _quiet_installed = False
 
 
