@@ -47,7 +47,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     import orbax.checkpoint as ocp
@@ -79,7 +78,8 @@ def main(argv=None) -> None:
             mngr.wait_until_finished()
             t_save = time.perf_counter() - start
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        del state, params
+        state.clear()  # free the arrays before reading them back
+        del params
         with manager(scratch, item_names=items) as mngr:
             start = time.perf_counter()
             restored = mngr.restore(1, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)

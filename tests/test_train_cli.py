@@ -1,8 +1,8 @@
 """`jaxllm train` through the console entry point: a tiny recipe trains, mistakes are one-line errors, an
 interrupted run saves and fails whatever happened to its output, a damaged run falls back in one line per
 checkpoint, and a run directory has one writer."""
+import gzip
 import json
-import os
 import shutil
 import signal
 import socket
@@ -183,6 +183,14 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
     assert "data.sources.0.path: '/nonexistent/*.jsonl' matches no file" in capsys.readouterr().err
     assert cli.main(["train", "mesh.tensor=3", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "mesh: " in capsys.readouterr().err
+    cut = tmp_path / "cut.jsonl.gz"  # a corpus whose download stopped half-way
+    with gzip.open(cut, "wt") as f:
+        f.writelines(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(500))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert cli.main(["train", f"data.sources=[{{path: {cut}}}]", "data.on_error=raise",
+                     f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxllm train: error: {cut}: file ends early (truncated) after line ") and "\n" not in err
     assert not (tmp_path / "run").exists()  # a failed start does not claim the run directory
 
 

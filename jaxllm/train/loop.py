@@ -208,16 +208,16 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     if stage.prepare is not None:
         stage.prepare(mesh)
     with contextlib.ExitStack() as cleanup:
-        # Only a run whose inputs all checked out creates, locks and writes its directory; the lock is
-        # released last, after the final save is committed.
+        data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
+        if hasattr(data, "close"):
+            cleanup.callback(data.close)
+        # Only a run whose inputs all checked out (its first data block read) creates, locks and writes its
+        # directory; the lock is released last, after the final save is committed.
         run_lock = rundir.claim(config.run_dir, config, log=log)
         cleanup.callback(run_lock.release)
         run_dir = Path(config.run_dir)
         if stage.tokenizer_path:
             rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
-        data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
-        if hasattr(data, "close"):
-            cleanup.callback(data.close)
         ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save, log=log)
         cleanup.callback(ckpts.close)
