@@ -56,7 +56,9 @@ def run(kind: str, argv: list[str]) -> int:
             result = train(config, stage)
             if result.exit_code == 0 and len(held_out["tokens"]):
                 accuracy = reward_accuracy(config.model, result.full_params, held_out)
-                print(f"reward model: held-out accuracy {accuracy:.3f} on {len(held_out['tokens'])} pairs")
+                pairs = len(held_out["tokens"])
+                print(f"reward model: held-out accuracy {accuracy:.3f} on {pairs} pairs (chance: 0.5 ± "
+                      f"{0.5 / pairs ** 0.5:.2f})")
                 from pathlib import Path
                 (Path(config.run_dir) / "eval.json").write_text(json.dumps(
                     {"heldout_accuracy": accuracy, "heldout_pairs": int(len(held_out["tokens"]))}) + "\n")

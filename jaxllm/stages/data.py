@@ -6,7 +6,6 @@ SFT rows are packed (several examples per row, segment ids keep them apart); pre
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -151,22 +150,13 @@ def mask_untrained_replies(mask: list, messages: list[dict]) -> list:
 
 
 def read_jsonl(path: str | Path, stats: Stats, on_error: str = "skip") -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", record) for each line; bad JSON / non-UTF-8 skipped+counted or raised."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                yield where, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                reason = "non-UTF-8" if isinstance(err, UnicodeDecodeError) else "bad JSON"
-                if on_error == "raise":
-                    raise DataFormatError(f"{where}: {reason}: {err}") from None
-                stats.skip(reason)
+    """Yield ("file:line", record) for each line of a .jsonl or .jsonl.gz file; bad JSON, non-UTF-8 and a
+    damaged file are skipped and counted, or raised (the pretraining reader, `jaxllm.data.read_json_lines`)."""
+    from jaxllm.data import DataError, read_json_lines
+    try:
+        yield from read_json_lines(path, on_error=on_error, skip=stats.skip)
+    except DataError as err:
+        raise DataFormatError(str(err)) from None
 
 
 def _fail_or_skip(where, err, stats, on_error):

@@ -126,6 +126,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     stage: dict | None = None         # a stage's own options (SFT/DPO/RM), recorded so a resume keeps them
     lora: LoraConfig | None = None    # LoRA on a frozen base; sets model.lora
+    stage_name: str | None = None     # the stage that trains the run (pretrain, sft, dpo, rm); set by train()
 
     @property
     def base_model(self) -> ModelConfig:

@@ -25,9 +25,9 @@ from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
 from jaxllm.train import adapted, flops, rundir
-from jaxllm.train.checkpointing import RunCheckpoints
+from jaxllm.train.checkpointing import RunCheckpoints, check_init_from
 from jaxllm.train.config import RunConfig, resolve_epochs
-from jaxllm.train.metrics import MetricsLog, Reporter, plot_loss
+from jaxllm.train.metrics import MetricsLog, Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
 from jaxllm.train.step import make_train_step
@@ -141,20 +141,6 @@ def _check_batch_layout(config: RunConfig, mesh) -> int:
     return t.batch_size // hosts
 
 
-def _check_init_from(path: str, model_config) -> None:
-    source = jckpt.read_model_config(jckpt.resolve(path))
-    ours, theirs = param_shapes(model_config), param_shapes(source)
-    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
-    if not same:
-        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "tie_embeddings", "head")
-        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
-                if getattr(source, f) != getattr(model_config, f)]
-        raise ConfigError(f"init_from {path} holds {source.name} parameters that do not fit the run's model "
-                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")
-
-
 def _any_host(flag: bool) -> bool:
     """True when `flag` holds on any host: hosts whose data runs out at different steps stop together
     instead of leaving the others waiting in a collective."""
@@ -178,7 +164,6 @@ def _initial_params(config: RunConfig, stage: Stage, init_key, param_sh):
     if stage.init_params is not None:
         return jax.jit(stage.init_params, out_shardings=param_sh)(init_key)
     if config.init_from:
-        _check_init_from(config.init_from, config.model)
         params, _ = jckpt.load_params(config.init_from, config.model, shardings=param_sh,
                                       dtype=config.model.param_dtype)
         return params
@@ -278,12 +263,12 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
     plan = plan_run(config, stage, devices)
     mesh, train_key = plan.mesh, plan.train_key
-    # Only a config that got this far claims the run directory.
-    run_dir = rundir.prepare(config.run_dir, config)
+    config.stage_name = stage.name
+    rundir.check(config.run_dir, config)
+    if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
+        # a new run starts from it (DPO: its reference; LoRA: its frozen base)
+        check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
-    if stage.tokenizer_path:
-        rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
-    rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
 
     frozen = initial = None
     if plan.lora is not None:
@@ -298,8 +283,16 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):
             cleanup.callback(data.close)
+        # Only a run whose inputs all checked out (its first data block read) creates, locks and writes its
+        # directory; the lock is released last, after the final save is committed.
+        run_lock = rundir.claim(config.run_dir, config, log=log)
+        cleanup.callback(run_lock.release)
+        run_dir = Path(config.run_dir)
+        if stage.tokenizer_path:
+            rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
+        rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
         ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
+                               async_save=config.checkpoint.async_save, log=log)
         cleanup.callback(ckpts.close)
         if plan.lora is not None:
             adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
@@ -380,17 +373,20 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                     break
             if pending is not None:
                 report(pending[0], jax.device_get(pending[1]))
+            report.flush(step)  # a run stopped between log steps still logs its last step
             if step > saved_step and step > 0:
                 saved_step = save(step, data_state)
+        png = None
+        if primary and config.log.plot:
+            png = plot_loss(metrics_log.path, run_dir / "loss.png",
+                            title=f"{stage.name} {model_config.name}: {run_dir}")
 
     if stop_reason == "non-finite loss":
         log(f"stopped: {config.train.max_nan_streak} consecutive steps with a non-finite loss or gradient; "
             f"parameters are those of the last finite step, saved at step {step}")
-    png = None
-    if primary and config.log.plot:
-        png = plot_loss(metrics_log.path, run_dir / "loss.png", title=f"{stage.name} {model_config.name}: {run_dir}")
     last = report.last
     if primary:
+        last = last_logged(metrics_log.path) or last  # the summary shows what metrics.jsonl ends with
         summary = ", ".join(f"{k} {_fmt(last[k])}" for k in ("loss", "z_loss", "grad_norm", "tokens_per_s", "mfu")
                             if k in last)
         log(f"{stop_reason} at step {step}/{total}" + (f": {summary}" if summary else "")
