@@ -224,10 +224,15 @@ def _single_device_mesh():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@jax.jit
+def _means(tree):
+    return jax.tree.map(jnp.mean, tree)
+
+
 def _mean_metrics(scored: dict) -> dict:
     """Batch means of a scorer's extra per-row outputs (R_h, R_s, safety_used, ...), replicated."""
     extra = {k: v for k, v in scored.items() if k != "score"}
-    return jax.jit(lambda d: jax.tree.map(jnp.mean, d))(extra) if extra else {}
+    return _means(extra) if extra else {}
 
 
 def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Callable, cfg: PPOConfig, *,
