@@ -101,3 +101,15 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
                          capture_output=True, check=False, text=True, timeout=600)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("mfu_sweep: model.remat must be one of")
+
+
+def test_ppo_generation_gathered_vs_sharded_table():
+    out = run_bench("ppo_generation.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "512",
+                    "--batch", "8", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1")
+    rows = table_rows(out, "weights while generating")
+    assert set(rows) == {"sharded", "gathered"}
+    assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
+    # measured on one device: the gathered copy is the whole model, the FSDP layout about an eighth of it
+    sharded, gathered = (float(rows[k][2].split()[0]) for k in ("sharded", "gathered"))
+    whole = float(re.search(r"greedy tokens identical: True; the whole model is ([\d.]+) MiB", out).group(1))
+    assert gathered == pytest.approx(whole, rel=1e-3) and sharded < gathered / 4
