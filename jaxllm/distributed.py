@@ -35,14 +35,6 @@ def put(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def any_process(flag: bool) -> bool:
-    """True when `flag` holds on any process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def sync(name: str) -> None:
     """Wait until every process reaches this point (no-op on one process)."""
     if jax.process_count() > 1:
