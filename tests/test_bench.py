@@ -133,3 +133,14 @@ def test_data_state_table():
     before, now = (int(rows[name][0].replace(",", "")) for name in ("tokens (before)", "position (now)"))
     assert now < 1000 < before
     assert "the restored position gives the same next row: True" in out
+
+def test_ppo_generation_gathered_vs_sharded_table():
+    out = run_bench("ppo_generation.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "512",
+                    "--batch", "8", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1")
+    rows = table_rows(out, "weights while generating")
+    assert set(rows) == {"sharded", "gathered"}
+    assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
+    # measured on one device: the gathered copy is the whole model, the FSDP layout about an eighth of it
+    sharded, gathered = (float(rows[k][2].split()[0]) for k in ("sharded", "gathered"))
+    whole = float(re.search(r"greedy tokens identical: True; the whole model is ([\d.]+) MiB", out).group(1))
+    assert gathered == pytest.approx(whole, rel=1e-3) and sharded < gathered / 4

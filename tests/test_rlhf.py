@@ -8,7 +8,7 @@ import pytest
 from jaxllm.inference import SamplingParams
 from jaxllm.models import get_preset, init_params
 from jaxllm.rlhf.ppo import PPOConfig, ppo
-from jaxllm.rlhf.rejection import best_of_k, reward_vs_k
+from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies
 
 TARGET = 5
 
@@ -40,24 +40,59 @@ def test_rejection_sampling_keeps_the_argmax_reward_sample(policy):
     assert all(a["max"] <= b["max"] for a, b in zip(table, table[1:]))  # best-of-k never decreases with k
 
 
-def test_rejection_sampling_keeps_only_accepted_samples(policy):
+def test_rejection_sampling_keeps_only_samples_it_can_render(policy):
     cfg, params = policy
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
-    accept = lambda ids: TARGET not in ids  # refuse exactly the samples the reward prefers
+    # refuse exactly the samples the reward prefers
+    render = lambda i, ids: None if TARGET in ids else (PROMPTS[i], ids)
     results = best_of_k(cfg, params, PROMPTS, count_target, k=6, sampling=sampling, rng=jax.random.key(1),
-                        accept=accept)
+                        render=render)
     for ids, best, scores in results:
         if ids is None:
             assert np.isnan(best)
             continue
         assert TARGET not in ids and best == 0.0
     nothing = best_of_k(cfg, params, PROMPTS[:1], count_target, k=2, sampling=sampling, rng=jax.random.key(1),
-                        accept=lambda ids: False)
+                        render=lambda i, ids: None)
     assert nothing[0][0] is None and len(nothing[0][2]) == 2
+    # what is scored is the rendered reply: here one more TARGET than sampled
+    plus_one = best_of_k(cfg, params, PROMPTS, count_target, k=6, sampling=sampling, rng=jax.random.key(1),
+                         render=lambda i, ids: (PROMPTS[i], list(ids) + [TARGET]))
+    first = best_of_k(cfg, params, PROMPTS, count_target, k=6, sampling=sampling, rng=jax.random.key(1))
+    assert [b for _, b, _ in plus_one] == [b + 1 for _, b, _ in first]
+
+
+def test_pooled_rejection_sampling_keeps_the_max_across_iterations(policy):
+    """Llama 2 after RLHF-V3: each iteration's best competes with the best of every earlier iteration,
+    re-scored by the current reward; here three iterations (the CLI test varies the temperature)."""
+    cfg, params = policy
+    pool_prompts, pool_replies, pool_of, best_so_far = [], [], [[] for _ in PROMPTS], None
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    for iteration in (1, 2, 3):
+        new = best_of_k(cfg, params, PROMPTS, count_target, k=6, sampling=sampling, rng=jax.random.key(iteration))
+        pool_scores = score_replies(count_target, pool_prompts, pool_replies)
+        kept = keep_best(new, pool_of, pool_scores)
+        if best_so_far is None:
+            assert [c.score for c in kept] == [b for _, b, _ in new] and all(c.pooled is None for c in kept)
+        else:  # the max over every iteration so far, wherever it came from
+            np.testing.assert_array_equal([c.score for c in kept], np.maximum(best_so_far, [b for _, b, _ in new]))
+            for c, b in zip(kept, new):
+                assert (c.pooled is not None) == (c.score > b[1])  # a tie keeps the new sample
+                if c.pooled is not None:  # the kept pooled reply really has that score
+                    assert c.score == sum(t == TARGET for t in pool_replies[c.pooled])
+        best_so_far = [c.score for c in kept]
+        for i, (ids, _, _) in enumerate(new):  # this iteration's best joins the pool
+            pool_of[i].append(len(pool_replies))
+            pool_prompts.append(PROMPTS[i])
+            pool_replies.append(ids)
+        latest = slice(len(pool_replies) - len(PROMPTS), None)  # re-scoring reproduces the score
+        np.testing.assert_array_equal(score_replies(count_target, pool_prompts[latest], pool_replies[latest]),
+                                      [b for _, b, _ in new])
+    assert any(c.pooled is not None for c in kept)  # an earlier iteration's reply survived
 
 
 def test_rows_carry_the_final_token_where_the_reward_model_reads_it():
-    from jaxllm.rlhf.ppo import reward_model_scorer
+    from jaxllm.rlhf.rewards import reward_model_scorer
     from jaxllm.rlhf.rollout import response_rows
     from jaxllm.stages import reward
 
@@ -92,6 +127,34 @@ def test_ppo_raises_a_synthetic_reward_and_a_large_beta_holds_the_policy_at_the_
     assert np.mean([h["reward"] for h in held[-2:]]) < late
     for key in ("reward", "kl", "clip_fraction", "value_loss", "response_length"):
         assert all(np.isfinite(h[key]) for h in free)
+
+
+def test_ppo_with_two_reward_models_reports_which_one_scored_each_batch(policy):
+    from jaxllm.rlhf.rewards import llama2_scorer
+
+    cfg, params = policy
+    tagged = [False, True, False, False]  # PROMPTS[1] is a safety prompt: 4 of every 16 rollouts
+    seen = []
+
+    def helpful(rows):  # R_h = the synthetic count; the rows' tags recorded alongside
+        scores = count_target(rows)
+        seen.append((np.asarray(scores), np.asarray(rows["safety"])))
+        return scores
+
+    safe = lambda rows: 3.0 + 0.0 * rows["safety"]  # σ(3) = 0.95: above 0.15, so used only where tagged
+    ppo_cfg = PPOConfig(iterations=2, batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, beta=0.0,
+                        max_new_tokens=12, whiten_scores=False, weight_decay=0.0)
+    _, _, history = ppo(cfg, params, PROMPTS, llama2_scorer(helpful, safe), ppo_cfg, safety=tagged,
+                        log=lambda *_: None)
+    sigmoid = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+    for h, (counts, tags) in zip(history, seen, strict=True):
+        np.testing.assert_array_equal(tags, np.tile(tagged, 4))
+        assert h["safety_used"] == 0.25
+        assert h["reward"] == pytest.approx(np.mean(np.where(tags > 0, 3.0, counts)), rel=1e-6)  # logit(R_c)
+        assert h["reward_help"] == pytest.approx(np.mean(sigmoid(counts)), rel=1e-5)
+        assert h["reward_safety"] == pytest.approx(sigmoid(3.0), rel=1e-6)
+    with pytest.raises(ValueError, match="3 safety tags for 4 prompts"):
+        ppo(cfg, params, PROMPTS, count_target, ppo_cfg, safety=tagged[:3])
 
 
 def test_ppo_shards_over_eight_devices_like_one(policy):
@@ -161,6 +224,12 @@ def test_ppo_and_rejection_recipes():
     demo = load_recipe("ppo", "ppo-demo", ["ppo.iterations=3", "policy=x"])
     assert demo.ppo.iterations == 3 and demo.policy == "x" and demo.prompts.startswith("assets:")
     assert load_recipe("rejection", "rejection-demo").rejection.k == 4
+    # Llama 2's reward: the 7B and 70B recipes name a helpfulness and a safety reward model
+    for name in ("llama2-7b-ppo", "llama2-70b-ppo"):
+        recipe = load_recipe("ppo", name)
+        assert recipe.reward_model.endswith("-rm-helpful") and recipe.safety_reward_model.endswith("-rm-safety")
+        assert recipe.ppo.safety_threshold == 0.15 and recipe.ppo.generation == "gathered"
+    assert load_recipe("rejection", "rejection-demo", ["pool=[a.jsonl, b.jsonl]"]).pool == ["a.jsonl", "b.jsonl"]
     from jaxllm.config import ConfigError
     with pytest.raises(ConfigError, match="unknown config key 'ppo.itertions'.*did you mean 'ppo.iterations'"):
         load_recipe("ppo", "ppo-demo", ["ppo.itertions=2"])
@@ -168,12 +237,22 @@ def test_ppo_and_rejection_recipes():
         load_recipe("ppo", "rejection-demo")
     with pytest.raises(ConfigError, match="ppo.lr must be float, got 'fast'"):
         load_recipe("ppo", "ppo-demo", ["ppo.lr=fast"])
+    with pytest.raises(ConfigError, match=r"ppo.generation must be one of \('gathered', 'sharded'\), got 'fast'"):
+        load_recipe("ppo", "ppo-demo", ["ppo.generation=fast"])
+    with pytest.raises(ConfigError, match=r"ppo.safety_threshold is a sigmoid score in \(0, 1\), got 15"):
+        load_recipe("ppo", "ppo-demo", ["ppo.safety_threshold=15"])
+    with pytest.raises(ConfigError, match=r"distributed must be one of \('auto', 'yes', 'no'\), got 'maybe'"):
+        load_recipe("rejection", "rejection-demo", ["distributed=maybe"])
+    with pytest.raises(ConfigError, match="unknown key 'pool' for jaxllm ppo"):
+        load_recipe("ppo", "ppo-demo", ["pool=[a.jsonl]"])
+    with pytest.raises(ConfigError, match="pool must be a list of files"):
+        load_recipe("rejection", "rejection-demo", ["pool=[{a: 1}]"])
 
 
-def test_rejection_output_skips_blank_replies(tmp_path):
+def test_rejection_output_skips_blank_replies_and_scores_the_rendered_conversation(tmp_path):
     from pathlib import Path
 
-    from jaxllm.rlhf.cli import usable_reply, write_sft
+    from jaxllm.rlhf.cli import reply_ids, sft_record, usable_reply, write_sft
     from jaxllm.tokenizer import Tokenizer, get_chat_template
 
     tok = Tokenizer(Path(__file__).parent / "data" / "llama2-32k.model")
@@ -181,12 +260,17 @@ def test_rejection_output_skips_blank_replies(tmp_path):
     blank, tagged, good = [29871, 2], tok.encode(" [INST] hi") + [2], tok.encode("Hello!") + [2]
     assert usable_reply(blank, tok, template) is None and usable_reply(tagged, tok, template) is None
     assert usable_reply(good, tok, template) == "Hello!"
-    results = [(blank, 3.0, [3.0]), (good, 2.0, [2.0]), (None, float("nan"), [1.0]), (tagged, 1.0, [1.0])]
+    # what a reward model and SFT see: the conversation the template renders, prompt ids then reply ids
+    prompt, reply = reply_ids(tok, template, "b", "Hello!")
+    rendered, _ = template.render(tok, [{"role": "user", "content": "b"}, {"role": "assistant", "content": "Hello!"}])
+    assert prompt + reply == rendered and prompt == template.prompt(tok, [{"role": "user", "content": "b"}])
+    assert reply[-1] == tok.eos_id
     out = tmp_path / "best.jsonl"
-    assert write_sft(out, ["a", "b", "c", "d"], results, tok, template) == (1, 3)
+    write_sft(out, [sft_record("b", "Hello!", 2.0, iteration=1)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "Hello!"}],
-                     "reward": 2.0}]
+                     "reward": 2.0, "iteration": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["best.jsonl"]  # written through a temporary, replaced
 
 
 def test_rm_rejection_sample_and_ppo_commands(tmp_path, capsys):
@@ -237,12 +321,40 @@ def test_rm_rejection_sample_and_ppo_commands(tmp_path, capsys):
     examples, stats = encode_sft([out], Tokenizer.load(policy_dir), get_chat_template("llama2-chat"), seq_len=256,
                                  on_error="raise")
     assert len(examples) == len(rows) and stats.skipped == 0
+    # iteration 2 pools iteration 1's replies: re-scored by the same reward model they keep their reward,
+    # and each prompt keeps the better of the two iterations
+    again = tmp_path / "best2.jsonl"
+    assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"), "--k", "2",
+                "--max-new-tokens", "4", "--seed", "5", "--temperature", "0.7", "--pool", str(out), "-o",
+                str(again)]) == 0
+    printed = capsys.readouterr().out
+    assert f"pool: {len(rows)} earlier replies re-scored" in printed and "(iteration 2)" in printed
+    first = {r["messages"][0]["content"]: r for r in rows}
+    second = [json.loads(line) for line in again.read_text().splitlines()]
+    assert {r["messages"][0]["content"] for r in second} >= set(first)
+    for r in second:
+        before = first.get(r["messages"][0]["content"])
+        assert r["iteration"] == 2 and r["from_iteration"] in (1, 2)
+        if before is not None:
+            assert r["reward"] >= before["reward"] - 1e-5
+            if r["from_iteration"] == 1:  # the pooled reply, unchanged, with the temperature it was sampled at
+                assert r["messages"] == before["messages"] and r["temperature"] == 1.0
+                assert r["reward"] == pytest.approx(before["reward"], abs=1e-5)
+    assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"),
+                "--pool", str(tmp_path / "missing.jsonl"), "-o", str(again)]) == 2
+    assert "missing.jsonl: no such pool file" in capsys.readouterr().err
 
+    # two reward models (here the same one twice): Llama 2's combined score, R_h and R_s in the metrics
     ppo_args = ["ppo", "ppo-demo", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"),
-                "--run-dir", str(tmp_path / "ppo"), "ppo.iterations=2", "ppo.batch_size=4", "ppo.minibatch_size=2",
+                "--safety-reward-model", str(tmp_path / "rm"), "--run-dir", str(tmp_path / "ppo"), "ppo.iterations=2",
+                "ppo.batch_size=4", "ppo.minibatch_size=2",
                 "ppo.max_new_tokens=4", "ppo.lr=1e-4", "mesh.fsdp=1", "mesh.tensor=8"]  # tensor-parallel policy
     assert cli(ppo_args) == 0
-    assert len((tmp_path / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()) == 2
+    logged = [json.loads(line) for line in (tmp_path / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    for m in logged:
+        assert {"reward_help", "reward_safety", "safety_used"} <= set(m)
+        assert m["reward_help"] == pytest.approx(m["reward_safety"])  # the same model twice
     assert (tmp_path / "ppo" / "ppo.png").is_file()
     assert yaml.safe_load((tmp_path / "ppo" / "ppo.yaml").read_text())["ppo"]["minibatch_size"] == 2
     params, _ = load_params(tmp_path / "ppo")  # the PPO policy loads like any checkpoint
@@ -259,6 +371,9 @@ def test_rm_rejection_sample_and_ppo_commands(tmp_path, capsys):
     assert not (tmp_path / "ppo3").exists()  # a bad setting claims no run directory
     assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(policy_dir), "-o",
                 str(out)]) == 2
+    assert "holds a language model, not a reward model" in capsys.readouterr().err
+    assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(tmp_path / "rm"),
+                "--safety-reward-model", str(policy_dir), "-o", str(out)]) == 2
     assert "holds a language model, not a reward model" in capsys.readouterr().err
     assert cli(["rejection-sample", "--print-config", "--policy", "p"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["policy"] == "p"

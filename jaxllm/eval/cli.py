@@ -3,7 +3,8 @@
 perplexity reads text (one document per blank-line-separated block) or jsonl (`--text-field`);
 choice reads C-Eval CSVs (with a header row), MMLU CSVs (none: question,A,B,C,D,answer) or jsonl with
 question, A-D, answer (and subject) and prints accuracy per subject and overall. With no FILES, the tiny
-sample sets shipped in jaxllm/assets/eval are used. Parameters are split over all devices (--mesh)."""
+sample sets shipped in jaxllm/assets/eval are used. Parameters are split over all devices (--mesh), on
+several hosts too: run the same command on each (see README, "Scaling out"); process 0 prints the result."""
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from jaxllm.checkpoint import CheckpointError
+    from jaxllm.config import ConfigError
     from jaxllm.convert.readers import ConversionError
+    from jaxllm.distributed import is_primary
     from jaxllm.eval.scoring import choice_accuracy, perplexity, read_questions
     from jaxllm.inference.loading import load_model, serving_mesh
     from jaxllm.tokenizer import TokenizerError
+    from jaxllm.train.loop import maybe_initialize_distributed
 
     try:
+        maybe_initialize_distributed()  # several processes: before the mesh spans their devices
         default = "sample_text.txt" if args.task == "perplexity" else "sample_choice.jsonl"
         files = [Path(f) for f in args.files] or [ASSETS / default]
         if args.task == "perplexity":
@@ -73,9 +78,11 @@ def main(argv: list[str]) -> int:
             result = perplexity(config, params, tok, texts, args.seq_len, args.batch_size, mesh)
         else:
             result = choice_accuracy(config, params, tok, questions, args.batch_size, mesh)
-    except (ValueError, CheckpointError, ConversionError, TokenizerError) as err:
+    except (ValueError, ConfigError, CheckpointError, ConversionError, TokenizerError) as err:
         print(f"jaxllm eval: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # every process holds the same result
+        return 0
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     elif args.task == "perplexity":

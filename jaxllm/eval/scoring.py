@@ -32,7 +32,9 @@ def _token_logprobs(config):
 
 def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
     """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets). With
-    `mesh`, params should already be sharded on it; the rows are split over its batch axes."""
+    `mesh`, params should already be sharded on it; the rows are split over its batch axes (on several
+    hosts, every process passes the same sequences and gets every result)."""
+    from jaxllm.distributed import to_host
     from jaxllm.sharding import batch_sharding
 
     rows = batch_size if mesh is None else -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
@@ -48,7 +50,7 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh
         with on_mesh(mesh):
             if mesh is not None:
                 tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
-            logp = np.asarray(_token_logprobs(config)(params, tokens, segments))
+            logp = to_host(_token_logprobs(config)(params, tokens, segments))
         out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
     return out
 

@@ -177,9 +177,10 @@ class _Run:
         self._refresh()
 
     def _refresh(self) -> None:
+        from jaxllm.distributed import to_host  # every process reads every row (several hosts: gathered)
         self.i = int(self.state["i"])
-        self.out = np.asarray(self.state["out"])[:self.rows]
-        self.done = np.asarray(self.state["done"])[:self.rows]
+        self.out = to_host(self.state["out"])[:self.rows]
+        self.done = to_host(self.state["done"])[:self.rows]
 
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
@@ -227,7 +228,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
         stopped.append(end is not None or cut is not None)
     logps = None
     if return_logprobs:
-        logps = [row[:len(ids)].tolist() for row, ids in zip(np.asarray(run.state["logp"])[:run.rows], result)]
+        from jaxllm.distributed import to_host
+        logps = [row[:len(ids)].tolist() for row, ids in zip(to_host(run.state["logp"])[:run.rows], result)]
     return Generation(result, stopped, logps, run.i)
 
 

@@ -22,6 +22,11 @@ def whiten(x, mask, shift_mean: bool = True):
     return (out if shift_mean else out + mean) * mask
 
 
+def whiten_scores(scores):
+    """Sequence scores float32[batch] whitened over the batch (Llama 2 whitens logit(R_c) so)."""
+    return whiten(scores, jnp.ones_like(scores))
+
+
 def kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, beta: float):
     """Per-token rewards float32[batch, seq]: -β·KL everywhere on the response, + score at its last token.
 

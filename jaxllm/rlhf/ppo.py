@@ -1,9 +1,15 @@
 """PPO with a KL penalty against the frozen starting policy (Llama 2 §3.2.3, Ziya's RLHF).
 
 One iteration: sample responses for a batch of prompts (jitted KV-cached sampler) → score them (reward
-model, or any `scorer(rows) -> float32[batch]`) → per-token rewards −β·KL plus the score at the last token
-→ GAE over the value head → whitened advantages → `epochs` passes of clipped-surrogate + clipped value
-loss over minibatches, AdamW with a constant learning rate and gradient clipping.
+model, Llama 2's helpfulness/safety pair, or any `scorer(rows)`, see `rewards`) → per-token rewards −β·KL
+plus the whitened score at the last token → GAE over the value head → whitened advantages → `epochs` passes
+of clipped-surrogate + clipped value loss over minibatches, AdamW with a constant learning rate and
+gradient clipping.
+
+Everything after sampling is a global array on the mesh: rows, scores, log-probs, values, advantages and
+each minibatch (gathered on the devices from the rollout by index), so the same code runs on one device, on
+many, and on several processes (`jax.distributed`), where each host generates and holds its slice of the
+rows and checkpoints are written by all of them together.
 """
 from __future__ import annotations
 
@@ -19,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxllm import distributed
 from jaxllm.config import ModelConfig
 from jaxllm.inference import SamplingParams
 from jaxllm.models import forward
-from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value_loss, whiten
-from jaxllm.rlhf.rollout import response_rows, sample_responses
+from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value_loss, whiten, whiten_scores
+from jaxllm.rlhf.rewards import as_scores, reward_model_scorer  # noqa: F401  (reward_model_scorer: re-export)
+from jaxllm.rlhf.rollout import GENERATION_LAYOUTS, generation_params, put_rows, response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
 
@@ -46,7 +54,9 @@ class PPOConfig:
     value_coef: float = 0.5
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_scores: bool = True      # whiten reward-model scores over each batch
+    whiten_scores: bool = True      # whiten reward-model scores (Llama 2: logit(R_c)) over each batch
+    safety_threshold: float = 0.15  # with two reward models: R_s below this picks the safety score
+    generation: str = "gathered"    # policy weights while sampling: gathered (whole per device) | sharded
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -63,6 +73,10 @@ class PPOConfig:
                 raise ConfigError(f"ppo.{name} must be >= 1")
         if self.beta < 0 or self.lr <= 0:
             raise ConfigError("ppo.beta must be >= 0 and ppo.lr > 0")
+        if not 0 < self.safety_threshold < 1:
+            raise ConfigError(f"ppo.safety_threshold is a sigmoid score in (0, 1), got {self.safety_threshold}")
+        from jaxllm.config import check_choice
+        check_choice("ppo.generation", self.generation, GENERATION_LAYOUTS)
 
 
 def _optimizer(cfg: PPOConfig, axes):
@@ -97,6 +111,7 @@ class _Layout:
         self.opt = optax.tree_map_params(self.optimizer, lambda _, sh: sh, self.opt_shapes, self.params,
                                          transform_non_params=lambda _: self.replicated)
         self.rows = sharding.batch_sharding(mesh, ndim=2)
+        self.per_row = sharding.batch_sharding(mesh, ndim=1)
 
     @staticmethod
     def check_batch(cfg: PPOConfig, mesh) -> None:
@@ -123,29 +138,38 @@ class _Layout:
         return stack
 
 
-# Jitted functions per (model, mesh, parameter shapes[, the settings the update reads]): a resumed or
-# repeated run in the same process reuses their compilations.
+# Jitted functions per (model, mesh, parameter shapes[, the settings they read]): a resumed or repeated run
+# in the same process reuses their compilations.
 _COMPILED: dict = {}
 _UPDATE_FIELDS = ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "clip", "value_clip", "value_coef")
+_ADVANTAGE_FIELDS = ("beta", "gamma", "lam", "whiten_scores")
 
 
 def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "_Layout"):
+    """(rollout statistics, advantages, update) jitted for this run."""
     leaves, tree = jax.tree.flatten(layout.shapes)
     key = (model_config, layout.mesh, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
-    update_key = key + tuple(getattr(cfg, f) for f in _UPDATE_FIELDS)
-    for k, make in ((key, lambda: _rollout_stats(model_config, layout)),
-                    (update_key, lambda: _update(model_config, cfg, layout))):
+    makers = ((key, lambda: _rollout_stats(model_config, layout)),
+              (key + ("advantages",) + tuple(getattr(cfg, f) for f in _ADVANTAGE_FIELDS),
+               lambda: _advantages(cfg, layout)),
+              (key + ("update",) + tuple(getattr(cfg, f) for f in _UPDATE_FIELDS),
+               lambda: _update(model_config, cfg, layout)))
+    for k, make in makers:
         if k not in _COMPILED:
-            if len(_COMPILED) >= 8:
+            if len(_COMPILED) >= 12:
                 _COMPILED.pop(next(iter(_COMPILED)))
             _COMPILED[k] = make()
-    return _COMPILED[key], _COMPILED[update_key]
+    return tuple(_COMPILED[k] for k, _ in makers)
+
+
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
 
 
 def _rollout_stats(model_config: ModelConfig, layout: _Layout):
     policy_sh, value_sh = layout.params
 
-    @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, policy_sh, layout.rows))
+    @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, policy_sh, layout.rows),
+                       out_shardings=layout.rows)
     def stats(policy, value, ref, rows):
         args = (rows["tokens"], rows["positions"], rows["segment_ids"])
         logp = token_logprobs(forward(model_config, policy, *args), rows["targets"])
@@ -153,6 +177,19 @@ def _rollout_stats(model_config: ModelConfig, layout: _Layout):
         values = reward.token_values(model_config, value, *args)
         return logp, ref_logp, values
     return stats
+
+
+def _advantages(cfg: PPOConfig, layout: _Layout):
+    """scores float32[batch] and the rollout's [batch, seq] statistics → (advantages, returns) over the rows
+    and the rollout's metrics (replicated scalars)."""
+    @functools.partial(jax.jit, in_shardings=(layout.per_row, layout.rows, layout.rows, layout.rows, layout.rows),
+                       out_shardings=(layout.rows, layout.rows, layout.replicated))
+    def advantages(scores, logp, ref_logp, values, mask):
+        shaped = whiten_scores(scores) if cfg.whiten_scores and scores.shape[0] > 1 else scores
+        rewards, kl = kl_penalised_rewards(shaped, logp, ref_logp, mask, cfg.beta)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return whiten(adv, mask), returns, {"reward": jnp.mean(scores), "kl": jnp.sum(kl) / scores.shape[0]}
+    return advantages
 
 
 def _update(model_config: ModelConfig, cfg: PPOConfig, layout: _Layout):
@@ -168,9 +205,12 @@ def _update(model_config: ModelConfig, cfg: PPOConfig, layout: _Layout):
         vf = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
         return pg + cfg.value_coef * vf, {"policy_loss": pg, "value_loss": vf, **metrics}
 
-    @functools.partial(jax.jit, in_shardings=(layout.params, layout.opt, layout.rows),
+    @functools.partial(jax.jit, in_shardings=(layout.params, layout.opt, layout.rows, layout.replicated),
                        out_shardings=(layout.params, layout.opt, layout.replicated), donate_argnums=(0, 1))
-    def update(trainable, opt_state, batch):
+    def update(trainable, opt_state, rollout, index):
+        """One optimizer step on the minibatch rollout[index] (index int32[minibatch], the same on every
+        process), gathered from the rollout's rows on the devices."""
+        batch = jax.lax.with_sharding_constraint(jax.tree.map(lambda v: v[index], rollout), layout.rows)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -179,59 +219,47 @@ def _update(model_config: ModelConfig, cfg: PPOConfig, layout: _Layout):
     return update
 
 
-def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callable:
-    """scorer(rows) → float32[batch]: the reward model's score read at each row's final token (`last`).
-    With `mesh`, the reward model's params are sharded on it and the rows split over its batch axes."""
-    if mesh is None:
-        score = jax.jit(functools.partial(reward.scores, rm_config))
-        return lambda rows: np.asarray(score(rm_params, rows["tokens"], rows["positions"], rows["segment_ids"],
-                                             rows["last"]))
-    from jaxllm import sharding
-    params_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_params, mesh)
-    rm_params = jax.device_put(rm_params, params_sh)
-    rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    score = jax.jit(functools.partial(reward.scores, rm_config),
-                    in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh))
-
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-
-    def scorer(rows):
-        n = len(rows["last"])
-        pad = -n % shards  # the batch must split evenly over the batch axes: pad with copies of row 0
-        keys = ("tokens", "positions", "segment_ids", "last")
-        args = [np.concatenate([rows[k], np.repeat(rows[k][:1], pad, 0)]) if pad else rows[k] for k in keys]
-        with jax.set_mesh(mesh), sharding.axis_rules():
-            return np.asarray(score(rm_params, *args))[:n]
-    return scorer
-
-
-ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
-
-
 def _single_device_mesh():
     from jaxllm.sharding import make_mesh
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@jax.jit
+def _means(tree):
+    return jax.tree.map(jnp.mean, tree)
+
+
+def _mean_metrics(scored: dict) -> dict:
+    """Batch means of a scorer's extra per-row outputs (R_h, R_s, safety_used, ...), replicated."""
+    extra = {k: v for k, v in scored.items() if k != "score"}
+    return _means(extra) if extra else {}
+
+
 def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Callable, cfg: PPOConfig, *,
         value=None, mesh=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
-        vocab_limit: int | None = None, on_iteration: Callable | None = None, log: Callable = print):
+        vocab_limit: int | None = None, safety=None, on_iteration: Callable | None = None,
+        log: Callable = print):
     """Run PPO; returns (policy params, value params, list of per-iteration metrics).
 
-    prompts: token id lists (sampled in order, cycling); scorer(rows) → float32[batch] scores of the
-    prompt+response rows (see `response_rows`). `value` defaults to the policy backbone plus a fresh head.
+    prompts: token id lists (sampled in order, cycling); safety: one bool per prompt (Llama 2's safety tag,
+    rows["safety"] for the scorer). scorer(rows) → float32[batch] scores of the prompt+response rows (see
+    `response_rows`; global arrays on the mesh), or a dict of them with "score" (see `rewards`), whose other
+    entries are averaged into the metrics. `value` defaults to the policy backbone plus a fresh head.
     mesh: the (data, fsdp, tensor) mesh the policy, reference, value model and optimizer state are sharded
-    on and the rollouts split over, as in training (default: one device).
+    on and the rollouts split over, as in training (default: one device); it may span several processes,
+    each calling `ppo` with the same arguments.
     With `run_dir`, metrics go to RUN/ppo_metrics.jsonl and checkpoints to RUN/checkpoints (resumed; the
     metrics file is cut back to the checkpoint's iterations, so none is written twice).
     `on_iteration(metrics)` runs after an iteration's metrics (and checkpoint, if due) are written."""
     cfg.validate()
+    if safety is not None and len(safety) != len(prompts):
+        raise ValueError(f"{len(safety)} safety tags for {len(prompts)} prompts")
     rng = jax.random.key(cfg.seed)
     if value is None:
         value = reward.from_lm_params(policy, model_config, jax.random.fold_in(rng, 7))
     layout = _Layout(model_config, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
     policy_sh, value_sh = layout.params
-    policy, value = jax.device_put(policy, policy_sh), jax.device_put(value, value_sh)
+    policy, value = _place(policy, policy_sh), _place(value, value_sh)
     # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
     # frozen reference or each other (the default value backbone *is* the policy's arrays).
     ref = _copy(policy, policy_sh)
@@ -239,62 +267,68 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     del policy, value
     opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt)(trainable)
     start, history = 0, []
+    primary = distributed.is_primary()
+    say = log if primary else (lambda *_: None)
     manager = metrics_path = None
     if run_dir is not None:
         manager, restored = _checkpoints(Path(run_dir), model_config, layout)
         if restored is not None:
             start, trainable, opt_state, history = restored
-            log(f"resumed PPO at iteration {start}")
+            say(f"resumed PPO at iteration {start}")
         metrics_path = Path(run_dir) / "ppo_metrics.jsonl"
-        _write_lines(metrics_path, history)  # drops lines of iterations after the checkpoint
+        if primary:
+            _write_lines(metrics_path, history)  # drops lines of iterations after the checkpoint
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     length = max(len(p) for p in prompts) + cfg.max_new_tokens
-    stats_fn, update = _compiled(model_config, cfg, layout)
+    stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
     try:
         for iteration in range(start, cfg.iterations):
             began = time.perf_counter()
             key = jax.random.fold_in(rng, iteration)
-            batch_prompts = [prompts[(iteration * cfg.batch_size + i) % len(prompts)] for i in range(cfg.batch_size)]
-            responses, _ = sample_responses(model_config, trainable[0], batch_prompts, sampling, key, stop_ids,
+            picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]
+            batch_prompts = [prompts[i] for i in picked]
+            weights = generation_params(trainable[0], layout.axes[0], layout.mesh, cfg.generation)
+            responses, _ = sample_responses(model_config, weights, batch_prompts, sampling, key, stop_ids,
                                             pad_id, mesh=layout.mesh, vocab_limit=vocab_limit)
-            rows = response_rows(batch_prompts, responses, length, pad_id)
-            scores = np.asarray(scorer(rows), np.float32)
+            del weights  # a gathered copy is freed before the update needs the memory
+            host_rows = response_rows(batch_prompts, responses, length, pad_id,
+                                      safety=None if safety is None else [safety[i] for i in picked])
+            rows = put_rows(host_rows, layout.mesh)
+            scored = as_scores(scorer(rows))
             with layout.context():
-                logp, ref_logp, values = jax.device_get(stats_fn(trainable[0], trainable[1], ref,
-                                                                 {k: rows[k] for k in ROW_KEYS}))
-            mask = jnp.asarray(rows["response_mask"])
-            shaped = (scores - scores.mean()) / (scores.std() + 1e-8) if cfg.whiten_scores and len(scores) > 1 else scores
-            rewards, kl = kl_penalised_rewards(jnp.asarray(shaped), logp, ref_logp, mask, cfg.beta)
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask)
-            data = {**{k: rows[k] for k in ROW_KEYS}, "response_mask": rows["response_mask"],
-                    "old_logp": np.asarray(logp), "old_values": np.asarray(values),
-                    "advantages": np.asarray(advantages), "returns": np.asarray(returns)}
-            step_metrics = []
-            order_rng = np.random.default_rng([cfg.seed, iteration])
-            with layout.context():
+                logp, ref_logp, values = stats_fn(trainable[0], trainable[1], ref, {k: rows[k] for k in ROW_KEYS})
+                scores = _place(scored["score"], layout.per_row)  # a scorer may return numpy or any layout
+                advantages, returns, rollout_metrics = advantages_fn(scores, logp, ref_logp, values,
+                                                                     rows["response_mask"])
+                rollout = {**{k: rows[k] for k in (*ROW_KEYS, "response_mask")}, "old_logp": logp,
+                           "old_values": values, "advantages": advantages, "returns": returns}
+                step_metrics = []
+                order_rng = np.random.default_rng([cfg.seed, iteration])
                 for _ in range(cfg.epochs):
-                    order = order_rng.permutation(cfg.batch_size)
+                    order = order_rng.permutation(cfg.batch_size).astype(np.int32)
                     for s in range(0, cfg.batch_size, cfg.minibatch_size):
-                        idx = order[s:s + cfg.minibatch_size]
-                        trainable, opt_state, m = update(trainable, opt_state, {k: v[idx] for k, v in data.items()})
+                        trainable, opt_state, m = update(trainable, opt_state, rollout,
+                                                         order[s:s + cfg.minibatch_size])
                         step_metrics.append(m)
-            step_metrics = jax.device_get(step_metrics)
-            lengths = np.asarray([len(r) for r in responses])
-            metrics = {"iteration": iteration + 1, "reward": float(scores.mean()),
-                       "kl": float(jnp.sum(kl) / cfg.batch_size),
-                       "response_length": float(lengths.mean()),
+            step_metrics, rollout_metrics, score_metrics = jax.device_get(
+                (step_metrics, rollout_metrics, _mean_metrics(scored)))
+            metrics = {"iteration": iteration + 1, **{k: float(v) for k, v in rollout_metrics.items()},
+                       **{k: float(v) for k, v in score_metrics.items()},
+                       "response_length": float(np.mean([len(r) for r in responses])),
                        "seconds": time.perf_counter() - began,
                        **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}}
             history.append(metrics)
             if manager is not None:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                if primary:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
                 if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
                     _save(manager, iteration + 1, trainable, opt_state, history)
-            log(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
+            safety_note = (f" R_h {metrics['reward_help']:.3f} R_s {metrics['reward_safety']:.3f} "
+                           f"safety used {metrics['safety_used']:.0%}" if "safety_used" in metrics else "")
+            say(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
                 f"clip {metrics['clip_fraction']:.3f} value_loss {metrics['value_loss']:.4f} "
-                f"length {metrics['response_length']:.1f}")
+                f"length {metrics['response_length']:.1f}{safety_note}")
             if on_iteration:
                 on_iteration(metrics)
     finally:
@@ -302,6 +336,15 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
             manager.wait_until_finished()
             manager.close()
     return trainable[0], trainable[1], history
+
+
+def _place(tree, shardings):
+    """`tree` (numpy, or arrays on one process's devices, or global arrays) laid out on `shardings`."""
+    def one(x, sh):
+        if isinstance(x, jax.Array) and jax.process_count() > 1 and x.is_fully_addressable:
+            x = np.asarray(x)  # a process-local array (e.g. a fresh value head): identical on every process
+        return jax.device_put(x, sh)
+    return jax.tree.map(one, tree, shardings)
 
 
 def _copy(tree, shardings):
@@ -320,7 +363,9 @@ def _checkpoints(run_dir: Path, model_config, layout: _Layout):
     from jaxllm import checkpoint as jckpt
 
     directory = run_dir / "checkpoints"
-    jckpt.write_model_config(directory, model_config)
+    if distributed.is_primary():
+        jckpt.write_model_config(directory, model_config)
+    distributed.sync("jaxllm ppo checkpoints")  # the directory exists before any process opens it
     manager = jckpt.manager(directory, max_to_keep=2, item_names=("params", "value", "opt_state", "meta"))
     step = manager.latest_step()
     if step is None:

@@ -1,43 +1,97 @@
-"""Rejection-sampling fine-tuning data (Llama 2 §3.2.3): K samples per prompt, keep the best by reward."""
+"""Rejection-sampling fine-tuning data (Llama 2 §3.2.3): K samples per prompt, keep the best by reward.
+
+Across iterations Llama 2 keeps the best sample per prompt over every earlier iteration's pool, not only the
+latest policy's (RLHF-V3 regressed without it): `keep_best` compares this iteration's best with the pooled
+replies, re-scored by the current reward model. On several processes every process samples its slice of
+each batch and gets every result, so all hold the same results in prompt order.
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from jaxllm.inference import SamplingParams
-from jaxllm.rlhf.rollout import response_rows, sample_responses
+from jaxllm.rlhf.rollout import response_rows, sample_responses, score_rows
 
 
 def best_of_k(model_config, params, prompts, scorer, k: int, sampling: SamplingParams, rng, *, stop_ids=(),
-              pad_id: int = 0, batch_size: int = 32, accept: Callable[[list[int]], bool] | None = None, mesh=None,
-              vocab_limit: int | None = None):
+              pad_id: int = 0, batch_size: int = 32, render: Callable | None = None, mesh=None,
+              vocab_limit: int | None = None, safety=None):
     """For each prompt: (best response ids, its score, all K scores). Samples are drawn K at a time per
-    prompt (the prompt repeated K times in one batch), scored with `scorer(rows)`.
+    prompt (the prompt repeated K times in one batch), scored with `scorer(rows)` (see `rewards`; rows carry
+    `safety`, one bool per prompt, for Llama 2's combined score).
 
-    `accept(ids)`: only samples it accepts can be kept (e.g. no blank reply); a prompt none of whose K
-    samples is accepted gets (None, nan, scores). `mesh`: as in `generate` (params sharded on it)."""
+    `render(i, ids)`: what is scored for sample `ids` of prompt i, as (prompt ids, reply ids), e.g. the
+    conversation the chat template renders from the reply's text, which SFT will train on; None when the
+    sample cannot be kept (e.g. a blank reply). Without it the prompt and the sampled ids are scored. A
+    prompt none of whose K samples can be kept gets (None, nan, scores). `mesh`: as in `generate` (params
+    sharded on it)."""
     import jax
 
     results = []
     per_batch = max(1, batch_size // k)
-    length = max(len(p) for p in prompts) + sampling.max_new_tokens
     for start in range(0, len(prompts), per_batch):
-        chunk = prompts[start:start + per_batch]
-        repeated = [p for p in chunk for _ in range(k)]
+        chunk = range(start, min(start + per_batch, len(prompts)))
+        repeated = [prompts[i] for i in chunk for _ in range(k)]
+        tags = None if safety is None else [safety[i] for i in chunk for _ in range(k)]
         rng, key = jax.random.split(rng)
         responses, _ = sample_responses(model_config, params, repeated, sampling, key, stop_ids, pad_id, mesh=mesh,
                                         vocab_limit=vocab_limit)
-        scores = np.asarray(scorer(response_rows(repeated, responses, length, pad_id)), np.float32)
-        for i in range(len(chunk)):
-            block = scores[i * k:(i + 1) * k]
-            ok = [accept is None or accept(responses[i * k + j]) for j in range(k)]
+        owners = [i for i in chunk for _ in range(k)]
+        rendered = [(p, r) if render is None else render(i, r) for i, p, r in zip(owners, repeated, responses)]
+        pairs = [pair or (p, r) for pair, p, r in zip(rendered, repeated, responses)]  # refused: scored as sampled
+        scores = score_replies(scorer, [p for p, _ in pairs], [r for _, r in pairs], pad_id=pad_id, safety=tags,
+                               batch_size=len(pairs), mesh=mesh)
+        for n in range(len(chunk)):
+            block = scores[n * k:(n + 1) * k]
+            ok = [rendered[n * k + j] is not None for j in range(k)]
             if not any(ok):
                 results.append((None, float("nan"), block.tolist()))
                 continue
             best = max((j for j in range(k) if ok[j]), key=lambda j: block[j])
-            results.append((responses[i * k + best], float(block[best]), block.tolist()))
+            results.append((responses[n * k + best], float(block[best]), block.tolist()))
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    """The reply kept for one prompt: this iteration's sample (`pooled` None, `ids` its tokens) or a pooled
+    reply of an earlier iteration (`pooled` its index in the pool); `score` under the current reward."""
+    score: float
+    ids: list[int] | None = None
+    pooled: int | None = None
+
+
+def keep_best(results, pool_of_prompt: list[list[int]], pool_scores) -> list[Kept | None]:
+    """Per prompt, the best of this iteration's kept sample (`best_of_k` results) and its pooled replies.
+
+    pool_of_prompt[i]: indices into `pool_scores` of prompt i's pooled replies; a tie keeps the new sample.
+    None where a prompt has neither a usable sample nor a pooled reply."""
+    kept = []
+    for (ids, score, _), pooled in zip(results, pool_of_prompt, strict=True):
+        best = None if ids is None else Kept(float(score), ids=ids)
+        for j in pooled:
+            if best is None or pool_scores[j] > best.score:
+                best = Kept(float(pool_scores[j]), pooled=j)
+        kept.append(best)
+    return kept
+
+
+def score_replies(scorer, prompt_ids, reply_ids, *, pad_id: int = 0, safety=None, batch_size: int = 32,
+                  mesh=None) -> np.ndarray:
+    """float32 scores of given (prompt ids, reply ids) pairs, e.g. pooled replies, in batches (rows padded to
+    a power-of-two length, so batches share compiled programs)."""
+    from jaxllm.inference.generate import bucket
+
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, replies = prompt_ids[start:start + batch_size], reply_ids[start:start + batch_size]
+        length = bucket(max(len(p) + len(r) for p, r in zip(prompts, replies)))
+        tags = None if safety is None else safety[start:start + batch_size]
+        out.append(score_rows(scorer, response_rows(prompts, replies, length, pad_id, tags), mesh)["score"])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def reward_vs_k(all_scores: list[list[float]]) -> list[dict]:

@@ -46,7 +46,8 @@ def run(kind: str, argv: list[str]) -> int:
             print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
                                                           dataclasses.asdict(options).items()), end="")
             return 0
-        from jaxllm.train.loop import train
+        from jaxllm.train.loop import maybe_initialize_distributed, train
+        maybe_initialize_distributed(config.distributed)  # before a stage touches JAX (rm's eval_shape)
         if kind == "sft":
             result = train(config, sft_stage(config, options))
         elif kind == "dpo":
@@ -56,12 +57,14 @@ def run(kind: str, argv: list[str]) -> int:
             result = train(config, stage)
             if result.exit_code == 0 and len(held_out["tokens"]):
                 accuracy = reward_accuracy(config.model, result.full_params, held_out)
-                pairs = len(held_out["tokens"])
-                print(f"reward model: held-out accuracy {accuracy:.3f} on {pairs} pairs (chance: 0.5 ± "
-                      f"{0.5 / pairs ** 0.5:.2f})")
-                from pathlib import Path
-                (Path(config.run_dir) / "eval.json").write_text(json.dumps(
-                    {"heldout_accuracy": accuracy, "heldout_pairs": int(len(held_out["tokens"]))}) + "\n")
+                from jaxllm.distributed import is_primary
+                if is_primary():  # every process computed the same accuracy
+                    pairs = len(held_out["tokens"])
+                    print(f"reward model: held-out accuracy {accuracy:.3f} on {pairs} pairs (chance: 0.5 ± "
+                          f"{0.5 / pairs ** 0.5:.2f})")
+                    from pathlib import Path
+                    (Path(config.run_dir) / "eval.json").write_text(json.dumps(
+                        {"heldout_accuracy": accuracy, "heldout_pairs": pairs}) + "\n")
     except (ConfigError, DataError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as err:
         print(f"jaxllm {kind}: error: {err}", file=sys.stderr)
         return 2

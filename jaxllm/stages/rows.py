@@ -12,20 +12,23 @@ MIX_UNITS = ("tokens", "examples")
 class RowIterator:
     """Yields dicts of [batch_size, ...] arrays from `rows` (dict of [n, ...] arrays).
 
-    Host `shard_index` of `shard_count` takes rows shard_index::shard_count. Each epoch is a fresh
-    permutation drawn from (seed, epoch); the state is {"epoch", "offset"}, so a restored iterator continues
-    with exactly the batches an uninterrupted run would have seen.
+    Each epoch is a fresh permutation of all rows drawn from (seed, epoch), read in global batches of
+    batch_size × shard_count rows, of which host `shard_index` takes the shard_index-th slice: the global
+    batch is the same however many hosts share it, so 2 hosts train on what 1 would. The state is
+    {"epoch", "offset"} (the same on every host), so a restored iterator continues with exactly the batches
+    an uninterrupted run would have seen.
     """
 
     finite = False  # epochs repeat: the train loop need not check across hosts for an end
 
     def __init__(self, rows: dict, batch_size: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                  stats: dict | None = None):
-        self.rows = {k: v[shard_index::shard_count] for k, v in rows.items()}
+        self.rows = rows
         self.n = len(next(iter(self.rows.values())))
         if self.n == 0:
-            raise ValueError(f"no training rows for host {shard_index} of {shard_count}")
+            raise ValueError("no training rows")
         self.batch_size, self.seed = batch_size, seed
+        self.shard_index, self.shard_count = shard_index, shard_count
         self.epoch, self.offset = 0, 0
         self._stats = stats or {}
 
@@ -36,15 +39,15 @@ class RowIterator:
         return self
 
     def __next__(self) -> dict:
-        picked = []
-        while len(picked) < self.batch_size:
+        picked, size = [], self.batch_size * self.shard_count
+        while len(picked) < size:
             order = self._order(self.epoch)
-            take = order[self.offset:self.offset + self.batch_size - len(picked)]
+            take = order[self.offset:self.offset + size - len(picked)]
             picked.extend(take.tolist())
             self.offset += len(take)
             if self.offset >= self.n:
                 self.epoch, self.offset = self.epoch + 1, 0
-        index = np.asarray(picked)
+        index = np.asarray(picked[self.shard_index * self.batch_size:(self.shard_index + 1) * self.batch_size])
         return {k: v[index] for k, v in self.rows.items()}
 
     def get_state(self) -> dict:

@@ -293,13 +293,15 @@ def _random_lm(model_config, rng):
 
 
 def reward_accuracy(model_config, params, rows, batch: int = 8) -> float:
-    """Fraction of held-out pairs whose chosen reply scores above the rejected one."""
+    """Fraction of held-out pairs whose chosen reply scores above the rejected one (every process of a
+    multi-host run passes the same rows and gets the same fraction)."""
+    from jaxllm.distributed import to_host
     score = jax.jit(functools.partial(reward.scores, model_config))
     right, n = 0, len(rows["tokens"])
     for start in range(0, n, batch):
         b = _flat({k: v[start:start + batch] for k, v in rows.items() if k in
                    ("tokens", "positions", "segment_ids")})
-        s = np.asarray(score(params, b["tokens"], b["positions"], b["segment_ids"],
-                             rows["last"][start:start + batch].reshape(-1))).reshape(-1, 2)
+        s = to_host(score(params, b["tokens"], b["positions"], b["segment_ids"],
+                          rows["last"][start:start + batch].reshape(-1))).reshape(-1, 2)
         right += int((s[:, 0] > s[:, 1]).sum())
     return right / n
