@@ -389,6 +389,7 @@ def ppo_main(argv: list[str]) -> int:
     except _errors() as err:
         print(f"jaxllm ppo: error: {err}", file=sys.stderr)
         return 2
+    from jaxllm.distributed import is_primary
     from jaxllm.rlhf.ppo import ppo
     from jaxllm.train import rundir
 
