@@ -21,7 +21,7 @@ from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examp
 from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
 from jaxllm.stages.rows import RowIterator
 from jaxllm.train.loss import lm_loss
-from jaxllm.train.stage import Stage
+from jaxllm.train.stage import Stage, lm_rows, shapes_like
 
 
 @dataclasses.dataclass
@@ -90,6 +90,12 @@ def _template(config, options):
     return get_chat_template(options.template or template_for_family(config.model.family))
 
 
+def sft_objective(config, options: StageOptions | None = None) -> Stage:
+    """SFT's loss and batch layout, without its data (see `objective`)."""
+    return Stage(loss_fn=lm_loss(config.model), make_data=None, name="sft", tokens_per_row=config.data.seq_len,
+                 batch_shapes=shapes_like(lm_rows(config.data.seq_len)))
+
+
 def sft_stage(config, options: StageOptions, log=print) -> Stage:
     """Masked next-token loss on packed conversations (assistant tokens only)."""
     files, tokenizer, tok_path = _inputs(config)
@@ -103,8 +109,8 @@ def sft_stage(config, options: StageOptions, log=print) -> Stage:
     def make_data(batch_rows, seed, shard_index, shard_count):
         return RowIterator(rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
-    return Stage(loss_fn=lm_loss(config.model), make_data=make_data, name="sft",
-                 tokens_per_row=config.data.seq_len, tokenizer_path=tok_path, num_rows=len(rows["tokens"]))
+    return dataclasses.replace(sft_objective(config), make_data=make_data, tokenizer_path=tok_path,
+                               num_rows=len(rows["tokens"]))
 
 
 def _stat_dict(stats: Stats) -> dict:
@@ -161,6 +167,30 @@ def _load_start(config, what: str, shardings):
     return params
 
 
+def _pair_rows(seq_len: int) -> dict:
+    """No preference pairs, in `encode_preferences`' layout."""
+    return encode_preferences([], None, None, seq_len)[0]
+
+
+def dpo_objective(config, options: StageOptions) -> Stage:
+    """DPO's loss and batch layout (pairs plus the reference log-probs `prepare` adds), without its data."""
+    model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
+
+    def loss_fn(params, batch, rng):
+        del rng
+        b = _flat(batch)
+        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"])
+        logps = sequence_logprobs(logits, b["targets"], b["loss_mask"]).reshape(-1, 2)
+        ref = batch["ref_logps"]
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
+        return loss, {"loss": loss, **metrics, "weight": jnp.float32(logps.shape[0])}
+
+    rows = {k: v for k, v in _pair_rows(config.data.seq_len).items() if k not in ("margin", "last")}
+    rows["ref_logps"] = np.zeros((0, 2), np.float32)
+    return Stage(loss_fn=loss_fn, make_data=None, name="dpo", tokens_per_row=2 * config.data.seq_len,
+                 batch_shapes=shapes_like(rows))
+
+
 def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     """DPO against the frozen starting checkpoint (`init_from`), whose log-probs are computed once."""
     if not config.init_from:
@@ -172,26 +202,38 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     if not stats.examples:
         raise ConfigError(f"no usable preference pairs in {', '.join(map(str, files))}")
     del pairs["margin"], pairs["last"]
-    model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
+    model_config = config.model
 
     def prepare(mesh):  # the frozen reference, read straight onto the run's mesh, scores every pair once
         start = _load_start(config, "dpo", param_shardings(model_config, mesh))
         pairs["ref_logps"] = _reference_logprobs(model_config, start, pairs, mesh)
 
-    def loss_fn(params, batch, rng):
-        del rng
-        b = _flat(batch)
-        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"])
-        logps = sequence_logprobs(logits, b["targets"], b["loss_mask"]).reshape(-1, 2)
-        ref = batch["ref_logps"]
-        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
-        return loss, {"loss": loss, **metrics, "weight": jnp.float32(logps.shape[0])}
-
     def make_data(batch_rows, seed, shard_index, shard_count):
         return RowIterator(pairs, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
-    return Stage(loss_fn=loss_fn, make_data=make_data, name="dpo", tokens_per_row=2 * config.data.seq_len,
-                 tokenizer_path=tok_path, prepare=prepare, num_rows=len(pairs["tokens"]))
+    return dataclasses.replace(dpo_objective(config, options), make_data=make_data, tokenizer_path=tok_path,
+                               prepare=prepare, num_rows=len(pairs["tokens"]))
+
+
+def rm_objective(config, options: StageOptions) -> Stage:
+    """The reward model's loss, parameters (backbone + scalar head, randomly initialised) and batch
+    layout, without its data or starting checkpoint."""
+    model_config = config.model
+
+    def init_params(rng):
+        return reward.from_lm_params(_random_lm(model_config, rng), model_config, jax.random.fold_in(rng, 1))
+
+    def loss_fn(params, batch, rng):
+        del rng
+        b = _flat(batch)
+        scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
+                               batch["last"].reshape(-1)).reshape(-1, 2)
+        loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
+        return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
+
+    return Stage(loss_fn=loss_fn, make_data=None, name="rm", init_params=init_params,
+                 param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
+                 batch_shapes=shapes_like(_pair_rows(config.data.seq_len)))
 
 
 def rm_stage(config, options: StageOptions, log=print):
@@ -214,9 +256,6 @@ def rm_stage(config, options: StageOptions, log=print):
     model_config = config.model
     # The stage makes its own (backbone + head) parameters, so the loop leaves `init_from` to it; the
     # run's config.yaml still records where the backbone came from.
-    def init_params(rng):
-        return reward.from_lm_params(_random_lm(model_config, rng), model_config, jax.random.fold_in(rng, 1))
-
     def load_params(rng, shardings):  # the LM read onto the mesh, then passed (not closed over) to a jit
         mesh = jax.tree.leaves(shardings)[0].mesh
         lm = _load_start(config, "rm", param_shardings(model_config, mesh))
@@ -224,23 +263,19 @@ def rm_stage(config, options: StageOptions, log=print):
                               out_shardings=shardings, donate_argnums=0)
         return attach_head(lm, rng)
 
-    def loss_fn(params, batch, rng):
-        del rng
-        b = _flat(batch)
-        scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
-                               batch["last"].reshape(-1)).reshape(-1, 2)
-        loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
-        return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
-
     def make_data(batch_rows, seed, shard_index, shard_count):
         return RowIterator(train_rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
 
-    stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
-                  load_params=load_params if config.init_from else None,
-                  param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
-                  num_rows=len(train_rows["tokens"]),
-                  tokenizer_path=tok_path)
+    stage = dataclasses.replace(rm_objective(config, options), make_data=make_data,
+                                load_params=load_params if config.init_from else None,
+                                num_rows=len(train_rows["tokens"]), tokenizer_path=tok_path)
     return stage, eval_rows
+
+
+def objective(kind: str, config, options: StageOptions) -> Stage:
+    """The `kind` (sft | dpo | rm) stage's loss, parameter structure and batch layout, built without
+    reading its data, tokenizer or starting checkpoint: what a compile-only pre-flight needs."""
+    return {"sft": sft_objective, "dpo": dpo_objective, "rm": rm_objective}[kind](config, options)
 
 
 def _random_lm(model_config, rng):
