@@ -189,9 +189,7 @@ def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callabl
     from jaxllm import sharding
     params_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_params, mesh)
     rm_params = jax.device_put(rm_params, params_sh)
-    rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    score = jax.jit(functools.partial(reward.scores, rm_config),
-                    in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh))
+    score = _sharded_scores(rm_config, params_sh, mesh)
 
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
@@ -203,6 +201,14 @@ def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callabl
         with jax.set_mesh(mesh), sharding.axis_rules():
             return np.asarray(score(rm_params, *args))[:n]
     return scorer
+
+
+def _sharded_scores(rm_config: ModelConfig, params_sh, mesh):
+    """jit(scores)(params, tokens, positions, segment_ids, last) with rows split over the batch axes."""
+    from jaxllm import sharding
+    rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    return jax.jit(functools.partial(reward.scores, rm_config),
+                   in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh))
 
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
@@ -233,8 +239,9 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     policy_sh, value_sh = layout.params
     policy, value = jax.device_put(policy, policy_sh), jax.device_put(value, value_sh)
     # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
-    # frozen reference or each other (the default value backbone *is* the policy's arrays).
-    ref = _copy(policy, policy_sh)
+    # frozen reference or each other (the default value backbone *is* the policy's arrays). The reference is
+    # never donated, so it is the caller's policy itself: one policy copy less in device memory.
+    ref = policy
     trainable = (_copy(policy, policy_sh), _copy(value, value_sh))
     del policy, value
     opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt)(trainable)
@@ -340,3 +347,63 @@ def _save(manager, step, trainable, opt_state, history):
         params=ocp.args.StandardSave(trainable[0]), value=ocp.args.StandardSave(trainable[1]),
         opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave({"step": step, "history": history})),
         force=True)
+
+
+def iteration_programs(model_config: ModelConfig, rm_config: ModelConfig, cfg: PPOConfig, mesh, prompt_len: int):
+    """One PPO iteration's jitted programs on `mesh`, with abstract arguments laid out as `ppo` lays them out
+    (nothing allocated), for a compile-only pre-flight.
+
+    Returns (state, programs). state: {what: abstract tree} of what a run keeps on the devices throughout
+    (the trained policy and value model, the frozen reference — the caller's policy —, the reward model,
+    the optimizer state). programs: [(name, jitted fn, args, kwargs, runs per iteration, state keys among
+    its args, iterations of its loop with an argument-bound)] for the rollout's prefill and decode, scoring,
+    the rollout statistics and the update; decode's args are a function of the compiled prefill (its output
+    state is decode's input).
+    `prompt_len`: the longest prompt, in tokens."""
+    from jaxllm import sharding
+    from jaxllm.inference.generate import _decode, _prefill, buffer_lengths, effective_vocab_limit
+    from jaxllm.models import param_shapes
+
+    cfg.validate()
+    layout = _Layout(model_config, mesh, cfg, param_shapes(model_config), reward.abstract_params(model_config))
+    stats_fn, update = _compiled(model_config, cfg, layout)
+    policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
+    rm_shapes = reward.abstract_params(rm_config)
+    rm_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_shapes, mesh)
+    state = {"policy (trained)": policy, "value model (trained)": value, "reference policy": policy,
+             "reward model": layout.abstract(rm_shapes, rm_sh),
+             "optimizer state": layout.abstract(layout.opt_shapes, layout.opt)}
+
+    def rows(batch, keys, dtype=jnp.int32, length=prompt_len + cfg.max_new_tokens):
+        return {k: jax.ShapeDtypeStruct((batch, length), dtype, sharding=layout.rows) for k in keys}
+
+    # The rollout: `generate`'s prefill over the left-padded prompts, then its decode loop.
+    length, cache_len = buffer_lengths(model_config, prompt_len, cfg.max_new_tokens)
+    prompts = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"), length=length)
+    replicated = layout.replicated
+    static = dict(config=model_config, mesh=mesh, stop_ids=(model_config.eos_id,),
+                  sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                          max_new_tokens=cfg.max_new_tokens),
+                  vocab_limit=effective_vocab_limit(model_config))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    ended = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=sharding.batch_sharding(mesh, 1))
+    decode_args = lambda prefill: (policy, prefill.out_info, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                                   ended)
+    scored = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"))
+    last = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+    minibatch = {**rows(cfg.minibatch_size, ROW_KEYS),
+                 **rows(cfg.minibatch_size, ("response_mask", "old_logp", "old_values", "advantages", "returns"),
+                        jnp.float32)}
+    updates = cfg.epochs * cfg.batch_size // cfg.minibatch_size
+    programs = [
+        ("prefill", _prefill, (policy, *prompts.values(), key), {**static, "cache_len": cache_len}, 1,
+         ("policy (trained)",), None),
+        ("decode", _decode, decode_args, static, 1, ("policy (trained)",), cfg.max_new_tokens - 1),
+        ("reward scoring", _sharded_scores(rm_config, rm_sh, mesh), (state["reward model"], *scored.values(), last),
+         {}, 1, ("reward model",), None),
+        ("rollout stats", stats_fn, (policy, value, policy, rows(cfg.batch_size, ROW_KEYS)), {}, 1,
+         ("policy (trained)", "value model (trained)", "reference policy"), None),
+        ("update", update, ((policy, value), state["optimizer state"], minibatch), {}, updates,
+         ("policy (trained)", "value model (trained)", "optimizer state"), None),
+    ]
+    return state, programs
