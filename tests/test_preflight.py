@@ -237,7 +237,8 @@ def test_bad_input_is_one_line(recipe, monkeypatch, capsys):
 
 
 def test_multislice_mesh_puts_data_parallelism_across_slices():
-    devices = tpu_devices("v5p:2x2x1") and topologies.parse("v5p-8", slices=2).devices()
+    tpu_devices("v5p:2x2x1")
+    devices = topologies.parse("v5p-8", slices=2).devices()
     mesh = sharding.make_mesh(2, -1, 1, devices)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     for i in range(2):  # each data index is one slice; fsdp stays on the slice's fast links

@@ -67,8 +67,8 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
     data = apply_overrides(read_yaml(path), list(overrides))
     section = "ppo" if kind == "ppo" else "rejection"
     other = "rejection" if kind == "ppo" else "ppo"
-    allowed = {f.name: f for f in dataclasses.fields(RLHFRecipe)
-               if f.name not in (other, "output" if kind == "ppo" else "run_dir", "" if kind == "ppo" else "models")}
+    excluded = (other, "output") if kind == "ppo" else (other, "run_dir", "models")
+    allowed = {f.name: f for f in dataclasses.fields(RLHFRecipe) if f.name not in excluded}
     values = {}
     for key, value in data.items():
         if key not in allowed:

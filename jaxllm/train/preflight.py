@@ -277,14 +277,15 @@ def preflight_train(config, make_stage: Callable, topology: topologies.Topology,
         program = compile_program(f"{stage.name} step", plan.step_fn, args, resident=sum(state.values()))
     t = config.train
     seq_len = stage.tokens_per_row or config.data.seq_len
+    rows = "pairs" if seq_len == 2 * config.data.seq_len else "rows"  # DPO and RM rows hold two sequences
     shards = math.prod(plan.mesh.shape[a] for a in ("data", "fsdp"))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.param_shapes))
     report = Report(
         title=f"{stage.name} {config.model.name} ({_human(n_params)} parameters, remat {config.model.remat})",
         topology=topology, devices=devices, mesh=plan.mesh, state=state, programs=[program],
         tokens=t.batch_size * seq_len,
-        tokens_note=f"{t.batch_size} rows x {seq_len} tokens in {t.grad_accum} micro-batch(es) of "
-                    f"{t.batch_size // t.grad_accum / shards:g} rows per device",
+        tokens_note=f"{t.batch_size} {rows} x {seq_len} tokens in {t.grad_accum} micro-batch(es) of "
+                    f"{t.batch_size // t.grad_accum / shards:g} {rows} per device",
         flops_per_step=t.batch_size * seq_len * flops_per_token(config.model, config.data.seq_len))
     if suggest and not report.fits:
         _suggest_train(report, config, make_stage, log)
