@@ -122,7 +122,7 @@ def test_a_config_that_cannot_fit_exits_nonzero_with_a_checked_override(recipe):
 
 
 def test_cpu_devices_compile_the_step_that_runs(recipe):
-    """cpu-4 needs no libtpu; the executable the pre-flight compiled computes exactly what the run's own
+    """cpu-2 needs no libtpu; the executable the pre-flight compiled computes exactly what the run's own
     jitted step computes on the same inputs (the same program: only the devices are chosen differently)."""
     from jaxllm.models import init_params
     from jaxllm.train.config import load_config
@@ -131,11 +131,11 @@ def test_cpu_devices_compile_the_step_that_runs(recipe):
     from jaxllm.train.stage import pretraining_objective
 
     config = load_config(recipe)
-    report = preflight_train(config, pretraining_objective, topologies.parse("cpu-4"), log=lambda *_: None)
-    assert report.fits and dict(report.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert "4 x cpu" in report.table()
+    report = preflight_train(config, pretraining_objective, topologies.parse("cpu-2"), log=lambda *_: None)
+    assert report.fits and dict(report.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert "2 x cpu" in report.table()
 
-    plan = plan_run(config, pretraining_objective(config), jax.devices("cpu")[:4])
+    plan = plan_run(config, pretraining_objective(config), jax.devices("cpu")[:2])
     params = init_params(config.model, plan.init_key, plan.param_sh)
     opt_state = jax.jit(plan.optimizer.init, out_shardings=plan.opt_sh)(params)
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 65)).astype(np.int32)
@@ -199,12 +199,48 @@ def test_stage_batch_shapes_match_their_data(tmp_path):
         assert layout(next(stage.make_data(3, 0, 0, 1))) == want, kind
 
 
-def test_ppo_iteration_compiles_without_checkpoints(tmp_path):
+def ppo_recipe(tmp_path):
     recipe = tmp_path / "ppo.yaml"
     recipe.write_text(f"run_dir: {tmp_path}/never\npolicy: /nonexistent/policy\nreward_model: /nonexistent/rm\n"
                       "models: {policy: {preset: llama2-tiny}}\nmesh: {data: 1, fsdp: -1, tensor: 1}\n"
                       "ppo: {batch_size: 8, minibatch_size: 4, max_new_tokens: 8}\n")
-    code, out, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "cpu-2", "--prompt-tokens", "8")
+    return recipe
+
+
+def test_ppo_programs_and_state_without_checkpoints(tmp_path):
+    """The PPO iteration's programs, built from the recipe's `models:` and abstract shapes (lowered, not
+    compiled: the slow test compiles them), and the state a run keeps on the devices."""
+    from jaxllm.rlhf.cli import load_recipe
+    from jaxllm.rlhf.ppo import iteration_programs
+    from jaxllm.rlhf.preflight import recipe_models
+    from jaxllm.train.preflight import device_bytes
+
+    recipe = load_recipe("ppo", str(ppo_recipe(tmp_path)))
+    policy, reward_model = recipe_models(recipe)
+    assert policy.name == reward_model.name == "llama2-tiny"
+    mesh = sharding.make_mesh(1, -1, 1, jax.devices("cpu")[:2])
+    state, programs = iteration_programs(policy, reward_model, recipe.ppo, mesh, prompt_len=8)
+    assert [(p[0], p[4]) for p in programs] == [("prefill", 1), ("decode", 1), ("reward scoring", 1),
+                                                ("rollout stats", 1), ("update", 2)]
+    sizes = {k: device_bytes(v) for k, v in state.items()}
+    assert sizes["policy (trained)"] == sizes["reference policy"] > sizes["reward model"] > 0  # no LM head
+    moments = 2 * (sizes["policy (trained)"] + sizes["value model (trained)"])  # Adam's, plus step counts
+    assert moments <= sizes["optimizer state"] < moments + 1024
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        for name, fn, args, kwargs, *_ in programs:
+            if not callable(args):  # decode's inputs are prefill's compiled outputs
+                assert fn.lower(*args, **kwargs).as_text(), name
+    # without the checkpoints and without `models:`, the error says what to add
+    path = ppo_recipe(tmp_path)
+    path.write_text(path.read_text().replace("models: {policy: {preset: llama2-tiny}}\n", ""))
+    code, _, err = run_cli("ppo", str(path), "--compile-only", "--topology", "cpu-1")
+    assert code == 2 and "is not on this machine: to compile without it, give its architecture" in err
+
+
+@pytest.mark.slow
+def test_ppo_iteration_compiles_without_checkpoints(tmp_path):
+    recipe = ppo_recipe(tmp_path)
+    code, out, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "cpu-1", "--prompt-tokens", "8")
     assert code == 0, err
     assert "128 per iteration (8 rollouts of up to 8 prompt + 8 new tokens" in out
     for name, runs in (("prefill", 1), ("decode", 1), ("reward scoring", 1), ("rollout stats", 1), ("update", 2)):
@@ -213,10 +249,6 @@ def test_ppo_iteration_compiles_without_checkpoints(tmp_path):
     assert rows["policy (trained)"] == rows["reference policy"] > 0 and rows["optimizer state"] > 0
     assert "unknown trip count" not in out  # decode's token loop is counted max_new_tokens - 1 times
     assert not (tmp_path / "never").exists()
-    # without the checkpoints and without `models:`, the error says what to add
-    recipe.write_text(recipe.read_text().replace("models: {policy: {preset: llama2-tiny}}\n", ""))
-    code, _, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "cpu-2")
-    assert code == 2 and "is not on this machine: to compile without it, give its architecture" in err
 
 
 def test_bad_input_is_one_line(recipe, monkeypatch, capsys):
