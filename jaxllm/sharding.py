@@ -55,6 +55,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
                          f"are available (data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]})")
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # multi-slice: data parallelism crosses the slices (data-centre network), the rest stays inside
+        if sizes[0] % slices:
+            raise ValueError(f"mesh: data={sizes[0]} must be a multiple of the {slices} slices (data parallelism "
+                             f"spans the slices): set mesh.data={slices}")
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_hybrid_device_mesh([sizes[0] // slices, *sizes[1:]], [slices, 1, 1], devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     # jax.make_mesh orders devices by the physical topology (TPU torus, NVLink islands), so the inner
     # axes (tensor, then fsdp) get the fastest links.
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -144,3 +144,17 @@ def test_ppo_generation_gathered_vs_sharded_table():
     sharded, gathered = (float(rows[k][2].split()[0]) for k in ("sharded", "gathered"))
     whole = float(re.search(r"greedy tokens identical: True; the whole model is ([\d.]+) MiB", out).group(1))
     assert gathered == pytest.approx(whole, rel=1e-3) and sharded < gathered / 4
+
+
+def test_preflight_table():
+    """A shipped recipe's pre-flight on the tiny preset (CPU devices; PPO's programs are tested in
+    test_preflight.py): a row per recipe that fits; an unknown recipe is a one-line error."""
+    out = run_bench("preflight.py", "--tiny", "--topology", "cpu-1", "--only", "ctllm-2b-pretrain")
+    rows = table_rows(out, "recipe")
+    assert set(rows) == {"ctllm-2b-pretrain"}
+    for cells in rows.values():
+        assert cells[:2] == ["cpu-1", "1"] and cells[7] == "yes"  # topology, chips, fits
+        assert float(cells[10]) > 0 and re.fullmatch(r"\d+(/\d+){4}", cells[11])  # compile s, collectives
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight.py"), "--only", "gpt2"], cwd=ROOT,
+                         capture_output=True, check=False, text=True, timeout=600)
+    assert bad.returncode != 0 and "not a shipped pretraining or PPO recipe: gpt2" in bad.stderr

@@ -143,16 +143,23 @@ def _decode(params, state, until, ended, *, config, sampling, stop_ids, vocab_li
     return jax.lax.while_loop(lambda s: (s["i"] < until) & ~jnp.all(s["done"]), body, state)
 
 
+def buffer_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt length the batch is padded to, KV-cache length): powers of two, so runs share programs; a
+    RoPE cache past the model's context is cut to what is needed."""
+    length = bucket(prompt_len)
+    cache_len = bucket(length + max_new_tokens)
+    if cache_len > config.max_position_embeddings and config.position == "rope":
+        cache_len = length + max_new_tokens
+    return length, cache_len
+
+
 class _Run:
     """One batch being decoded: the device state, advanced chunk by chunk, and the host's copy of it
     (`i` new tokens so far, `out`, `done`)."""
 
     def __init__(self, config, params, prompts, sampling, rng, *, stop_ids, pad_id, mesh, vocab_limit):
         self.steps, self.params, self.mesh = sampling.max_new_tokens, params, mesh
-        length = bucket(max(len(p) for p in prompts))
-        cache_len = bucket(length + self.steps)
-        if cache_len > config.max_position_embeddings and config.position == "rope":
-            cache_len = length + self.steps
+        length, cache_len = buffer_lengths(config, max(len(p) for p in prompts), self.steps)
         self.rows = len(prompts)
         if mesh is not None:  # the batch must split evenly over the data axes: pad it with copies
             prompts = list(prompts) + [prompts[0]] * (-len(prompts) % batch_shards(mesh))

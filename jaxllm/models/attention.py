@@ -55,6 +55,13 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jax.Array:
     return (causal[None] & same_segment)[:, None]
 
 
+def target_platform() -> str:
+    """The platform being traced for: the devices of the mesh in context (`jax.set_mesh`), else JAX's
+    default backend. A TPU program compiled on a CPU host (pre-flight) gets the TPU choices."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
     """The `jax.nn.dot_product_attention` implementation for `impl`, or None for the einsum path.
 
@@ -64,7 +71,7 @@ def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
     if impl in ("xla", "cudnn"):
         return impl
     if impl == "auto" and causal and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-            and jax.default_backend() == "gpu":
+            and target_platform() in ("gpu", "cuda", "rocm"):
         return "cudnn"
     return None
 

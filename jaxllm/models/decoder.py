@@ -24,7 +24,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import lora, quant
-from jaxllm.models.attention import alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin
+from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin,
+                                     target_platform)
 
 _REMAT = {
     "full": None,
@@ -36,8 +37,9 @@ _REMAT = {
 
 def _dense(spec: str, x, w, n_in: int = 1):
     """`einsum(spec, x, w)` contracting x's last `n_in` dims with w's first. On CPU as one 2-D matmul:
-    XLA:CPU runs the backward pass of a dot with several batch/contracting dims 2-3x slower."""
-    if jax.default_backend() != "cpu":
+    XLA:CPU runs the backward pass of a dot with several batch/contracting dims 2-3x slower. The choice
+    follows the devices being compiled for (`target_platform`), not the host's."""
+    if target_platform() != "cpu":
         return jnp.einsum(spec, x, w)
     lead, size = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     return (x.reshape(-1, size) @ w.reshape(size, -1)).reshape(*lead, *w.shape[n_in:])

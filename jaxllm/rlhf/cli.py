@@ -65,6 +65,9 @@ class RLHFRecipe:
     mesh: object = None
     ppo: object = None
     rejection: object = None
+    # Architectures for `jaxllm ppo --compile-only` where the checkpoints are not on this machine:
+    # {policy: {preset: NAME, ...}, reward_model: ...} (the reward model defaults to the policy's).
+    models: dict | None = None
 
 
 def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
@@ -78,8 +81,8 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
     data = apply_overrides(read_yaml(path), list(overrides))
     section = "ppo" if kind == "ppo" else "rejection"
     other = "rejection" if kind == "ppo" else "ppo"
-    allowed = {f.name: f for f in dataclasses.fields(RLHFRecipe)
-               if f.name not in ((other, "output", "pool") if kind == "ppo" else (other, "run_dir"))}
+    excluded = (other, "output", "pool") if kind == "ppo" else (other, "run_dir", "models")
+    allowed = {f.name: f for f in dataclasses.fields(RLHFRecipe) if f.name not in excluded}
     values = {}
     for key, value in data.items():
         if key not in allowed:
@@ -126,6 +129,11 @@ def _parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     if kind == "ppo":
         parser.add_argument("--run-dir", help="same as run_dir=DIR")
+        from jaxllm.train.preflight_cli import add_arguments
+        add_arguments(parser)
+        parser.add_argument("--prompt-tokens", type=int, metavar="N",
+                            help="--compile-only: the longest prompt (default: the policy's context minus "
+                                 "ppo.max_new_tokens)")
     else:
         parser.add_argument("--output", "-o", help="SFT jsonl to write (same as output=FILE)")
         parser.add_argument("--pool", action="append", metavar="FILE",
@@ -150,6 +158,11 @@ def _recipe(kind: str, argv: list[str]):
         options.update({f"rejection.{flag}": getattr(args, flag)
                         for flag in ("k", "temperature", "top_p", "max_new_tokens", "seed")})
     recipe, overrides = recipe_and_overrides(args.args, parser.error, **options)
+    if kind == "ppo":
+        from jaxllm.train.preflight_cli import topology_from_args
+        args.target = topology_from_args(args, parser.error)
+        if args.prompt_tokens is not None and args.target is None:
+            parser.error("--prompt-tokens needs --compile-only")
     return args, load_recipe(kind, recipe or DEFAULTS[kind], overrides)
 
 
@@ -345,7 +358,7 @@ def rejection_main(argv: list[str]) -> int:
 
 
 # Settings a resumed PPO run may change; any other difference means another run.
-RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_every", "ppo.generation")
+RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_every", "ppo.generation", "models.")
 
 
 def _claim_run_dir(recipe: RLHFRecipe) -> Path:
@@ -382,6 +395,8 @@ def ppo_main(argv: list[str]) -> int:
         if args.print_config:
             print(to_yaml(recipe), end="")
             return 0
+        if args.target is not None:
+            return _preflight(recipe, args)
         loaded = _load(recipe)
         from jaxllm.rlhf.ppo import _Layout
         _Layout.check_batch(recipe.ppo, loaded.mesh)
@@ -410,6 +425,16 @@ def ppo_main(argv: list[str]) -> int:
         print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}; "
               f"plot: {run_dir / 'ppo.png'}")
     return 0
+
+
+def _preflight(recipe: RLHFRecipe, args) -> int:
+    """`jaxllm ppo --compile-only`: one iteration compiled for --topology, nothing loaded or run."""
+    from jaxllm.rlhf.preflight import preflight_ppo, recipe_models
+    from jaxllm.train.preflight_cli import finish
+
+    policy, reward_models = recipe_models(recipe)
+    report = preflight_ppo(policy, reward_models, recipe.ppo, recipe.mesh, args.target, args.prompt_tokens)
+    return finish(report, args, "jaxllm ppo")
 
 
 def _plot(history, path):

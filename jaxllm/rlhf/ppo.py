@@ -261,8 +261,9 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     policy_sh, value_sh = layout.params
     policy, value = _place(policy, policy_sh), _place(value, value_sh)
     # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
-    # frozen reference or each other (the default value backbone *is* the policy's arrays).
-    ref = _copy(policy, policy_sh)
+    # frozen reference or each other (the default value backbone *is* the policy's arrays). The reference is
+    # never donated, so it is the caller's policy itself: one policy copy less in device memory.
+    ref = policy
     trainable = (_copy(policy, policy_sh), _copy(value, value_sh))
     del policy, value
     opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt)(trainable)
@@ -385,3 +386,82 @@ def _save(manager, step, trainable, opt_state, history):
         params=ocp.args.StandardSave(trainable[0]), value=ocp.args.StandardSave(trainable[1]),
         opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave({"step": step, "history": history})),
         force=True)
+
+
+def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, mesh, prompt_len: int):
+    """One PPO iteration's jitted programs on `mesh`, with abstract arguments laid out as `ppo` lays them out
+    (nothing allocated), for a compile-only pre-flight.
+
+    rm_configs: the reward models' architectures (one, or Llama 2's helpfulness and safety models).
+    Returns (state, programs). state: {what: abstract tree} of what a run keeps on the devices throughout
+    (the trained policy and value model, the frozen reference — the caller's policy —, the reward models,
+    the optimizer state). programs: [(name, jitted fn, args, kwargs, runs per iteration, state keys among
+    its args, iterations of its loop with an argument-bound)] for the rollout (the copy of the policy laid
+    out for generation, prefill, decode), scoring, the rollout statistics, the advantages and the update;
+    decode's args are a function of the compiled prefill (its output state is decode's input).
+    `prompt_len`: the longest prompt, in tokens."""
+    from jaxllm import sharding
+    from jaxllm.inference.generate import _decode, _prefill, buffer_lengths, effective_vocab_limit
+    from jaxllm.models import param_shapes
+    from jaxllm.rlhf.rewards import sharded_scores
+    from jaxllm.rlhf.rollout import generation_shardings
+
+    cfg.validate()
+    layout = _Layout(model_config, mesh, cfg, param_shapes(model_config), reward.abstract_params(model_config))
+    stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
+    policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
+    rm_names = ["reward model"] if len(rm_configs) == 1 else ["helpfulness reward model", "safety reward model"]
+    state = {"policy (trained)": policy, "value model (trained)": value, "reference policy": policy,
+             "optimizer state": layout.abstract(layout.opt_shapes, layout.opt)}
+    scorers = []
+    for name, rm_config in zip(rm_names, rm_configs):
+        rm_shapes = reward.abstract_params(rm_config)
+        rm_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_shapes, mesh)
+        state[name] = layout.abstract(rm_shapes, rm_sh)
+        scorers.append((name, sharded_scores(rm_config, rm_sh, mesh)))
+
+    def rows(batch, keys, dtype=jnp.int32, length=prompt_len + cfg.max_new_tokens):
+        return {k: jax.ShapeDtypeStruct((batch, length), dtype, sharding=layout.rows) for k in keys}
+
+    # The rollout: the policy laid out for generation (`ppo.generation`), `generate`'s prefill over the
+    # left-padded prompts, then its decode loop.
+    gen_sh = generation_shardings(layout.axes[0], layout.shapes[0], mesh, cfg.generation)
+    weights = layout.abstract(layout.shapes[0], gen_sh)
+    length, cache_len = buffer_lengths(model_config, prompt_len, cfg.max_new_tokens)
+    prompts = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"), length=length)
+    replicated = layout.replicated
+    static = dict(config=model_config, mesh=mesh, stop_ids=(model_config.eos_id,),
+                  sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                          max_new_tokens=cfg.max_new_tokens),
+                  vocab_limit=effective_vocab_limit(model_config))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    ended = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=layout.per_row)
+    decode_args = lambda prefill: (weights, prefill.out_info, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                                   ended)
+    scored = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"))
+    last = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=layout.per_row)
+    per_row = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.float32, sharding=layout.per_row)
+    stats = rows(cfg.batch_size, ("logp", "ref_logp", "values", "response_mask"), jnp.float32)
+    rollout = {**rows(cfg.batch_size, ROW_KEYS),
+               **rows(cfg.batch_size, ("response_mask", "old_logp", "old_values", "advantages", "returns"),
+                      jnp.float32)}
+    index = jax.ShapeDtypeStruct((cfg.minibatch_size,), jnp.int32, sharding=replicated)
+    updates = cfg.epochs * cfg.batch_size // cfg.minibatch_size
+    programs = []
+    if cfg.generation == "gathered":
+        from jaxllm.rlhf.rollout import _relayout
+        leaves, tree = jax.tree.flatten(gen_sh)
+        programs.append(("gather for generation", _relayout(tree, tuple(leaves)), (policy,), {}, 1,
+                         ("policy (trained)",), None))
+    programs += [
+        ("prefill", _prefill, (weights, *prompts.values(), key), {**static, "cache_len": cache_len}, 1, (), None),
+        ("decode", _decode, decode_args, static, 1, (), cfg.max_new_tokens - 1),
+        *((f"scoring ({name})", fn, (state[name], *scored.values(), last), {}, 1, (name,), None)
+          for name, fn in scorers),
+        ("rollout stats", stats_fn, (policy, value, policy, rows(cfg.batch_size, ROW_KEYS)), {}, 1,
+         ("policy (trained)", "value model (trained)", "reference policy"), None),
+        ("advantages", advantages_fn, (per_row, *stats.values()), {}, 1, (), None),
+        ("update", update, ((policy, value), state["optimizer state"], rollout, index), {}, updates,
+         ("policy (trained)", "value model (trained)", "optimizer state"), None),
+    ]
+    return state, programs

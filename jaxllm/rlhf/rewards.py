@@ -56,6 +56,15 @@ def as_scores(out) -> dict:
     return out if isinstance(out, dict) else {"score": out}
 
 
+def sharded_scores(rm_config: ModelConfig, params_sh, mesh):
+    """jit(reward.scores)(params, tokens, positions, segment_ids, last) → float32[batch], the rows split over
+    the mesh's batch axes (what `reward_model_scorer` runs, and what a pre-flight compiles)."""
+    from jaxllm import sharding
+    rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    return jax.jit(functools.partial(reward.scores, rm_config),
+                   in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh), out_shardings=last_sh)
+
+
 def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callable:
     """scorer(rows) → float32[batch]: the reward model's raw score read at each row's final token (`last`).
 
@@ -69,8 +78,7 @@ def reward_model_scorer(rm_config: ModelConfig, rm_params, mesh=None) -> Callabl
     params_sh = sharding.tree_shardings(reward.logical_axes(rm_config), rm_params, mesh)
     rm_params = jax.device_put(rm_params, params_sh)
     rows_sh, last_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    score = jax.jit(functools.partial(reward.scores, rm_config),
-                    in_shardings=(params_sh, rows_sh, rows_sh, rows_sh, last_sh), out_shardings=last_sh)
+    score = sharded_scores(rm_config, params_sh, mesh)
 
     def scorer(rows):
         args = [rows[k] for k in ("tokens", "positions", "segment_ids", "last")]

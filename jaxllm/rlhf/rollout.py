@@ -79,10 +79,18 @@ def generation_params(params, axes, mesh, layout: str = "gathered"):
     on every device of each tensor-parallel group ("gathered"), which the caller drops after generating."""
     if layout == "sharded" or mesh is None:
         return params
-    from jaxllm import sharding
-    rules = tuple((name, None if name == "embed" else axes_) for name, axes_ in sharding.LOGICAL_RULES)
-    leaves, tree = jax.tree.flatten(sharding.tree_shardings(axes, params, mesh, rules))
+    leaves, tree = jax.tree.flatten(generation_shardings(axes, params, mesh, layout))
     return _relayout(tree, tuple(leaves))(params)
+
+
+def generation_shardings(axes, shapes, mesh, layout: str = "gathered"):
+    """The shardings `generation_params` lays the policy out on: training's ("sharded"), or the rules
+    table without FSDP ("gathered": whole on every device of each tensor-parallel group)."""
+    from jaxllm import sharding
+    rules = sharding.LOGICAL_RULES
+    if layout == "gathered":
+        rules = tuple((name, None if name == "embed" else axes_) for name, axes_ in rules)
+    return sharding.tree_shardings(axes, shapes, mesh, rules)
 
 
 @functools.lru_cache(maxsize=8)

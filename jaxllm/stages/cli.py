@@ -16,7 +16,8 @@ EXAMPLES = {
     "dpo": "jaxllm dpo                 the demo: DPO from the SFT demo model (run `jaxllm sft` first)\n"
            "  jaxllm dpo ctllm-2b-dpo --init-from ckpt/ctllm-sft stage.beta=0.1",
     "rm": "jaxllm rm                  the demo: a reward model from the SFT demo model\n"
-          "  jaxllm rm llama2-7b-rm --init-from ckpt/llama2-7b-chat stage.margin=small",
+          "  jaxllm rm llama2-7b-rm --init-from ckpt/llama2-7b-chat stage.margin=small\n"
+          "  jaxllm rm llama2-7b-rm --compile-only --topology v5p-32   does its step fit 16 v5p chips?",
 }
 
 
@@ -28,10 +29,13 @@ def run(kind: str, argv: list[str]) -> int:
     parser.add_argument("--init-from", metavar="DIR", help="starting checkpoint (jaxllm or a training run)")
     parser.add_argument("--run-dir", metavar="DIR")
     parser.add_argument("--print-config", action="store_true")
+    from jaxllm.train.preflight_cli import add_arguments, topology_from_args
+    add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     from jaxllm.train.config import recipe_and_overrides
     recipe, overrides = recipe_and_overrides(args.args, parser.error, init_from=args.init_from,
                                              run_dir=args.run_dir)
+    target = topology_from_args(args, parser.error)
 
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
@@ -46,6 +50,12 @@ def run(kind: str, argv: list[str]) -> int:
             print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
                                                           dataclasses.asdict(options).items()), end="")
             return 0
+        if target is not None:  # no data, tokenizer or starting checkpoint is read
+            from jaxllm.stages.stages import objective
+            from jaxllm.train.preflight import preflight_train
+            from jaxllm.train.preflight_cli import finish
+            report = preflight_train(config, lambda c: objective(kind, c, options), target)
+            return finish(report, args, f"jaxllm {kind}")
         from jaxllm.train.loop import maybe_initialize_distributed, train
         maybe_initialize_distributed(config.distributed)  # before a stage touches JAX (rm's eval_shape)
         if kind == "sft":

@@ -22,7 +22,7 @@ from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examp
 from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
 from jaxllm.stages.rows import MIX_UNITS
 from jaxllm.train.loss import lm_loss
-from jaxllm.train.stage import Stage
+from jaxllm.train.stage import Stage, lm_rows, shapes_like
 
 
 @dataclasses.dataclass
@@ -114,6 +114,12 @@ def _template(config, options):
     return get_chat_template(options.template or template_for_family(config.model.family))
 
 
+def sft_objective(config, options: StageOptions | None = None) -> Stage:
+    """SFT's loss and batch layout, without its data (see `objective`)."""
+    return Stage(loss_fn=lm_loss(config.model), make_data=None, name="sft", tokens_per_row=config.data.seq_len,
+                 batch_shapes=shapes_like(lm_rows(config.data.seq_len)))
+
+
 def sft_stage(config, options: StageOptions, log=print) -> Stage:
     """Masked next-token loss on packed conversations (assistant tokens only). Each source is packed on
     its own, so a row holds one source's examples, and the sources are mixed by weight."""
@@ -127,9 +133,8 @@ def sft_stage(config, options: StageOptions, log=print) -> Stage:
         rows = pack_examples(examples, config.data.seq_len, tokenizer.pad_id)
         packed.append(mixture.packed_source(name, rows, weight))
     log(f"sft data: {stats.summary()}")
-    return Stage(loss_fn=lm_loss(config.model), make_data=_data_maker(packed, options, stats, log, "sft"),
-                 name="sft", tokens_per_row=config.data.seq_len, tokenizer_path=tok_path,
-                 num_rows=sum(len(s) for s in packed))
+    return dataclasses.replace(sft_objective(config), tokenizer_path=tok_path, num_rows=sum(len(s) for s in packed),
+                               make_data=_data_maker(packed, options, stats, log, "sft"))
 
 
 def _stat_dict(stats: Stats) -> dict:
@@ -209,23 +214,14 @@ def _pair_sources(config, options, what: str, log, margins=None):
     return out, stats, tok_path
 
 
-def dpo_stage(config, options: StageOptions, log=print) -> Stage:
-    """DPO against the frozen starting checkpoint (`init_from`), whose log-probs are computed once."""
-    if not config.init_from:
-        raise ConfigError("dpo starts from a trained model, its frozen reference: set init_from (or --init-from DIR)")
-    parts, stats, tok_path = _pair_sources(config, options, "dpo", log)
-    for _, pairs, _ in parts:
-        del pairs["margin"], pairs["last"]
-    sources = [mixture.pair_source(name, pairs, weight) for name, pairs, weight in parts]
-    model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
+def _pair_rows(seq_len: int) -> dict:
+    """No preference pairs, in `encode_preferences`' layout."""
+    return encode_preferences([], None, None, seq_len)[0]
 
-    def prepare(mesh, start=None):  # the frozen reference, read straight onto the run's mesh, scores every pair once
-        # With LoRA the loop passes the starting model: its frozen base plus the adapters as they start (B = 0:
-        # the base with adapters off, or `lora.init_adapter`), so the reference is no second copy of the weights.
-        if start is None:
-            start = _load_start(config, "dpo", param_shardings(model_config, mesh))
-        for source in sources:
-            source.rows["ref_logps"] = _reference_logprobs(model_config, start, source.rows, mesh)
+
+def dpo_objective(config, options: StageOptions) -> Stage:
+    """DPO's loss and batch layout (pairs plus the reference log-probs `prepare` adds), without its data."""
+    model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
 
     def loss_fn(params, batch, rng):
         b = _flat(batch)
@@ -235,9 +231,53 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
         return loss, {"loss": loss, **metrics, "weight": jnp.float32(logps.shape[0])}
 
-    return Stage(loss_fn=loss_fn, make_data=_data_maker(sources, options, stats, log, "dpo"), name="dpo",
-                 tokens_per_row=2 * config.data.seq_len, tokenizer_path=tok_path, prepare=prepare,
-                 num_rows=sum(len(s) for s in sources))
+    rows = {k: v for k, v in _pair_rows(config.data.seq_len).items() if k not in ("margin", "last")}
+    rows["ref_logps"] = np.zeros((0, 2), np.float32)
+    return Stage(loss_fn=loss_fn, make_data=None, name="dpo", tokens_per_row=2 * config.data.seq_len,
+                 batch_shapes=shapes_like(rows))
+
+
+def dpo_stage(config, options: StageOptions, log=print) -> Stage:
+    """DPO against the frozen starting checkpoint (`init_from`), whose log-probs are computed once."""
+    if not config.init_from:
+        raise ConfigError("dpo starts from a trained model, its frozen reference: set init_from (or --init-from DIR)")
+    parts, stats, tok_path = _pair_sources(config, options, "dpo", log)
+    for _, pairs, _ in parts:
+        del pairs["margin"], pairs["last"]
+    sources = [mixture.pair_source(name, pairs, weight) for name, pairs, weight in parts]
+    model_config = config.model
+
+    def prepare(mesh, start=None):  # the frozen reference, read straight onto the run's mesh, scores every pair once
+        # With LoRA the loop passes the starting model: its frozen base plus the adapters as they start (B = 0:
+        # the base with adapters off, or `lora.init_adapter`), so the reference is no second copy of the weights.
+        if start is None:
+            start = _load_start(config, "dpo", param_shardings(model_config, mesh))
+        for source in sources:
+            source.rows["ref_logps"] = _reference_logprobs(model_config, start, source.rows, mesh)
+
+    return dataclasses.replace(dpo_objective(config, options), tokenizer_path=tok_path, prepare=prepare,
+                               make_data=_data_maker(sources, options, stats, log, "dpo"),
+                               num_rows=sum(len(s) for s in sources))
+
+
+def rm_objective(config, options: StageOptions) -> Stage:
+    """The reward model's loss, parameters (backbone + scalar head, randomly initialised) and batch
+    layout, without its data or starting checkpoint."""
+    model_config = config.model
+
+    def init_params(rng):
+        return reward.from_lm_params(_random_lm(model_config, rng), model_config, jax.random.fold_in(rng, 1))
+
+    def loss_fn(params, batch, rng):
+        b = _flat(batch)
+        scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
+                               batch["last"].reshape(-1), rng=rng).reshape(-1, 2)
+        loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
+        return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
+
+    return Stage(loss_fn=loss_fn, make_data=None, name="rm", init_params=init_params,
+                 param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
+                 lm_path=("backbone",), batch_shapes=shapes_like(_pair_rows(config.data.seq_len)))
 
 
 def rm_stage(config, options: StageOptions, log=print):
@@ -263,9 +303,6 @@ def rm_stage(config, options: StageOptions, log=print):
     model_config = config.model
     # The stage makes its own (backbone + head) parameters, so the loop leaves `init_from` to it; the
     # run's config.yaml still records where the backbone came from.
-    def init_params(rng):
-        return reward.from_lm_params(_random_lm(model_config, rng), model_config, jax.random.fold_in(rng, 1))
-
     def load_params(rng, shardings):  # the LM read onto the mesh, then passed (not closed over) to a jit
         mesh = jax.tree.leaves(shardings)[0].mesh
         lm = _load_start(config, "rm", param_shardings(model_config, mesh))
@@ -273,18 +310,16 @@ def rm_stage(config, options: StageOptions, log=print):
                               out_shardings=shardings, donate_argnums=0)
         return attach_head(lm, rng)
 
-    def loss_fn(params, batch, rng):
-        b = _flat(batch)
-        scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
-                               batch["last"].reshape(-1), rng=rng).reshape(-1, 2)
-        loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
-        return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
-
-    stage = Stage(loss_fn=loss_fn, make_data=_data_maker(sources, options, stats, log, "rm"), name="rm",
-                  init_params=init_params, load_params=load_params if config.init_from else None,
-                  param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
-                  num_rows=sum(len(s) for s in sources), lm_path=("backbone",), tokenizer_path=tok_path)
+    stage = dataclasses.replace(rm_objective(config, options), load_params=load_params if config.init_from else None,
+                                make_data=_data_maker(sources, options, stats, log, "rm"),
+                                num_rows=sum(len(s) for s in sources), tokenizer_path=tok_path)
     return stage, eval_rows
+
+
+def objective(kind: str, config, options: StageOptions) -> Stage:
+    """The `kind` (sft | dpo | rm) stage's loss, parameter structure and batch layout, built without
+    reading its data, tokenizer or starting checkpoint: what a compile-only pre-flight needs."""
+    return {"sft": sft_objective, "dpo": dpo_objective, "rm": rm_objective}[kind](config, options)
 
 
 def _random_lm(model_config, rng):

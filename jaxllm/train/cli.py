@@ -12,6 +12,7 @@ examples:
   jaxllm train llama2-7b-pretrain data.sources.0.path='corpus/*.jsonl.gz' run_dir=runs/l7
   jaxllm train configs/demo.yaml train.steps=50 optimizer.lr=1e-3 mesh.fsdp=-1
   jaxllm train ziya-13b-pretrain --init-from ckpt/llama-13b
+  jaxllm train llama2-7b-pretrain --compile-only --topology v5p-128   does the step fit a v5p-128 pod slice?
 
 Rerunning the same command resumes from the run directory's latest good checkpoint.
 """
@@ -25,15 +26,18 @@ def parse_args(argv):
     parser.add_argument("--init-from", metavar="DIR", help="start from a jaxllm checkpoint's parameters")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (same as run_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from jaxllm.train.preflight_cli import add_arguments, topology_from_args
+    add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # options may come between the recipe and its overrides
     from jaxllm.train.config import recipe_and_overrides
     recipe, overrides = recipe_and_overrides(args.args, parser.error, init_from=args.init_from,
                                              run_dir=args.run_dir)
-    return recipe or DEFAULT_RECIPE, overrides, args.print_config
+    args.target = topology_from_args(args, parser.error)
+    return recipe or DEFAULT_RECIPE, overrides, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe, overrides, print_only = parse_args(sys.argv[1:] if argv is None else argv)
+    recipe, overrides, args = parse_args(sys.argv[1:] if argv is None else argv)
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
     from jaxllm.data import DataError
@@ -42,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(recipe, overrides)
-        if print_only:
+        if args.print_config:
             print(config.to_yaml(), end="")
             return 0
+        if args.target is not None:
+            from jaxllm.train.preflight import preflight_train
+            from jaxllm.train.preflight_cli import finish
+            from jaxllm.train.stage import pretraining_objective
+            return finish(preflight_train(config, pretraining_objective, args.target), args, "jaxllm train")
         from jaxllm.train.loop import train
         result = train(config)
     except (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError) as err:

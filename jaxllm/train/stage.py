@@ -4,11 +4,19 @@
       loss_fn(params, batch, rng) -> (loss, metrics)       see `jaxllm.train.loss`
       make_data(rows, seed, shard_index, shard_count)      -> iterator of this host's batches (dicts of
                                                               numpy [rows, ...]) with get_state()/set_state()
+      batch_shapes(rows)                                   -> {key: ShapeDtypeStruct [rows, ...]}: the layout
+                                                              of those batches, known without the data
+
+A stage built without its data (`make_data=None`, e.g. `pretraining_objective`) still has its loss,
+parameter structure and batch layout: enough to compile its step (`jaxllm.train.preflight`).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
+
+import jax
+import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.data import expand_paths, load_tokenizer, pretraining_batches, resolve_path
@@ -34,6 +42,26 @@ class Stage:
     tokens_per_row: int | None = None      # for tokens/s and MFU (default: data.seq_len)
     num_rows: int | None = None            # training rows over all hosts, when known (train.epochs)
     tokenizer_path: str | None = None      # copied to RUN/tokenizer.model
+    batch_shapes: Callable[[int], dict] | None = None  # rows -> {key: jax.ShapeDtypeStruct [rows, ...]}
+
+
+def shapes_like(empty: dict) -> Callable[[int], dict]:
+    """batch_shapes from a stage's arrays with no rows (its encoder run on nothing), so the layout a
+    pre-flight compiles is the one its data pipeline makes."""
+    return lambda rows: {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in empty.items()}
+
+
+def lm_rows(seq_len: int) -> dict:
+    """No rows of packed next-token data (pretraining and SFT): tokens, targets, segment_ids, positions
+    int32 and loss_mask float32, [0, seq_len] (`jaxllm.data.packing`, `jaxllm.stages.data.pack_examples`)."""
+    rows = {k: np.zeros((0, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    return {**rows, "loss_mask": np.zeros((0, seq_len), np.float32)}
+
+
+def pretraining_objective(config: RunConfig) -> Stage:
+    """Pretraining's loss and batch layout without its data or tokenizer (`make_data` is None)."""
+    return Stage(loss_fn=lm_loss(config.model), make_data=None, name="pretrain", tokens_per_row=config.data.seq_len,
+                 batch_shapes=shapes_like(lm_rows(config.data.seq_len)))
 
 
 def pretraining_stage(config: RunConfig) -> Stage:
@@ -53,5 +81,5 @@ def pretraining_stage(config: RunConfig) -> Stage:
         return pretraining_batches(data, tokenizer, batch_size=rows, seed=seed, shard_index=shard_index,
                                    shard_count=shard_count)
 
-    return Stage(loss_fn=lm_loss(config.model), make_data=make_data, name="pretrain",
-                 tokens_per_row=data.seq_len, tokenizer_path=resolve_path(data.tokenizer))
+    return dataclasses.replace(pretraining_objective(config), make_data=make_data,
+                               tokenizer_path=resolve_path(data.tokenizer))
