@@ -240,14 +240,19 @@ def test_ppo_programs_and_state_without_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_iteration_compiles_without_checkpoints(tmp_path):
-    recipe = ppo_recipe(tmp_path)
+    recipe = ppo_recipe(tmp_path)  # Llama 2's two reward models: each is state, each scores the rollouts
+    recipe.write_text(recipe.read_text().replace("reward_model: /nonexistent/rm\n", "reward_model: /nonexistent/rm\n"
+                                                 "safety_reward_model: /nonexistent/safety\n"))
     code, out, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "cpu-1", "--prompt-tokens", "8")
     assert code == 0, err
     assert "128 per iteration (8 rollouts of up to 8 prompt + 8 new tokens" in out
-    for name, runs in (("prefill", 1), ("decode", 1), ("reward scoring", 1), ("rollout stats", 1), ("update", 2)):
-        assert re.search(rf"^  {name}\s+{runs}\s", out, re.M), name
+    for name, runs in (("gather for generation", 1), ("prefill", 1), ("decode", 1),
+                       ("scoring (helpfulness reward model)", 1), ("scoring (safety reward model)", 1),
+                       ("rollout stats", 1), ("advantages", 1), ("update", 2)):
+        assert re.search(rf"^  {re.escape(name)}\s+{runs}\s", out, re.M), name
     rows = memory_rows(out)
     assert rows["policy (trained)"] == rows["reference policy"] > 0 and rows["optimizer state"] > 0
+    assert rows["helpfulness reward model"] == rows["safety reward model"] > 0
     assert "unknown trip count" not in out  # decode's token loop is counted max_new_tokens - 1 times
     assert not (tmp_path / "never").exists()
 
