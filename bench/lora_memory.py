@@ -3,9 +3,13 @@ does not have: `plan_run` plans the run for the target's devices (a TPU topology
 compiler), its jitted step is lowered from abstract inputs and XLA's memory analysis of the compiled program
 says what one chip must hold. Nothing is allocated, so a 7B plan compiles on a laptop (slowly).
 
-    python bench/lora_memory.py        # Llama-2-7B SFT, seq 2048, TPU v5e-1 (16 GiB, Colab's TPU)
+    python bench/lora_memory.py        # Llama-2-7B SFT, seq 2048, TPU v5e-1 (Colab's TPU)
     python bench/lora_memory.py --settings lora:bfloat16:full:1 lora:int8:full:4 full:-:full:1
-    python bench/lora_memory.py --preset llama2-tiny --seq-len 64 --topology cpu      # the test's tiny run
+    python bench/lora_memory.py --preset llama2-tiny --seq-len 64 --topology cpu-1    # the test's tiny run
+
+Each row is the pre-flight of `jaxllm sft … --compile-only --topology v5e-1` (`jaxllm.train.preflight`):
+total is the chip's peak (state + the step's other inputs, outputs, temporaries and code), against the
+TPU compiler's HBM limit.
 
 A setting is KIND:BASE_DTYPE:REMAT:BATCH: KIND `lora` (rank --rank on every projection, the frozen base in
 BASE_DTYPE: bfloat16, int8 or int4) or `full` (every weight trains: float32 parameters and AdamW moments).
@@ -14,25 +18,8 @@ Both compute in bfloat16 with one micro-batch of BATCH rows.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import time
 
 DEFAULT = ["lora:bfloat16:full:1", "lora:bfloat16:full:2", "lora:int8:full:4", "lora:int4:full:8", "full:-:full:1"]
-CAPACITY_GIB = {"v5e:1x1": 16.0}
-
-
-def target_devices(topology: str):
-    """The devices to plan for: a TPU topology (compile-only) or this machine's first device ('cpu')."""
-    import jax
-
-    if topology == "cpu":
-        return jax.devices()[:1]
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu's lock file
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                        chips_per_host_bounds=(1, 1, 1)).devices
 
 
 def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, seq_len: int, rank: int):
@@ -47,39 +34,12 @@ def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, 
     return from_dict(config)
 
 
-def measure(config, devices):
-    """(bytes by kind, compile seconds) of the planned step on `devices`."""
-    import jax
-    import jax.numpy as jnp
+def measure(config, topology):
+    """The pre-flight report (`jaxllm sft --compile-only`) of the SFT step planned by `config`."""
+    from jaxllm.stages.stages import sft_objective
+    from jaxllm.train.preflight import preflight_train
 
-    from jaxllm.train.loop import plan_run
-    from jaxllm.train.loss import lm_loss
-    from jaxllm.train.stage import Stage
-
-    stage = Stage(loss_fn=lm_loss(config.model), make_data=None, name="sft")
-    plan = plan_run(config, stage, devices)
-    rows, seq = config.train.batch_size, config.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((1, rows, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
-             for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-    from jaxllm.models.quant import nbytes as size  # int4 counts half a byte, as the chip stores it
-    parts = {"trainable": size(plan.param_shapes), "optimizer": size(plan.opt_shapes),
-             "frozen": size(plan.lora.frozen_shapes) if plan.lora is not None else 0}
-    start = time.perf_counter()
-    try:
-        compiled = plan.step_fn.lower(*plan.abstract_args(batch)).compile()
-    except jax.errors.JaxRuntimeError as err:
-        # The TPU compiler refuses a program that cannot fit and says how much it needs.
-        need = re.search(r"required for HLO temporaries \(([\d.]+)([GMK])\)", str(err))
-        if "RESOURCE_EXHAUSTED" not in str(err) or need is None:
-            raise
-        unit = {"G": 2**30, "M": 2**20, "K": 2**10}[need.group(2)]
-        return {**parts, "temp": None, "total": float(need.group(1)) * unit, "refused": True}, \
-            time.perf_counter() - start
-    seconds = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    parts.update(temp=m.temp_size_in_bytes, total=m.argument_size_in_bytes + m.output_size_in_bytes
-                 - m.alias_size_in_bytes + m.temp_size_in_bytes)
-    return parts, seconds
+    return preflight_train(config, sft_objective, topology, suggest=False, log=lambda *_: None)
 
 
 def main(argv=None) -> None:
@@ -87,12 +47,12 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="llama2-7b")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--topology", default="v5e:1x1", help="TPU topology name, or 'cpu' for this machine")
+    parser.add_argument("--topology", default="v5e-1", help="a pre-flight topology (v5e-1, v5p-8, cpu-1, ...)")
     parser.add_argument("--settings", nargs="+", default=DEFAULT, help="KIND:BASE_DTYPE:REMAT:BATCH ...")
-    parser.add_argument("--memory-gib", type=float, help="the chip's memory (default: 16 for v5e:1x1)")
     parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="of the table (MiB for tiny models)")
     args = parser.parse_args(argv)
 
+    from jaxllm import topology as topologies
     from jaxllm.config import ConfigError
 
     settings = []
@@ -103,28 +63,27 @@ def main(argv=None) -> None:
                 raise ConfigError(f"setting {text!r}: KIND must be lora or full")
             settings.append((text, run_config(args.preset, kind, base_dtype, remat, int(batch), args.seq_len,
                                               args.rank)))
+        topology = topologies.parse(args.topology)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"lora_memory: {err}") from None
-    devices = target_devices(args.topology)
-    capacity = args.memory_gib or CAPACITY_GIB.get(args.topology)
+    tpu = topology.platform == "tpu"
     print(f"{args.preset}, seq {args.seq_len}, bf16 compute, LoRA rank {args.rank} on q/k/v/o/gate/up/down; "
-          f"compiled for {args.topology} ({devices[0].device_kind})"
-          + (f", {capacity:.0f} GiB per chip" if capacity else "") + "\n")
+          f"compiled for {topology.describe()}\n")
     u = args.unit
     print(f"{'setting':<24}  {'trainable ' + u:>13}  {'Adam ' + u:>8}  {'frozen ' + u:>10}  {'temp ' + u:>8}  "
           f"{'total ' + u:>9}  {'fits':>4}  {'compile s':>9}")
     gib, refused = (2**30 if u == "GiB" else 2**20), False
     for text, config in settings:
-        parts, seconds = measure(config, devices)
-        fits = "-" if not capacity else ("yes" if parts["total"] <= capacity * 2**30 else "no")
-        temp = "-" if parts["temp"] is None else f"{parts['temp'] / gib:.3f}"
-        print(f"{text:<24}  {parts['trainable'] / gib:>13.3f}  {parts['optimizer'] / gib:>8.3f}  "
-              f"{parts['frozen'] / gib:>10.3f}  {temp:>8}  {parts['total'] / gib:>9.3f}  "
-              f"{fits:>4}  {seconds:>9.1f}", flush=True)
-        if parts.get("refused"):
-            refused = True
+        report = measure(config, topology)
+        state, program = report.state, report.programs[0]
+        fits = ("yes" if report.fits else "no") if tpu else "-"
+        temp = "-" if program.refused else f"{program.temporaries / gib:.3f}"
+        print(f"{text:<24}  {state['parameters'] / gib:>13.3f}  {state['optimizer state'] / gib:>8.3f}  "
+              f"{state.get('frozen base', 0) / gib:>10.3f}  {temp:>8}  {report.peak / gib:>9.3f}  "
+              f"{fits:>4}  {report.compile_s:>9.1f}", flush=True)
+        refused = refused or report.refused
     if refused:
-        print("\ntemp '-': the TPU compiler refused the program (out of HBM); total is the need it reported")
+        print("\ntemp '-': the TPU compiler refused the program (out of HBM); total is at least the need it reported")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
 
 
 def test_lora_memory_table():
-    out = run_bench("lora_memory.py", "--preset", "llama2-tiny", "--seq-len", "32", "--topology", "cpu",
+    out = run_bench("lora_memory.py", "--preset", "llama2-tiny", "--seq-len", "32", "--topology", "cpu-1",
                     "--unit", "MiB", "--settings", "lora:int8:full:2", "full:-:full:2")
     rows = table_rows(out, "setting")
     assert set(rows) == {"lora:int8:full:2", "full:-:full:2"}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm import sharding
 from jaxllm import topology as topologies
@@ -41,7 +42,10 @@ def device_bytes(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += math.prod(shape) * leaf.dtype.itemsize  # PRNG key dtypes have one too
+        # int4 packs two to a byte, as devices store it; PRNG key dtypes have an itemsize too
+        bits = jax.dtypes.itemsize_bits(leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.integer) else \
+            8 * leaf.dtype.itemsize
+        total += math.prod(shape) * bits // 8
     return total
 
 
