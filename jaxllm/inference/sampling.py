@@ -87,3 +87,41 @@ def sample(logits, rng, params: SamplingParams, seen=None, vocab_limit: int | No
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def filter_rows(logits, top_k, top_p):
+    """top-k then top-p (HF order) with a k and p per row: logits float32[batch, vocab], top_k int32[batch]
+    (0: off), top_p float32[batch] (1: off). Keeps every token at least as likely as the last one kept,
+    so exact ties at the cut survive (as in `filter_top_k`)."""
+    vocab = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)  # descending
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    in_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_k, ordered, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    kept = jnp.sum(in_k & (before < top_p[:, None]), axis=-1)  # >= 1: the first token has 0 before it
+    threshold = jnp.take_along_axis(ordered, kept[:, None] - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p, penalty, seen, vocab_limit: int | None = None):
+    """Next token int32[batch] with sampling settings per row, as a server batches different requests:
+    keys: one PRNG key per row; temperature float32[batch] (0: greedy), top_k int32[batch], top_p
+    float32[batch], penalty float32[batch] (repetition penalty, 1: off) against seen bool[batch, vocab].
+    Each row depends only on its own logits, settings and key, never on the other rows. The sort behind
+    top-k/p and the penalty run only when some row asks for them."""
+    logits = mask_vocab(logits, vocab_limit)
+    logits = jax.lax.cond(jnp.any(penalty != 1.0), lambda x: jnp.where(
+        seen, jnp.where(x > 0, x / penalty[:, None], x * penalty[:, None]), x), lambda x: x, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = temperature > 0
+
+    def draw(x):
+        x = x / jnp.where(hot, temperature, 1.0)[:, None]
+        wants_filter = jnp.any(hot & ((top_k > 0) | (top_p < 1.0)))
+        x = jax.lax.cond(wants_filter, lambda y: filter_rows(y, top_k, top_p), lambda y: y, x)
+        return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(hot), draw, lambda x: greedy, logits)
+    return jnp.where(hot, drawn, greedy)
