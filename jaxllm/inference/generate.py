@@ -160,15 +160,18 @@ class _Run:
     def __init__(self, config, params, prompts, sampling, rng, *, stop_ids, pad_id, mesh, vocab_limit,
                  logprobs=False):
         self.steps, self.params, self.mesh = sampling.max_new_tokens, params, mesh
+        # Room for a bucket of new tokens: max_new_tokens 40 and 60 share programs (the loop stops at steps).
+        room = bucket(self.steps)
         length = bucket(max(len(p) for p in prompts))
-        cache_len = bucket(length + self.steps)
+        cache_len = bucket(length + room)
         if cache_len > config.max_position_embeddings and config.position == "rope":
-            cache_len = length + self.steps
+            cache_len = length + room
         self.rows = len(prompts)
         if mesh is not None:  # the batch must split evenly over the data axes: pad it with copies
             prompts = list(prompts) + [prompts[0]] * (-len(prompts) % batch_shards(mesh))
         tokens, positions, segments = left_pad(prompts, length, pad_id)
-        self.static = dict(config=config, sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids),
+        self.static = dict(config=config, sampling=dataclasses.replace(sampling, max_new_tokens=room),
+                           stop_ids=tuple(int(s) for s in stop_ids),
                            vocab_limit=effective_vocab_limit(config, vocab_limit), mesh=mesh, logprobs=logprobs)
         with on_mesh(mesh):
             if mesh is not None:
