@@ -102,6 +102,7 @@ class Batcher:
         self.waiting: collections.deque[Stream] = collections.deque()
         self.running: dict[int, _Running] = {}
         self.closing = False
+        self.ended: collections.Counter[str] = collections.Counter()  # requests by finish reason
         self._wake = asyncio.Event()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-engine")
         self._task: asyncio.Task | None = None
@@ -141,7 +142,9 @@ class Batcher:
         return len(self.running) + len(self.waiting)
 
     def stats(self) -> dict:
-        return {"slots": self.engine.slots, "running": len(self.running), "waiting": len(self.waiting)}
+        """Slots, requests running and waiting, and requests ended so far by finish reason."""
+        return {"slots": self.engine.slots, "running": len(self.running), "waiting": len(self.waiting),
+                "ended": dict(self.ended)}
 
     async def shutdown(self) -> None:
         """Refuse new requests, finish every request already taken, then stop the loop."""
@@ -221,6 +224,7 @@ class Batcher:
         if reason in ("stop", "length"):
             piece += run.text.finish()
         run.stream.finished = True
+        self.ended[reason] += 1
         run.stream.events.put_nowait(Event(piece, run.tokens, reason, error))
 
     def _expired(self, stream: Stream) -> bool:
@@ -228,6 +232,7 @@ class Batcher:
 
     def _end_waiting(self, stream: Stream) -> None:
         stream.finished = True
+        self.ended["cancelled" if stream.cancelled else "timeout"] += 1
         if stream.cancelled:
             stream.events.put_nowait(Event("", 0, "cancelled"))
         else:
