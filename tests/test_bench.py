@@ -101,3 +101,18 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
                          capture_output=True, check=False, text=True, timeout=600)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("mfu_sweep: model.remat must be one of")
+
+
+
+def test_serve_table():
+    out = run_bench("serve.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--levels", "2", "--requests", "4",
+                    "--prompt-len", "8", "--min-new", "2", "--max-new", "6")
+    lines = out.split("\nclients", 1)[1].splitlines()[1:5]
+    rows = {" ".join(line.split()[1:-4]): line.split() for line in lines}
+    assert list(rows) == ["jaxllm serve (continuous)", "generate, sequential", "generate, static batch",
+                          "transformers, static batch"]
+    for cells in rows.values():
+        tps, p50, p99 = map(float, cells[-4:-1])
+        assert cells[0] == "2" and tps > 0 and 0 <= p50 <= p99 and cells[-1].endswith("x")
+    same = int(re.search(r"equals sequential generate's for (\d+)% of requests", out).group(1))
+    assert same >= 50  # greedy text; random weights may flip a near-tied token
