@@ -1,13 +1,14 @@
 """Serving: `jaxllm serve` (continuous batching) against sequential `generate`, a static batch of
 `generate`, and `transformers.generate` at the same batch, on the same requests and weights.
 
-Each concurrency level C runs R requests: a random prompt of --prompt-len tokens and its own number of
-new tokens, drawn uniformly from [--min-new, --max-new] (greedy, EOS ignored), so requests end at
-different times as real replies do. C clients send their requests back to back over HTTP to a
-`jaxllm serve --slots C` process. The references process the same requests in the same order:
-sequentially (batch 1; a request waits for those ahead of it) and in static batches of C (a batch runs
-until its longest request is done, and its requests' latency is the batch's). Throughput counts each
-request's own new tokens; latency is from a request's submission to its last token.
+Each concurrency level C runs R requests (default 4 C): a random prompt of --prompt-len tokens and its own
+number of new tokens, drawn uniformly from [--min-new, --max-new] (greedy, EOS ignored), so requests end
+at different times as real replies do. C clients take the requests in order from one list, each sending
+the next as soon as its last one is answered, over HTTP to a `jaxllm serve --slots C` process. The
+references process the same requests in the same order: sequentially (batch 1; with C requests in the
+system at a time, a request waits for those ahead of it) and in static batches of C (a batch runs until
+its longest request is done, and its requests' latency is the batch's). Throughput counts each request's
+own new tokens; latency is from a request's submission to its last token.
 
     python bench/serve.py                 # ~60M-parameter Llama (as bench/decode.py), CPU, several minutes
     python bench/serve.py --levels 1 8 32 --requests 64 --hidden 1024 --layers 12 --dtype bfloat16   # a GPU
@@ -48,14 +49,15 @@ def start_server(checkpoint: Path, slots: int, max_len: int, prompt_len: int, dt
 
 
 async def drive(url: str, requests, clients: int):
-    """Closed loop: `clients` tasks, each sending its share of the requests one after the other.
-    Returns (wall seconds, latencies, completion texts in request order, new tokens)."""
+    """Closed loop: `clients` tasks taking the requests in order, each sending the next one as soon as its
+    last is answered. Returns (wall seconds, latencies, completion texts in request order, new tokens)."""
     import httpx
 
     texts, latencies, tokens = [None] * len(requests), [None] * len(requests), [0] * len(requests)
+    queue = iter(range(len(requests)))
 
-    async def client(k, http):
-        for i in range(k, len(requests), clients):
+    async def client(http):
+        for i in queue:
             prompt, new = requests[i]
             start = time.perf_counter()
             reply = await http.post(url + "/v1/completions", json={
@@ -68,20 +70,15 @@ async def drive(url: str, requests, clients: int):
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        await asyncio.gather(*(client(http) for _ in range(clients)))
         return time.perf_counter() - start, latencies, texts, tokens
 
 
 def sequential_latencies(service, clients: int):
-    """Latencies when one server handles the requests in turn for `clients` closed-loop clients: a request
-    is submitted when its client's previous one completes and waits for those ahead of it."""
-    done, latencies, free_at = {}, [], 0.0
-    for i, seconds in enumerate(service):
-        submitted = done.get(i % clients, 0.0)
-        finish = max(free_at, submitted) + seconds
-        latencies.append(finish - submitted)
-        done[i % clients] = free_at = finish
-    return latencies
+    """Latencies when one server handles the requests in turn for `clients` closed-loop clients: request i
+    is submitted when request i - clients completes and waits for those ahead of it."""
+    finish = np.cumsum(service)
+    return [finish[i] - (finish[i - clients] if i >= clients else 0.0) for i in range(len(service))]
 
 
 def main() -> None:
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x clients))")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 4 x clients))")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--min-new", type=int, default=16)
     parser.add_argument("--max-new", type=int, default=128)
@@ -163,7 +160,7 @@ def main() -> None:
     rows = []
     try:
         for clients in args.levels:
-            count = args.requests or max(8, 2 * clients)
+            count = args.requests or max(8, 4 * clients)
             requests = [(rng.integers(3, cfg.vocab_size, args.prompt_len).tolist(),
                          int(rng.integers(args.min_new, args.max_new + 1))) for _ in range(count)]
             useful = sum(n for _, n in requests)

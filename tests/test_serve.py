@@ -237,6 +237,38 @@ def test_port_in_use_is_refused_at_once(server, checkpoint, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_load_64_clients_with_mixed_requests(server):
+    """64 clients send 256 requests to a server that takes 16 at a time (the rest get 503 with Retry-After,
+    and the official client retries): greedy and seeded, streamed and not, some abandoned midway. Every
+    completed request equals its answer alone, and no slot is left held."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=50, timeout=600)
+    kinds = [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=5)]
+    prompts = [f"Story {k}: once" for k in range(8)]
+
+    def ask(k, stream=False, abandon=False):
+        request = dict(model="tiny", prompt=prompts[k % 8], max_tokens=8 + 5 * (k % 7), **kinds[k % 2])
+        if not stream:
+            return client.completions.create(**request).choices[0].text
+        chunks = client.completions.create(**request, stream=True)
+        text = ""
+        for i, chunk in enumerate(chunks):
+            if abandon and i == 2:
+                chunks.close()
+                return None
+            text += chunk.choices[0].text if chunk.choices else ""
+        return text
+
+    alone = {k: ask(k) for k in range(56)}  # each (prompt, length, kind) combination: k mod 56
+    jobs = [(k % 56, k % 3 == 1, k % 3 == 1 and k % 11 == 0) for k in range(256)]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda job: ask(*job), jobs))
+    for (k, _, abandoned), text in zip(jobs, results):
+        assert text is None if abandoned else text == alone[k]
+    state = wait_idle(server, within=30)
+    assert state["ended"].get("cancelled", 0) >= 1 and "error" not in state["ended"]
+
+
 def test_sigterm_finishes_the_requests_in_flight(server, client):
     stream = client.completions.create(model="tiny", prompt="Long ago", max_tokens=60, temperature=0, stream=True,
                                        stream_options={"include_usage": True}, extra_body=LONG)

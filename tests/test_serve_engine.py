@@ -204,3 +204,20 @@ def test_batcher_stop_strings_cancellation_timeouts_capacity_and_shutdown(llama)
         await closing
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan-tiny", "baichuan-13b-tiny", "baichuan2-tiny",
+                                  "ctllm-tiny", "ziya-tiny"])
+def test_every_family_decodes_in_slots_as_generate_does(name):
+    """Each family's engine (RoPE/ALiBi, NormHead, padded vocabularies) joins and reuses slots and still
+    gives each greedy request generate's tokens."""
+    cfg = get_preset(name)
+    params = init_params(cfg, jax.random.key(1))
+    engine = Engine(cfg, params, slots=3, max_len=48, buckets=(8, 16))
+    greedy = SlotSampling()
+    schedule = [(0, 0, PROMPTS[0], greedy), (1, 1, PROMPTS[3], greedy), (2, 2, PROMPTS[2], greedy),
+                (15, 0, PROMPTS[4], greedy), (16, 2, PROMPTS[5], greedy)]
+    for (_, _, prompt, _), tokens in zip(schedule, run(engine, schedule, 14)):
+        assert tokens == alone(cfg, params, prompt, 14)
+        assert max(tokens) < cfg.num_pieces  # padded embedding rows are never sampled

@@ -1,6 +1,6 @@
-"""The engine loop: requests wait on an asyncio queue, join a free decode slot at the next step and
-leave when done; one coroutine owns the engine and runs its device calls on one worker thread, so
-the event loop stays free for clients while the device computes.
+"""The engine loop: requests wait in a queue that one asyncio task drains; each joins a free decode slot
+at the next step and leaves when done. That task owns the engine and runs its device calls on one worker
+thread, so the event loop stays free for clients while the device computes.
 
 Each request gets its text as it is decoded (`Stream`), ending at a stop id, a stop string, its token
 budget, its deadline or its cancellation (a client that went away): the slot is free at the next step.
