@@ -2,17 +2,20 @@
 so `jaxllm --help` does not pay for importing JAX."""
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 # command -> (module with `main(argv) -> int`, or "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("jaxllm.train.cli", "pretrain (no arguments: the embedded demo on the shipped corpus)"),
+    "train": ("jaxllm.train.cli", "pretrain (no arguments: the demo model on the shipped corpus)"),
     "sft": ("jaxllm.stages.cli:sft_main", "supervised fine-tuning on chat data (loss on assistant tokens)"),
     "dpo": ("jaxllm.stages.cli:dpo_main", "direct preference optimisation against the starting model"),
     "rm": ("jaxllm.stages.cli:rm_main", "train a reward model (Llama 2 margin ranking loss)"),
     "rejection-sample": ("jaxllm.rlhf.cli:rejection_main", "best-of-K sampling with a reward model → SFT data"),
     "ppo": ("jaxllm.rlhf.cli:ppo_main", "PPO with a KL penalty against the starting policy"),
+    "data": ("jaxllm.stages.data_cli", "alignment data: Ghost Attention dialogues, easy-to-hard SFT curriculum"),
     "convert": ("jaxllm.convert.cli", "convert HuggingFace / PyTorch / Meta checkpoints to and from jaxllm"),
     "tokenizer": ("jaxllm.tokenizer.cli", "train, extend, inspect sentencepiece tokenizers"),
     "generate": ("jaxllm.inference.generate_cli", "sample text from a checkpoint (KV-cached)"),
@@ -28,17 +31,62 @@ def _usage() -> str:
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
     return ("usage: jaxllm COMMAND [ARGS...]\n\nJAX/Flax training, conversion and inference for "
             "Llama 2, Baichuan 1/2, CT-LLM and Ziya.\n\ncommands:\n" + rows +
-            "\n\nRun `jaxllm COMMAND --help` for a command's options.")
+            "\n\nStart with `jaxllm train`: it trains the demo model on the shipped corpus (CPU, minutes).\n"
+            "Run `jaxllm COMMAND --help` for a command's options.")
+
+
+class _PipeSafe:
+    """stdout/stderr that survive the reader going away (`jaxllm train … | tee log`, then Ctrl-C kills tee
+    too): the first write to a closed pipe points the descriptor at /dev/null, so the command goes on (a
+    training run still saves) and exits with its own status instead of dying on BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            self._drop(err)
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self._drop(err)
+
+    def _drop(self, err: OSError) -> None:
+        if err.errno not in (errno.EPIPE, errno.EINVAL) and not isinstance(err, BrokenPipeError):
+            raise err
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        try:
+            self._stream.flush()  # what was buffered goes to /dev/null now
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _survive_closed_pipes() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _PipeSafe) and hasattr(stream, "fileno"):
+            try:
+                stream.fileno()
+            except (OSError, ValueError):  # not a real descriptor (e.g. captured by a test runner)
+                continue
+            setattr(sys, name, _PipeSafe(stream))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        if not argv and "train" in COMMANDS:  # the embedded default: `jaxllm` alone trains the demo
-            argv = ["train"]
-        else:
-            print(_usage())
-            return 0
+        print(_usage())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         from jaxllm.config import closest
@@ -46,15 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from jaxllm.xla_flags import apply_gpu_flags
     apply_gpu_flags()  # before any sub-command imports JAX
+    _survive_closed_pipes()
     module_name, _, function = COMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
     try:
         return int(entry(rest) or 0)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `jaxllm presets | head`
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:  # a pipe written to some other way: not a success
+        return 128 + 13  # as if killed by SIGPIPE
 
 
 if __name__ == "__main__":

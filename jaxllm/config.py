@@ -15,6 +15,12 @@ HEADS = ("lm", "none")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama", "baichuan", "baichuan2", "ctllm", "ziya")
+# LoRA targets, by jaxllm name; "qkv" is one adapter whose A is shared by q, k and v (PEFT's on Baichuan's W_pack).
+LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+# What users may also write: PEFT / HF module names and groups.
+LORA_ALIASES = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
+                "up_proj": ("up",), "down_proj": ("down",), "W_pack": ("qkv",), "attention": ("q", "k", "v", "o"),
+                "mlp": ("gate", "up", "down"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
 
 
 class ConfigError(ValueError):
@@ -30,6 +36,50 @@ def check_choice(key: str, value, options) -> None:
     """ConfigError naming `key` unless `value` is one of `options` (suggesting the closest)."""
     if value not in options:
         raise ConfigError(f"{key} must be one of {tuple(options)}, got {value!r}" + closest(str(value), options))
+
+
+def lora_targets(names, key: str = "lora.targets") -> tuple[str, ...]:
+    """Canonical target names from jaxllm names, PEFT module names (q_proj, W_pack, ...) or groups (attention,
+    mlp, all), in LORA_TARGETS order; a comma-separated string works too."""
+    if isinstance(names, str):
+        names = [n for n in names.replace(" ", "").split(",") if n]
+    chosen = set()
+    for name in names:
+        if name not in LORA_TARGETS and name not in LORA_ALIASES:
+            options = LORA_TARGETS + tuple(LORA_ALIASES)
+            raise ConfigError(f"{key}: unknown target {name!r}" + closest(str(name), options)
+                              + f"; known: {', '.join(options)}")
+        chosen.update(LORA_ALIASES.get(name, (name,)))
+    if "qkv" in chosen and chosen & {"q", "k", "v"}:
+        raise ConfigError(f"{key}: qkv (W_pack: one A shared by q, k and v) replaces q, k and v; give one or the "
+                          f"other, got {sorted(chosen)}")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the decoder's projections, PEFT's LoRA: y = x·W + (alpha/rank)·dropout(x)·A·B,
+    A [in, rank], B [rank, out] (`jaxllm.models.lora` lays them out)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", lora_targets(self.targets))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: name the projections to adapt (e.g. all, or q_proj, v_proj)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclass(frozen=True)
@@ -66,10 +116,14 @@ class ModelConfig:
     attention: str = "auto"
     # "none": the backbone alone returns hidden states (reward and value models add their own heads).
     head: str = "lm"
+    # LoRA adapters next to the base weights (their leaves are in the parameter tree); None: the base alone.
+    lora: LoraSpec | None = None
 
     def __post_init__(self):
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if isinstance(self.lora, Mapping):  # from model.json
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
         self.validate()
 
     @property

@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora", None),       # LoRA rank: adapters are small, their other axes follow the weight they adapt
 )
 
 

@@ -1,5 +1,7 @@
 """An independent NumPy (float64) reference of every family's forward, written from the spec's
-formulas and reading HF-layout state dicts (W_pack, raw NormHead rows, ALiBi slopes)."""
+formulas and reading HF-layout state dicts (W_pack, raw NormHead rows, ALiBi slopes); and Meta's
+consolidated layout written from the spec."""
+import json
 import math
 
 import numpy as np
@@ -84,3 +86,56 @@ def random_hf_state_dict(cfg, seed=0, scale=0.05):
     if cfg.norm_head:  # raw NormHead rows far from unit norm, so the normalisation is exercised
         sd["lm_head.weight"] *= rng.uniform(0.5, 3.0, (cfg.vocab_size, 1)).astype(np.float32)
     return sd
+
+
+# ---- Meta's consolidated.*.pth, written from the spec's formulas (spec §2.2–2.3) ------------------------
+
+META_LAYER = {"self_attn.q_proj.weight": ("attention.wq.weight", 0),
+              "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+              "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+              "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+              "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+              "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+              "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+              "input_layernorm.weight": ("attention_norm.weight", None),
+              "post_attention_layernorm.weight": ("ffn_norm.weight", None)}
+META_TOP = {"model.embed_tokens.weight": ("tok_embeddings.weight", 1), "model.norm.weight": ("norm.weight", None),
+            "lm_head.weight": ("output.weight", 0)}
+
+
+def meta_rows(hf_weight, heads):
+    """Meta's adjacent-pair row order, element by element from spec §2.3:
+    HF[h·d + c·d/2 + i] = Meta[h·d + 2i + c]."""
+    d = hf_weight.shape[0] // heads
+    meta = np.empty_like(hf_weight)
+    for h in range(heads):
+        for i in range(d // 2):
+            for c in (0, 1):
+                meta[h * d + 2 * i + c] = hf_weight[h * d + c * (d // 2) + i]
+    return meta
+
+
+def write_meta(directory, sd, params, shards):
+    """`consolidated.NN.pth` model-parallel shards + params.json (concatenation dims from spec §2.2)."""
+    import torch
+
+    directory.mkdir(parents=True)
+    parts = [{} for _ in range(shards)]
+    for key, w in sd.items():
+        if key.startswith("model.layers."):
+            _, _, i, rest = key.split(".", 3)
+            name, dim = META_LAYER[rest]
+            name = f"layers.{i}.{name}"
+            if rest == "self_attn.q_proj.weight":
+                w = meta_rows(w, params["n_heads"])
+            elif rest == "self_attn.k_proj.weight":
+                w = meta_rows(w, params.get("n_kv_heads", params["n_heads"]))
+        else:
+            name, dim = META_TOP[key]
+        pieces = [w] * shards if dim is None else np.split(w, shards, axis=dim)
+        for part, piece in zip(parts, pieces):
+            part[name] = torch.from_numpy(np.ascontiguousarray(piece))
+    for n, part in enumerate(parts):
+        part["rope.freqs"] = torch.ones(8)  # Meta's files carry the RoPE table too; it is not a parameter
+        torch.save(part, directory / f"consolidated.{n:02d}.pth")
+    (directory / "params.json").write_text(json.dumps(params))

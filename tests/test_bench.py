@@ -103,6 +103,37 @@ def test_mfu_sweep_times_what_fits_and_skips_what_does_not():
     assert bad.stderr.strip().splitlines()[-1].startswith("mfu_sweep: model.remat must be one of")
 
 
+def test_lora_memory_table():
+    out = run_bench("lora_memory.py", "--preset", "llama2-tiny", "--seq-len", "32", "--topology", "cpu",
+                    "--unit", "MiB", "--settings", "lora:int8:full:2", "full:-:full:2")
+    rows = table_rows(out, "setting")
+    assert set(rows) == {"lora:int8:full:2", "full:-:full:2"}
+    lora, full = (list(map(float, rows[k][:5])) for k in ("lora:int8:full:2", "full:-:full:2"))
+    assert lora[0] < full[0] and lora[1] < full[1] and lora[2] > 0 == full[2]  # trainable, Adam, frozen
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--settings", "half:x:full:1"],
+                         cwd=ROOT, capture_output=True, check=False, text=True, timeout=600)
+    assert bad.returncode != 0 and "KIND must be lora or full" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_digest_table(tmp_path):
+    out = run_bench("checkpoint_digest.py", "--preset", "llama2-tiny", "--params-only", "--repeats", "1",
+                    "--tmp", str(tmp_path))
+    rows = table_rows(out, "step")
+    assert set(rows) == {"save: orbax (blocking part)", "save: orbax (until committed)",
+                         "save: digests (added, blocking)", "restore: orbax", "restore: verify digests"}
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    assert rows["save: digests (added, blocking)"][2].endswith("x")
+    assert re.search(r"host digest \(convert's writer, the export reader\): [\d.]+ s/GiB", out)
+    assert list(tmp_path.iterdir()) == []  # the scratch checkpoint is removed
+
+
+def test_data_state_table():
+    out = run_bench("data_state.py", "--mb", "0.05", "--seq-len", "64", "--rows", "4")
+    rows = table_rows(out, "state")
+    before, now = (int(rows[name][0].replace(",", "")) for name in ("tokens (before)", "position (now)"))
+    assert now < 1000 < before
+    assert "the restored position gives the same next row: True" in out
+
 
 def test_serve_table():
     out = run_bench("serve.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--levels", "2", "--requests", "4",

@@ -14,6 +14,7 @@ from jaxllm.cli import COMMANDS, main
 ROOT = Path(__file__).resolve().parent.parent
 SUBACTIONS = {
     "convert": ["apply-delta"],
+    "data": ["gatt", "curriculum"],
     "eval": ["perplexity", "choice"],
     "tokenizer": ["train", "extend", "encode", "decode", "stats"],
 }

@@ -217,3 +217,98 @@ def test_data_config_errors_name_the_field(corpus):
         DataConfig(sources=[{"path": "x", "weight": 0}]).validate()
     with pytest.raises(ConfigError, match=r"data.on_error must be one of .* \(did you mean 'raise'"):
         DataConfig(sources=["x"], on_error="rase").validate()
+
+
+# ----------------------------------------------------------------------------------------- damaged files
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A .jsonl.gz cut in half, a parquet file cut in half, and a parquet file whose second row group is
+    garbage; each beside an intact twin."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("damaged")
+    texts = [f"document {i} " + "word " * (i % 13) for i in range(3000)]
+    gz = write_jsonl(root / "cut.jsonl.gz", texts)
+    gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    table = pa.table({"text": texts[:400]})
+    cut = root / "cut.parquet"
+    pq.write_table(table, cut, row_group_size=100, compression="none")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    group = root / "group.parquet"
+    pq.write_table(table, group, row_group_size=100, compression="none", use_dictionary=False)
+    handle = pq.ParquetFile(group)
+    chunk = handle.metadata.row_group(1).column(0)
+    data = bytearray(group.read_bytes())
+    start = chunk.data_page_offset
+    data[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    group.write_bytes(bytes(data))
+    return {"gz": gz, "cut": cut, "group": group, "texts": texts}
+
+
+@pytest.mark.parametrize("name,message", [
+    ("gz", r"cut.jsonl.gz: file ends early \(truncated\) after line \d+: Compressed file ended"),
+    ("cut", r"cut.parquet: not a readable parquet file \(truncated or damaged\?\)"),
+    ("group", r"group.parquet: rows 101-200 \(row group 1\) cannot be read"),
+])
+def test_a_damaged_file_is_one_line_naming_it_or_skipped_and_counted(damaged, name, message, capfd):
+    path = damaged[name]
+    with pytest.raises(DataError, match=message) as raised:
+        docs_of(DocumentSource([path], shuffle=False, num_epochs=1, on_error="raise"))
+    assert "\n" not in str(raised.value) and str(raised.value).endswith("(data.on_error=raise)")
+    if name == "cut":  # nothing is readable: the source has no documents, which is its own one-line error
+        with pytest.raises(DataError, match="no usable documents .* damaged file: 1"):
+            docs_of(DocumentSource([path], shuffle=False, num_epochs=1))
+        return
+    source = DocumentSource([path], shuffle=False, num_epochs=1)
+    docs = docs_of(source)
+    texts = damaged["texts"]
+    if name == "gz":  # every line before the damage, then the rest of the file is skipped
+        assert 0 < len(docs) < len(texts) and docs == texts[:len(docs)]
+    else:  # the unreadable row group is skipped, the groups after it are read
+        assert docs == texts[:100] + texts[200:400]
+    assert source.stats.skipped == {"damaged file": 1}
+    warning = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and str(path) in warning[0] and "data.on_error=skip" in warning[0]
+
+
+def test_a_pipeline_that_fails_to_start_is_an_error_and_nothing_else(damaged, tokenizer, monkeypatch):
+    """The first block of a damaged file fails inside the iterator's construction: one DataError, and the
+    half-built iterator is collected without a second traceback."""
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    config = DataConfig(sources=[str(damaged["gz"])], tokenizer=TOKENIZER, seq_len=16, on_error="raise")
+    with pytest.raises(DataError, match="file ends early"):
+        pretraining_batches(config, tokenizer, batch_size=2, shard_index=0, shard_count=1)
+    gc.collect()
+    assert unraisable == []
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "a.txt").write_bytes(bom + b"first\n\nsecond\n")
+    for name in ("a.jsonl", "a.txt"):
+        source = DocumentSource([tmp_path / name], shuffle=False, num_epochs=1, on_error="raise")
+        assert docs_of(source) == ["first", "second"]
+
+
+def test_sft_dpo_and_rm_data_use_the_same_reader(tmp_path, damaged):
+    """The stages read .jsonl.gz, accept a byte-order mark, and treat a damaged file per data.on_error."""
+    from jaxllm.stages.data import DataFormatError, Stats, read_jsonl
+
+    pairs = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
+    gz = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write("\ufeff" + "".join(json.dumps(p) + "\n" for p in pairs))
+    stats = Stats()
+    assert [record for _, record in read_jsonl(gz, stats, on_error="raise")] == pairs
+    with pytest.raises(DataFormatError, match=r"cut.jsonl.gz: file ends early .*data.on_error=raise"):
+        list(read_jsonl(damaged["gz"], Stats(), on_error="raise"))
+    stats = Stats()
+    records = list(read_jsonl(damaged["gz"], stats))
+    assert 0 < len(records) < 3000 and stats.reasons == {"damaged file": 1}

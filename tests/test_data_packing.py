@@ -1,9 +1,12 @@
 """Packing documents into rows: the stream is preserved, rows never exceed seq_len, masks hold (properties)."""
+import json
+
+import grain
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxllm.data.packing import ROW_KEYS, Packer, pack
+from jaxllm.data.packing import ROW_KEYS, PackedRows, pack
 
 PAD = 0
 documents = st.lists(st.lists(st.integers(3, 50), min_size=1, max_size=40), min_size=1, max_size=12)
@@ -57,34 +60,67 @@ def test_packing_preserves_stream_and_masks(docs, seq_len):
     _check_rows(docs, rows, seq_len)
 
 
+def packed_rows(arrays, seq_len):
+    """A PackedRows iterator over in-memory documents (state: the parent's index)."""
+    return iter(PackedRows(grain.MapDataset.source(arrays).to_iter_dataset(), seq_len, PAD))
+
+
 @settings(max_examples=80, deadline=None)
-@given(docs=documents, seq_len=st.integers(1, 16), cut=st.integers(0, 12))
-def test_packer_state_resumes_exactly(docs, seq_len, cut):
+@given(docs=st.lists(st.lists(st.integers(3, 50), min_size=0, max_size=40), min_size=1, max_size=12),
+       seq_len=st.integers(1, 16), cut=st.integers(0, 30))
+def test_packed_rows_resume_exactly_from_a_position(docs, seq_len, cut):
+    """The state is a position (where to re-read from, how many tokens were emitted), not the buffered
+    tokens, and restoring it gives the same rows; empty documents included."""
     arrays = [np.asarray(d, np.int32) for d in docs]
     expected = list(pack(arrays, seq_len, PAD))
-    cut = min(cut, len(arrays))
-    first = Packer(seq_len, PAD)
-    got = []
-    for ids in arrays[:cut]:
-        first.add(ids)
-        while first.ready():
-            got.append(first.pop())
-    second = Packer(seq_len, PAD)
-    second.set_state(first.get_state())
-    got.extend(pack_from(second, arrays[cut:]))
+    first = packed_rows(arrays, seq_len)
+    got = [row for _, row in zip(range(cut), first)]
+    state = json.loads(json.dumps(first.get_state()))
+    assert set(state) == {"parent", "reread", "emitted", "exhausted"}
+    second = packed_rows(arrays, seq_len)
+    second.set_state(state)
+    got.extend(second)
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         for key in ROW_KEYS:
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def pack_from(packer, arrays):
-    for ids in arrays:
-        packer.add(ids)
-        while packer.ready():
-            yield packer.pop()
-    if (row := packer.flush()) is not None:
-        yield row
+def test_a_long_document_costs_a_position_not_its_tokens():
+    """A 3M-token document buffered by the packer: the state stays a few bytes, and a resumed iterator
+    continues with the same rows (the document is re-read, not stored)."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(3, 4000, 3_000_000, dtype=np.int32), np.arange(3, 40, dtype=np.int32)]
+    first = packed_rows(arrays, 4096)
+    for _ in range(5):
+        next(first)
+    state = first.get_state()
+    assert state == {"parent": {"next_index": 0}, "reread": 1, "emitted": 5 * 4096, "exhausted": False}
+    assert len(json.dumps(state)) < 200
+    second = packed_rows(arrays, 4096)
+    second.set_state(state)
+    for _ in range(3):
+        a, b = next(first), next(second)
+        for key in ROW_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_state_written_before_positions_still_resumes():
+    """Checkpoints of earlier versions hold the packer's buffered tokens: they resume, and the state goes back
+    to a position once those tokens are emitted."""
+    arrays = [np.arange(3, 3 + n, dtype=np.int32) for n in (5, 9, 4, 7, 6, 8)]
+    expected = list(pack(arrays, 4, PAD))
+    legacy = {"parent": {"next_index": 2}, "exhausted": False,
+              "packer": {"tokens": arrays[1][4 * 3 - 5:].tolist(), "docs": [0] * (9 - 7)}}
+    resumed = packed_rows(arrays, 4)
+    resumed.set_state(legacy)
+    assert "packer" in resumed.get_state()
+    rows = list(resumed)
+    assert "packer" not in resumed.get_state()
+    assert len(rows) == len(expected) - 3
+    for a, b in zip(rows, expected[3:]):
+        for key in ROW_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_eos_is_the_target_of_the_last_token_and_next_document_is_not():

@@ -259,6 +259,6 @@ def test_rm_rejection_sample_and_ppo_commands(tmp_path, capsys):
     assert not (tmp_path / "ppo3").exists()  # a bad setting claims no run directory
     assert cli(["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(policy_dir), "-o",
                 str(out)]) == 2
-    assert "not a reward model checkpoint" in capsys.readouterr().err
+    assert "holds a language model, not a reward model" in capsys.readouterr().err
     assert cli(["rejection-sample", "--print-config", "--policy", "p"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["policy"] == "p"

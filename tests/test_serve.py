@@ -1,9 +1,10 @@
 """`jaxllm serve` as a real server process on 127.0.0.1, driven by the official `openai` client: chat and
 completions, streamed and not, stop strings, n > 1 and seeds, 16 concurrent clients getting exactly what
 each gets alone, capacity (503) and disconnecting clients freeing their slots, bad requests (400/401/404/
-413 with a message), and SIGTERM finishing the requests in flight. One server for the module: a tiny
-Llama 2 checkpoint with the real Llama 2 tokenizer, 4 slots on one device (test_serve_engine.py runs the
-engine on a mesh; 8 fake devices on 2 cores would only slow every step here)."""
+413 with a message), SIGTERM finishing the requests in flight, and answers equal to `generate`'s. One
+server for the module: a tiny Llama 2 checkpoint with a LoRA adapter on top and the real Llama 2
+tokenizer, 4 slots on one device (test_serve_engine.py runs the engine on a mesh; 8 fake devices on 2
+cores would only slow every step here)."""
 import concurrent.futures
 import json
 import shutil
@@ -18,9 +19,15 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllm import adapters
 from jaxllm.checkpoint import save_params
 from jaxllm.cli import main as cli
+from jaxllm.config import LoraSpec
+from jaxllm.inference import SamplingParams, generate
+from jaxllm.inference.detokenize import TextStream
+from jaxllm.inference.loading import load_model
 from jaxllm.models import get_preset, init_params
+from jaxllm.models.lora import leaf_paths, split, trainable_mask
 from jaxllm.tokenizer import Tokenizer, get_chat_template
 
 openai = pytest.importorskip("openai")
@@ -42,11 +49,28 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def adapter(checkpoint):
+    """A LoRA adapter (random nonzero A and B on every projection) for the checkpoint, as a LoRA run saves it."""
+    directory = checkpoint.parent / "adapter"
+    config = get_preset("llama2-tiny", vocab_size=32000, hidden_size=256, intermediate_size=512, num_layers=4,
+                        max_position_embeddings=256, lora=LoraSpec(rank=4, alpha=8.0))
+    full = init_params(config, jax.random.key(1))
+    trained, _ = split(full, trainable_mask(full))
+    rng = np.random.default_rng(1)
+    leaves = {p: (0.2 * rng.standard_normal(x.shape)).astype(np.float32) if p[-1].endswith("_lora_b") else np.asarray(x)
+              for p, x in zip(leaf_paths(trained), jax.tree.leaves(trained))}
+    save_params(directory, adapters.nest(leaves), config)
+    adapters.write_record(directory, base=str(checkpoint), base_digest=None)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, adapter, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
     command = [sys.executable, "-m", "jaxllm.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                "--model-name", "tiny", "--slots", "4", "--max-len", "256", "--max-prompt-tokens", "48",
-               "--max-requests", "16", "--max-request-bytes", "20000", "--api-key", KEY, "--mesh", "none"]
+               "--max-requests", "16", "--max-request-bytes", "20000", "--api-key", KEY, "--mesh", "none",
+               "--adapter", str(adapter)]
     with open(log, "w") as err:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
     url = None
@@ -95,6 +119,23 @@ def test_models_health_and_api_key(server, client):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_the_server_runs_the_adapter_and_answers_as_generate_does(client, checkpoint, adapter):
+    tok = Tokenizer.load(DATA / "llama2-32k.model")
+    prompt = tok.encode("Once upon a time", bos=True)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+
+    def text(ids):
+        stream = TextStream(tok.decode, context=prompt[-8:])  # a completion continues its prompt
+        return "".join(stream.add(i) for i in ids) + stream.finish()
+
+    adapted = generate(*load_model(checkpoint, adapter=adapter)[:2], [prompt], greedy, stop_ids=[tok.eos_id]).tokens[0]
+    base = generate(*load_model(checkpoint)[:2], [prompt], greedy, stop_ids=[tok.eos_id]).tokens[0]
+    assert adapted != base  # the adapter matters
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert reply.choices[0].text == text([i for i in adapted if i != tok.eos_id])
+    assert reply.usage.completion_tokens == len(adapted)
 
 
 def test_chat_streamed_and_not_agree_and_count_tokens(client):
@@ -222,8 +263,8 @@ def test_serve_command_bad_input(checkpoint, capsys):
     assert "/nonexistent/ckpt: no such checkpoint directory" in capsys.readouterr().err
     assert cli(["serve", "--checkpoint", str(checkpoint), "--slots", "0"]) == 2
     assert "--slots must be >= 1, got 0" in capsys.readouterr().err
-    assert cli(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--adapter", "lora/"]) == 2
-    assert "--adapter lora/: LoRA adapters are not supported yet" in capsys.readouterr().err
+    assert cli(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--adapter", "/nonexistent/lora"]) == 2
+    assert "/nonexistent/lora: no such adapter directory" in capsys.readouterr().err
     assert cli(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--max-len", "64",
                 "--max-prompt-tokens", "64"]) == 2
     assert "--max-prompt-tokens must be in [1, 63]" in capsys.readouterr().err

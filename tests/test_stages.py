@@ -18,7 +18,8 @@ from jaxllm.stages.data import encode_sft, pack_examples
 from jaxllm.stages.stages import (StageOptions, dpo_stage, load_stage_recipe, reward_accuracy, rm_stage,
                                   sft_stage)
 from jaxllm.tokenizer import Tokenizer, get_chat_template
-from jaxllm.train.config import load_config
+from jaxllm.data import SourceConfig
+from jaxllm.train.config import build_section, load_config
 from jaxllm.train.loop import train
 from jaxllm.train.loss import lm_loss, token_nll
 
@@ -71,15 +72,20 @@ def quiet(*_):
 
 
 # Each stage's reference run, shared by the learning and the resume tests: from the `start` checkpoint,
-# checkpoints every 5 steps (a killed run resumes from one).
+# checkpoints every 5 steps (a killed run resumes from one). SFT and DPO mix a second, weighted source, so
+# the kill-and-resume test covers the mixture's state too.
 RUNS = {"sft": ("sft_sample.jsonl", 12, 3e-3, StageOptions()),
-        "dpo": ("dpo_sample.jsonl", 12, 2e-3, StageOptions(beta=0.5)),
+        "dpo": ("dpo_sample.jsonl", 12, 2e-3, StageOptions(beta=0.5, mix_by="examples")),
         "rm": ("rm_sample.jsonl", 15, 3e-3, StageOptions(eval_fraction=0.2))}
+SECOND_SOURCE = {"sft": {"name": "en", "path": str(ASSETS / "stages" / "sft_en.jsonl"), "weight": 0.25},
+                 "dpo": {"name": "rated", "path": str(ASSETS / "stages" / "rm_sample.jsonl"), "weight": 0.5}}
 
 
 def stage_config(tmp_path, kind, start, name=None):
     sample, steps, lr, _ = RUNS[kind]
     config = run_config(tmp_path, name or kind, sample, steps=steps, init_from=str(start))
+    if kind in SECOND_SOURCE:
+        config.data.sources.append(build_section(SourceConfig, SECOND_SOURCE[kind], "data.sources.1"))
     config.optimizer.lr = lr
     config.checkpoint.every = 5
     return config
@@ -127,6 +133,11 @@ def test_stage_resumes_a_killed_run_bit_identically(tmp_path, start, reference, 
     assert resumed.step == straight.step == config.train.steps
     for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+    if kind in SECOND_SOURCE:  # the realised mixture is in the metrics, and a resume continues its counts
+        from jaxllm.train.metrics import read_metrics
+        key = f"data/mix/{SECOND_SOURCE[kind]['name']}"
+        final = [read_metrics(r.run_dir / "metrics.jsonl")[-1] for r in (straight, resumed)]
+        assert 0 < final[0][key] < 0.5 and final[0][key] == final[1][key]
 
 
 def _assistant_loss(config, params, rows):

@@ -444,3 +444,129 @@ def test_cli_commands(trained, tiny_checkpoint, tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
         assert not (tmp_path / "c.model").exists() and not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".c.model.*"))  # no temporary file left behind
+
+
+# ---- Added tokens and add_bos_token from the HF files beside a tokenizer.model (Ziya, Baichuan) ----------
+
+def write_ziya_tokenizer(directory, *, add_bos=True):
+    """Ziya's tokenizer directory (spec §8): LLaMA's 32,000 pieces + 7,408 Chinese characters = 39,408
+    sentencepiece pieces, `<human>` / `<bot>` as added tokens 39408 / 39409 in added_tokens.json, and the
+    tokenizer_config.json / special_tokens_map.json transformers 4.28 wrote for a LLaMA tokenizer."""
+    llama = Tokenizer(LLAMA)
+    chars = [chr(c) for c in range(0x4E00, 0x9FA6) if not llama.has_piece(chr(c))][:7408]
+    directory.mkdir(parents=True, exist_ok=True)
+    extend_tokenizer(LLAMA, directory / "tokenizer.model", chars)
+    (directory / "added_tokens.json").write_text(json.dumps({"<human>": 39408, "<bot>": 39409}))
+    special = lambda content: {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
+                               "rstrip": False, "single_word": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": add_bos, "add_eos_token": False, "bos_token": special("<s>"),
+        "clean_up_tokenization_spaces": False, "eos_token": special("</s>"), "model_max_length": 2048,
+        "pad_token": None, "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": special("<unk>")}))
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ziya(tmp_path_factory):
+    """(jaxllm's tokenizer, transformers' reference) from the same Ziya-shaped files.
+
+    The reference is transformers' slow sentencepiece tokenizer (`SentencePieceBackend`, legacy): like the
+    slow `LlamaTokenizer(use_fast=False)` Ziya's scripts load, it cuts added tokens out of the text and
+    encodes each piece of text with sentencepiece itself. transformers 5's `AutoTokenizer` / `LlamaTokenizer`
+    is a converted `tokenizers` BPE that drops the dummy prefix after an added token (":" 29901 instead of
+    sentencepiece's "▁:" 584), and `LlamaTokenizer(vocab_file=...)` encodes everything to []."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    directory = write_ziya_tokenizer(tmp_path_factory.mktemp("ziya"))
+    return Tokenizer.load(directory, family="ziya"), SentencePieceBackend.from_pretrained(directory)
+
+
+ZIYA_QUERIES = ["写一首关于月亮的诗", "How are you? 你好！", "  spaces  around  ", "1+1=?\n换行", "表情😀和龘"]
+
+
+def test_ziya_added_tokens_encode_id_for_id_as_transformers(ziya):
+    ours, ref = ziya
+    assert (ours.vocab_size, ref.vocab_size, len(ref)) == (39410, 39408, 39410)
+    assert ours.encode("<human>") == [39408] and ours.encode("<bot>") == [39409]
+    assert (ours.add_bos, ours.add_bos_source.endswith("tokenizer_config.json: add_bos_token")) == (True, True)
+    template = get_chat_template("ziya")
+    history = []
+    for query, answer in zip(ZIYA_QUERIES, ZIYA_QUERIES[1:] + ["好"]):
+        text = f"<human>:{query.strip()}\n<bot>:"
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+        # Fengshenbang: [BOS] + tok(prompt) per turn, then tok(output) + [EOS], each part on its own
+        history.append({"role": "user", "content": query})
+        expected = [1] + sum((ref.encode(f"<human>:{m['content'].strip()}\n<bot>:") if m["role"] == "user"
+                              else ref.encode(m["content"].strip()) + [2] for m in history), [])
+        assert template.prompt(ours, history) == expected
+        history.append({"role": "assistant", "content": answer})
+        ids, mask = template.render(ours, history)
+        assert ids == expected + ref.encode(answer.strip()) + [2]
+        assert [i for i, m in zip(ids, mask) if not m].count(39408) == len(history) // 2
+    assert template.stop_ids(ours) == [2, 39408]  # a reply ends where the model starts the next <human>
+    free = "a<human>b <bot> c<human><bot>d"
+    assert ours.encode(free) == ref.encode(free) and ours.decode(ours.encode(free)) == free
+    ids, offsets = ours.encode_with_offsets(free)
+    assert ids == ours.encode(free) and offsets[1] == (1, 8)  # `<human>` covers its own 7 bytes
+
+
+def test_added_tokens_are_generable_and_decode(ziya):
+    from jaxllm.inference import SamplingParams
+    from jaxllm.inference.sampling import sample
+
+    tok, _ = ziya
+    logits = jnp.full((1, 39424), -5.0).at[0, 39409].set(5.0).at[0, 39420].set(9.0)  # 39420: a padded row
+    token = sample(logits, jax.random.key(0), SamplingParams(temperature=0.0), vocab_limit=tok.vocab_size)
+    assert int(token[0]) == 39409 and tok.decode([39408, 584, 39409, 39420]) == "<human>:<bot>"
+    assert tok.id_to_piece(39409) == "<bot>" and tok.piece_to_id("<bot>") == 39409 and tok.has_piece("<bot>")
+    assert not tok.is_byte(39409)
+
+
+def test_add_bos_token_from_the_file_else_the_family_default(tmp_path, baichuan):
+    directory = write_ziya_tokenizer(tmp_path / "ziya", add_bos=False)
+    tok = Tokenizer.load(directory, family="ziya")
+    assert tok.add_bos is False
+    assert get_chat_template("ziya").prompt(tok, [{"role": "user", "content": "hi"}])[0] == 39408  # no BOS
+    # a bare tokenizer.model (no HF files): the family's default, and the source says so
+    (tmp_path / "bc").mkdir()
+    shutil.copy(BAICHUAN, tmp_path / "bc" / "tokenizer.model")
+    for family, expected in (("baichuan2", False), ("baichuan", True), ("llama", True), (None, True)):
+        tok = Tokenizer.load(tmp_path / "bc", family=family)
+        assert tok.add_bos is expected and tok.add_bos_source == (f"the {family} default" if family
+                                                                 else "the sentencepiece default")
+    # Baichuan-13B's own file says false, and wins over the family default
+    (tmp_path / "bc" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert Tokenizer.load(tmp_path / "bc", family="baichuan").add_bos is False
+    # HF files belong to a `tokenizer.model`; a differently named model beside them ignores them
+    shutil.copy(BAICHUAN, tmp_path / "bc" / "other.model")
+    assert Tokenizer.load(tmp_path / "bc" / "other.model", family="baichuan").add_bos is True
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"added_tokens.json": "{"}, r"added_tokens.json: invalid JSON"),
+    ({"added_tokens.json": '{"<human>": "x"}'}, r"added_tokens.json: added token '<human>' must map to an "
+                                                r"integer id >= 0, got 'x'"),
+    ({"added_tokens.json": '{"<human>": 1000}'}, r"added_tokens.json: added token '<human>' has id 1000, which "
+                                                 r"is the piece '.+' of tokenizer.model"),
+    ({"added_tokens.json": '{"<human>": 64000}',
+      "tokenizer_config.json": '{"added_tokens_decoder": {"64001": {"content": "<human>"}}}'},
+     r"tokenizer_config.json: added token '<human>' has id 64001, but 64000 in .*added_tokens.json"),
+    ({"tokenizer_config.json": '{"added_tokens_decoder": {"x": {"content": "<a>"}}}'},
+     r"added_tokens_decoder\['x'\]: expected an integer id"),
+    ({"tokenizer_config.json": '{"add_bos_token": "yes"}'}, r"'add_bos_token' must be true or false, got 'yes'"),
+])
+def test_bad_tokenizer_files_name_the_file_and_entry(tmp_path, files, message):
+    shutil.copy(BAICHUAN, tmp_path / "tokenizer.model")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.load(tmp_path)
+
+
+def test_extending_a_tokenizer_with_added_tokens_is_refused(ziya, tmp_path):
+    tok, _ = ziya
+    with pytest.raises(TokenizerError, match=r"added token '<human>' has id 39408, past the 39408 pieces"):
+        extend_tokenizer(tok.path, tmp_path / "x.model", ["新"])

@@ -17,17 +17,22 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.convert.hf_config import hf_config_from_model, model_config_from_hf, model_config_from_meta
-from jaxllm.convert.mapping import TensorMap, _get, _set, is_ignored, tensor_maps
-from jaxllm.convert.readers import DTYPE_NAMES, ConversionError, MetaReader, open_hf, open_source
+from jaxllm.convert.carried import (REMOTE_DIR, TOKENIZER_CONFIG, carry_remote_code, carry_tokenizer, find_remote_code,
+                                    hub_auto_map, persistent_inv_freq, read_auto_map, tokenizer_config)
+from jaxllm.convert.mapping import TensorMap, _get, _set, is_ignored, layout_of, native_layout, tensor_maps
+from jaxllm.convert.readers import DTYPE_NAMES, ConversionError, MetaReader, open_hf, open_source, read_json
+from jaxllm.tokenizer.hf_files import COMPANION_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.model",) + COMPANION_FILES
+HF_ARCHS = ("native", "llama")
 
 
 def plan_shards(entries, max_shard_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
@@ -96,21 +101,56 @@ def _leaf_blocks(reader, group: list[TensorMap], j: int, dtype: np.dtype):
                m.leaf(reader.get(m.hf_key), j).astype(dtype, copy=False))
 
 
+def source_tokenizer(src: Path, meta: bool, tokenizer: str | os.PathLike | None) -> tuple[Path | None, str]:
+    """The tokenizer.model that goes with `src`, and a line saying which file and why: `tokenizer` when
+    given; else the one beside the weights; for Meta's release, the one in the parent folder (Meta keeps
+    `tokenizer.model` beside, not inside, `llama-2-7b/`)."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise ConversionError(f"--tokenizer {tokenizer}: no such tokenizer file")
+        return path, f"tokenizer: {path} (--tokenizer)"
+    if (src / "tokenizer.model").is_file():
+        return src / "tokenizer.model", f"tokenizer: {src / 'tokenizer.model'} (beside the weights)"
+    if meta and (src.parent / "tokenizer.model").is_file():
+        return src.parent / "tokenizer.model", (f"tokenizer: {src.parent / 'tokenizer.model'} (the parent folder, "
+                                                f"where Meta's release keeps it)")
+    return None, (f"tokenizer: none beside the weights{' or in the parent folder' if meta else ''}; "
+                  f"generate and chat will need --tokenizer (or convert again with --tokenizer)")
+
+
 def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str | None = None,
-                 dtype: str | None = None) -> ModelConfig:
-    """Convert an HF (safetensors / .bin) or Meta (.pth) directory into a jaxllm checkpoint at `dst`."""
+                 dtype: str | None = None, tokenizer: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> ModelConfig:
+    """Convert an HF (safetensors / .bin) or Meta (.pth) directory into a jaxllm checkpoint at `dst`, with
+    its tokenizer (and that tokenizer's HF files) and the HF remote code it ships. `log` receives one line
+    per decision the files leave open (position encoding, which tokenizer, what code is carried)."""
     from jaxllm.checkpoint import StreamedArray, save_params
     from jaxllm.models import param_shapes
+    from jaxllm.tokenizer import Tokenizer, TokenizerError
 
+    log = log or (lambda line: None)
     src, dst = Path(src), Path(dst)
     _check_destination(dst)
     reader = open_source(src)
-    if isinstance(reader, MetaReader):
+    meta = isinstance(reader, MetaReader)
+    notes: list[str] = []
+    if meta:
         config = model_config_from_meta(src, reader.shape("model.embed_tokens.weight")[0], family)
     else:
-        config = model_config_from_hf(src, family, name=src.name)
-    maps = tensor_maps(config)
+        config = model_config_from_hf(src, family, name=src.name, notes=notes)
+    maps = tensor_maps(config, layout_of(reader.keys()))
     validate_source(reader, maps, str(src), cast=dtype is not None)
+    tok_path, tok_note = source_tokenizer(src, meta, tokenizer)
+    notes.append(tok_note)
+    if tok_path is not None:  # a tokenizer that does not load, or fit the model, fails before anything is written
+        try:
+            tok = Tokenizer.load(tok_path, family=config.family)
+        except TokenizerError as err:
+            raise ConversionError(str(err)) from None
+        check_tokenizer_fits(tok, config, str(src))
     names = {np.dtype(v): k for k, v in DTYPES.items()}
     # stored as in the source (each leaf as its tensors), unless --dtype says otherwise
     config = config.replace(param_dtype=dtype or names[reader.dtype("model.embed_tokens.weight")])
@@ -125,13 +165,27 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
     try:
         out = staging / "checkpoint"
         save_params(out, params, config)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+        if tok_path is not None:
+            carry_tokenizer(tok_path, out)
+        if not meta:
+            kept = carry_remote_code(src, read_json(src / "config.json"), out)
+            if kept:
+                notes.append(f"remote code: {', '.join(kept)} kept in {dst / REMOTE_DIR}")
         out.rename(dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for line in notes:
+        log(line)
     return config
+
+
+def check_tokenizer_fits(tok, config: ModelConfig, where: str) -> None:
+    """Every id the tokenizer can produce needs an embedding row (added tokens sit past the pieces)."""
+    if tok.vocab_size > config.vocab_size:
+        last = max(tok.added_by_id, default=tok.vocab_size - 1)
+        what = f" (added token {tok.added_by_id[last].content!r} = {last})" if last in tok.added_by_id else ""
+        raise ConversionError(f"{tok.path}: the tokenizer has ids up to {tok.vocab_size - 1}{what}, but the model "
+                              f"in {where} has {config.vocab_size} embedding rows")
 
 
 class _ShardWriter:
@@ -174,26 +228,73 @@ class _ShardWriter:
         return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies float32[head_dim / 2] (the modeling code's float32 buffer), correctly
+    rounded from float64."""
+    d = config.head_dim
+    return (1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)).astype(np.float32)
+
+
 def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                 max_shard_bytes: int = 5 * 2**30) -> ModelConfig:
-    """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors)."""
+                 max_shard_bytes: int = 5 * 2**30, hf_arch: str = "native",
+                 log: Callable[[str], None] | None = None, arrays: dict | None = None) -> ModelConfig:
+    """Export a jaxllm checkpoint as an HF directory (config, generation config, sharded safetensors, the
+    tokenizer and its HF files, the remote code it carries).
+
+    hf_arch "native": the family's own layout; a Baichuan model gets its carried modeling code and
+    `auto_map` (or an `auto_map` naming baichuan-inc's code on the Hub when it carries none) and, where
+    that code keeps RoPE's `inv_freq` as a persistent buffer (Baichuan-7B), the buffers it expects.
+    hf_arch "llama": a RoPE Baichuan model as a stock `LlamaForCausalLM` (W_pack split into q/k/v,
+    NormHead rows normalised in float32 and stored in the export dtype); no remote code needed.
+    `arrays`: leaves to export instead of the stored ones, read the same way (a LoRA merge)."""
     from jaxllm.checkpoint import find_tokenizer, open_arrays, read_model_config, resolve, trim_host_memory
     from jaxllm.models import param_shapes
+    from jaxllm.tokenizer import Tokenizer, TokenizerError
 
+    log = log or (lambda line: None)
+    if hf_arch not in HF_ARCHS:
+        raise ConversionError(f"--hf-arch must be one of {', '.join(HF_ARCHS)}, got {hf_arch!r}")
     ckpt = resolve(src)
     dst = Path(dst)
     _check_destination(dst)
     config = read_model_config(ckpt)
-    maps = tensor_maps(config)
+    if hf_arch == "llama" and config.position != "rope":
+        raise ConversionError(f"{ckpt}: --hf-arch llama needs a RoPE model; {config.family} with ALiBi "
+                              f"({config.name}) has no LlamaForCausalLM equivalent")
+    layout = "llama" if hf_arch == "llama" else native_layout(config)
+    maps = tensor_maps(config, layout)
     groups = _leaf_groups(maps)
     shapes = param_shapes(config)
-    arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
+    if arrays is None:
+        arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
     for path, array in arrays.items():
         if array.shape != _get(shapes, path).shape:
             raise ConversionError(f"{ckpt}: leaf {'/'.join(path)} has shape {array.shape}, expected "
                                   f"{_get(shapes, path).shape} for the model in {ckpt / 'model.json'}")
+    code = find_remote_code(ckpt)
+    auto_map = None
+    if layout == "baichuan":
+        auto_map = read_auto_map(code)
+        if auto_map is None:
+            auto_map = hub_auto_map(config)
+            log(f"remote code: none carried; auto_map names {auto_map['AutoModelForCausalLM'].split('--')[0]}'s "
+                f"code on the Hub (downloaded by trust_remote_code=True), or export with --hf-arch llama")
+        else:
+            log(f"remote code: {', '.join(sorted(p.name for p in code.glob('*.py')))} and auto_map from {code}")
+    buffers = []
+    if layout == "baichuan" and persistent_inv_freq(config, code, auto_map):
+        buffers = [(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", rope_inv_freq(config))
+                   for i in range(config.num_layers)]
+    tok_path = find_tokenizer(ckpt)
+    try:
+        tok = Tokenizer.load(tok_path, family=config.family) if tok_path is not None else None
+    except TokenizerError as err:
+        raise ConversionError(str(err)) from None
+    if tok is not None:
+        check_tokenizer_fits(tok, config, str(ckpt))
     out_dtype = np.dtype(DTYPES[dtype or config.param_dtype])
-    plan = plan_shards([(m.hf_key, m.hf_shape, out_dtype) for group in groups for m in group], max_shard_bytes)
+    plan = plan_shards([(m.hf_key, m.hf_shape, out_dtype) for group in groups for m in group] +
+                       [(key, value.shape, value.dtype) for key, value in buffers], max_shard_bytes)
     staging = _staging(dst)
     try:
         writer = _ShardWriter(staging, plan)
@@ -205,16 +306,23 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
                 trim_host_memory()
             for p in group[0].leaves:
                 arrays[p].release()
+        for key, value in buffers:  # float32 whatever the export dtype, as the modeling code creates them
+            writer.write(key, value)
         (staging / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
-        hf_cfg, gen_cfg = hf_config_from_model(config, dtype or config.param_dtype)
+        hf_cfg, gen_cfg = hf_config_from_model(config, dtype or config.param_dtype, layout=layout)
+        if auto_map is not None:
+            hf_cfg["auto_map"] = auto_map
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         (staging / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-        tok = find_tokenizer(ckpt)
+        if code is not None:  # the tokenizer's code too; harmless beside a stock Llama config
+            for path in sorted(code.glob("*.py")):
+                shutil.copyfile(path, staging / path.name)
         if tok is not None:
-            shutil.copyfile(tok, staging / "tokenizer.model")
-            for name in TOKENIZER_FILES[1:]:
-                if (tok.parent / name).is_file():
-                    shutil.copyfile(tok.parent / name, staging / name)
+            carry_tokenizer(tok.path, staging)
+            if not (staging / TOKENIZER_CONFIG).is_file():
+                (staging / TOKENIZER_CONFIG).write_text(
+                    json.dumps(tokenizer_config(config, tok, code), indent=2))
+            log(f"tokenizer: {tok.path} (BOS: {'yes' if tok.add_bos else 'no'}, from {tok.add_bos_source})")
         staging.rename(dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

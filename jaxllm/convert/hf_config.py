@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from jaxllm.config import FAMILIES, ConfigError, ModelConfig, closest
@@ -15,8 +16,9 @@ FAMILY_KEY = "jaxllm_family"
 PIECES_KEY = "tokenizer_vocab_size"
 
 
-def detect_family(cfg: dict, where: str = "config.json") -> str:
-    """The family of an HF config.json (spec §1): model_type / architectures, then the vocabulary size."""
+def detect_family(cfg: dict, where: str = "config.json", directory: Path | None = None) -> str:
+    """The family of an HF config.json (spec §1): model_type / architectures; for Baichuan, Baichuan 2 when
+    the modeling code shipped in `directory` has NormHead, else by the vocabulary size (125,696)."""
     if cfg.get(FAMILY_KEY) in FAMILIES:
         return cfg[FAMILY_KEY]
     model_type = cfg.get("model_type")
@@ -25,6 +27,9 @@ def detect_family(cfg: dict, where: str = "config.json") -> str:
         return _PADDED.get(cfg.get("vocab_size"), ("llama", None))[0]
     # Baichuan-7B says BaiChuanForCausalLM (capital C), the others BaichuanForCausalLM.
     if model_type == "baichuan" or str(arch).lower() == "baichuanforcausallm":
+        code = modeling_file(cfg, directory) if directory is not None else None
+        if code is not None:
+            return "baichuan2" if _NORM_HEAD.search(code.read_text("utf-8", errors="replace")) else "baichuan"
         return "baichuan2" if cfg.get("vocab_size") == 125696 else "baichuan"
     raise ConversionError(f"{where}: unknown model_type {model_type!r} (architectures {arch!r}); expected "
                           f"'llama' or 'baichuan', or force one with --family {{{','.join(FAMILIES)}}}")
@@ -41,7 +46,49 @@ def _rope_theta(cfg: dict, where) -> float:
     return float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
-def model_config_from_hf(path: str | Path, family: str | None = None, name: str = "converted") -> ModelConfig:
+# Read as text, never imported: Baichuan-13B's and Baichuan2-13B's modeling files build ALiBi masks
+# (`_get_interleave`, `_gen_alibi_mask`), the 7B files rotate queries and keys (`RotaryEmbedding`).
+_ALIBI_MARKERS = re.compile(r"\b(_get_interleave|_gen_alibi_mask|_buffered_future_mask|alibi\w*)\b", re.I)
+_ROPE_MARKERS = re.compile(r"\b(RotaryEmbedding|rotate_half|apply_rotary_pos_emb|inv_freq)\b")
+_NORM_HEAD = re.compile(r"\bclass\s+NormHead\b")  # Baichuan 2's normalised output rows
+
+
+def modeling_file(cfg: dict, directory: Path) -> Path | None:
+    """The modeling file the checkpoint ships for AutoModelForCausalLM (`auto_map`), else
+    `modeling_baichuan.py`, if present in `directory`."""
+    ref = (cfg.get("auto_map") or {}).get("AutoModelForCausalLM") if isinstance(cfg.get("auto_map"), dict) else None
+    module = ref.split("--")[-1].rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else "modeling_baichuan"
+    path = directory / f"{module}.py"
+    return path if path.is_file() else None
+
+
+def baichuan_position(cfg: dict, directory: Path) -> tuple[str, str]:
+    """("alibi" | "rope", why) for a Baichuan checkpoint, as upstream decides: by the modeling code it
+    ships (`auto_map`); then by jaxllm's own `position_encoding`; by the size (5120 wide and 40 layers
+    is 13B: ALiBi) only as a last resort."""
+    path = modeling_file(cfg, directory)
+    if path is not None:
+        text = path.read_text("utf-8", errors="replace")
+        alibi, rope = bool(_ALIBI_MARKERS.search(text)), bool(_ROPE_MARKERS.search(text))
+        if alibi != rope:
+            kind = "alibi" if alibi else "rope"
+            what = "builds ALiBi masks" if alibi else "applies rotary embeddings"
+            return kind, f"{path.name} (the shipped modeling code) {what}"
+        unclear = f"{path.name} mentions {'both ALiBi and RoPE' if alibi else 'neither ALiBi nor RoPE'}; "
+    else:
+        unclear = "no modeling file shipped; "
+    if cfg.get("position_encoding") in ("alibi", "rope"):
+        return cfg["position_encoding"], unclear + "config.json says position_encoding"
+    size = (cfg.get("hidden_size"), cfg.get("num_hidden_layers"))
+    if size == (5120, 40):
+        return "alibi", unclear + "5120 wide x 40 layers is the 13B size, which uses ALiBi"
+    return "rope", unclear + f"{size[0]} wide x {size[1]} layers is not the 13B size: RoPE as in 7B"
+
+
+def model_config_from_hf(path: str | Path, family: str | None = None, name: str = "converted",
+                         notes: list[str] | None = None) -> ModelConfig:
+    """The ModelConfig of an HF directory (or config.json); `notes` receives one line per decision that
+    the file does not state outright (a Baichuan checkpoint's position encoding)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
@@ -49,7 +96,11 @@ def model_config_from_hf(path: str | Path, family: str | None = None, name: str 
     cfg = read_json(file)
     if family is not None and family not in FAMILIES:
         raise ConversionError(f"unknown family {family!r}{closest(family, FAMILIES)}")
-    family = family or detect_family(cfg, str(file))
+    if family is None:
+        family = detect_family(cfg, str(file), file.parent)
+        code = modeling_file(cfg, file.parent) if family in ("baichuan", "baichuan2") else None
+        if notes is not None and code is not None and FAMILY_KEY not in cfg:
+            notes.append(f"family: {family} ({code.name} {'has' if family == 'baichuan2' else 'has no'} NormHead)")
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if field not in cfg:
             raise ConversionError(f"{file}: missing field '{field}'")
@@ -59,10 +110,12 @@ def model_config_from_hf(path: str | Path, family: str | None = None, name: str 
             and hidden % heads == 0 and head_dim != hidden // heads:
         raise ConversionError(f"{file}: head_dim {head_dim} is not hidden_size/num_attention_heads = "
                               f"{hidden}/{heads}; jaxllm needs head_dim = hidden_size/num_heads")
-    # Baichuan's config does not say ALiBi; its 13B models (5120 wide, 40 layers) use it, 7B use RoPE.
-    # jaxllm's own exports also say it explicitly (`position_encoding`), for non-standard sizes.
-    alibi = family in ("baichuan", "baichuan2") and (
-        cfg.get("position_encoding", "alibi" if (hidden, layers) == (5120, 40) else "rope") == "alibi")
+    alibi = False
+    if family in ("baichuan", "baichuan2"):
+        position, why = baichuan_position(cfg, file.parent)
+        alibi = position == "alibi"
+        if notes is not None:
+            notes.append(f"position encoding: {position.replace('alibi', 'ALiBi').replace('rope', 'RoPE')} ({why})")
     pieces = cfg.get(PIECES_KEY)
     if pieces is None and family in ("ctllm", "ziya"):
         pieces = _PADDED.get(cfg["vocab_size"], (None, None))[1]
@@ -121,8 +174,9 @@ def model_config_from_meta(directory: Path, vocab_rows: int, family: str | None 
         raise ConversionError(f"{file}: {_plain(err, _META_NAMES)}") from None
 
 
-def hf_config_from_model(cfg: ModelConfig, dtype: str) -> tuple[dict, dict]:
-    """(config.json, generation_config.json) that the PyTorch world loads for this family."""
+def hf_config_from_model(cfg: ModelConfig, dtype: str, layout: str | None = None) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) that the PyTorch world loads for this family; `layout`
+    "llama" writes a Baichuan model as a stock LlamaForCausalLM."""
     from jaxllm.inference.sampling import FAMILY_DEFAULTS
 
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
@@ -134,7 +188,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> tuple[dict, dict]:
     common[FAMILY_KEY] = cfg.family
     if cfg.tokenizer_vocab_size is not None:
         common[PIECES_KEY] = cfg.tokenizer_vocab_size
-    if cfg.family in ("baichuan", "baichuan2"):
+    baichuan = cfg.family in ("baichuan", "baichuan2")
+    if baichuan and layout != "llama":
         arch = "BaiChuanForCausalLM" if cfg.family == "baichuan" and cfg.position == "rope" else "BaichuanForCausalLM"
         config = dict(architectures=[arch], model_type="baichuan", model_max_length=cfg.max_position_embeddings,
                       max_position_embeddings=cfg.max_position_embeddings, position_encoding=cfg.position,
@@ -146,6 +201,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> tuple[dict, dict]:
                       num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
                       rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=False, pretraining_tp=1,
                       **common)
+        if baichuan:  # read back as the Baichuan model it is (jaxllm_family), RoPE whatever its size
+            config["position_encoding"] = cfg.position
     sampling = FAMILY_DEFAULTS.get(cfg.family)
     generation = dict(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, do_sample=True,
                       temperature=sampling.temperature, top_p=sampling.top_p,

@@ -15,6 +15,17 @@ from jaxllm.config import ModelConfig
 
 LLAMA_LAYOUT_FAMILIES = ("llama", "ctllm", "ziya")
 BAICHUAN_FAMILIES = ("baichuan", "baichuan2")
+LAYOUTS = ("llama", "baichuan")  # q/k/v_proj; Baichuan's fused W_pack
+
+
+def native_layout(cfg: ModelConfig) -> str:
+    return "baichuan" if cfg.family in BAICHUAN_FAMILIES else "llama"
+
+
+def layout_of(keys) -> str:
+    """The layout of a checkpoint's tensor names: a fused `W_pack` is Baichuan's, anything else Llama's
+    (a Baichuan model exported with `--hf-arch llama` is read back as what it is)."""
+    return "baichuan" if any(k.endswith("self_attn.W_pack.weight") for k in keys) else "llama"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +75,10 @@ def _w_pack(cfg: ModelConfig):
     return to_jax, to_hf, part
 
 
-def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
-    """Every HF tensor of `cfg`'s layout, in HF's usual order (embeddings, layers, norm, head)."""
+def tensor_maps(cfg: ModelConfig, layout: str | None = None) -> list[TensorMap]:
+    """Every HF tensor of `cfg` in `layout` (default: the family's own), in HF's usual order (embeddings,
+    layers, norm, head)."""
+    layout = layout or native_layout(cfg)
     h, f, n, k, d, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, cfg.vocab_size)
     maps = [TensorMap("model.embed_tokens.weight", (v, h), (("embedding",),), None, *_SAME)]
@@ -73,7 +86,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         pre = f"model.layers.{i}."
         layer = lambda key, shape, leaves, fns: TensorMap(pre + key, shape, leaves, i, *fns)
         maps.append(layer("input_layernorm.weight", (h,), (("layers", "attn_norm", "scale"),), _SAME))
-        if cfg.family in BAICHUAN_FAMILIES:
+        if layout == "baichuan":
             maps.append(layer("self_attn.W_pack.weight", (3 * h, h),
                               tuple(("layers", "attn", w) for w in ("wq", "wk", "wv")), _w_pack(cfg)))
         else:
@@ -92,9 +105,19 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         maps.append(layer("mlp.down_proj.weight", (h, f), (("layers", "mlp", "down"),), _TRANSPOSE))
     maps.append(TensorMap("model.norm.weight", (h,), (("final_norm", "scale"),), None, *_SAME))
     if not cfg.tie_embeddings:
-        # NormHead: the raw (unnormalised) weight is stored on both sides.
-        maps.append(TensorMap("lm_head.weight", (v, h), (("lm_head",),), None, *_TRANSPOSE))
+        # NormHead: the raw (unnormalised) weight is stored on both sides, except in the Llama layout,
+        # whose stock model has no NormHead: there its rows are exported normalised.
+        head = _TRANSPOSE
+        if cfg.norm_head and layout == "llama":
+            head = (_TRANSPOSE[0], lambda ws: unit_rows(ws[0].T))
+        maps.append(TensorMap("lm_head.weight", (v, h), (("lm_head",),), None, *head))
     return maps
+
+
+def unit_rows(w: np.ndarray) -> np.ndarray:
+    """NormHead's normalisation of `w` [vocab, embed] (F.normalize, eps 1e-12), in float32."""
+    w32 = np.asarray(w, np.float32)
+    return w32 / np.maximum(np.sqrt(np.sum(w32 * w32, axis=1, keepdims=True)), np.float32(1e-12))
 
 
 # HF buffers that carry no parameters (recomputed from the config); ignored on load.
@@ -117,14 +140,15 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
+def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtype=None,
+                 layout: str | None = None) -> dict:
     """Build the jaxllm parameter tree (numpy) from `get_tensor(hf_key)`; in memory, for small models
     and tests (`jaxllm.convert` streams instead)."""
     from jaxllm.models import param_shapes
 
     shapes = param_shapes(cfg)
     params: dict = {}
-    for m in tensor_maps(cfg):
+    for m in tensor_maps(cfg, layout):
         w = np.asarray(get_tensor(m.hf_key))
         if tuple(w.shape) != m.hf_shape:
             raise ValueError(f"tensor {m.hf_key}: expected shape {m.hf_shape}, got {tuple(w.shape)}")
@@ -141,9 +165,9 @@ def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtyp
     return params
 
 
-def params_to_hf(params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+def params_to_hf(params, cfg: ModelConfig, layout: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hf_key, array) for every HF tensor, one at a time."""
-    for m in tensor_maps(cfg):
+    for m in tensor_maps(cfg, layout):
         leaves = [np.asarray(_get(params, p)) for p in m.leaves]
         if m.layer is not None:
             leaves = [leaf[m.layer] for leaf in leaves]

@@ -1,16 +1,20 @@
 """Files → records: globs, format detection, and resumable readers for text, jsonl(.gz) and parquet.
 
 A reader yields `Record`s from a `Cursor` (record number, byte offset, line) and can restart at any cursor
-it produced, so a data pipeline resumes exactly where its checkpoint says.
+it produced, so a data pipeline resumes exactly where its checkpoint says. A file that ends early or cannot
+be decoded (a truncated `.gz`, a damaged parquet footer or row group) raises `DamagedFile` naming the file
+and the last good line; `read_json_lines` is the one jsonl reader of every stage (pretraining, SFT, DPO, RM).
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
 import gzip
+import json
 import os
+import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_SPLITS = ("blank_line", "line", "file")
@@ -20,6 +24,29 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 class DataError(ValueError):
     """A data file or record cannot be used; the message names file:line."""
+
+
+class DamagedFile(DataError):
+    """A file ends early or cannot be decoded. `resume` is where reading can go on (the next parquet row
+    group), or None when the rest of the file is lost."""
+
+    def __init__(self, message: str, resume: "Cursor | None" = None):
+        super().__init__(message)
+        self.resume = resume
+
+
+class Malformed(Exception):
+    """A record is unusable; `reason` is the short counter name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason + (f": {detail}" if detail else ""))
+        self.reason = reason
+
+
+# What a damaged file raises while it is read: gzip's truncation (EOFError), corrupt deflate data,
+# a bad header or CRC, and I/O errors of the device.
+_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
+_BOM = b"\xef\xbb\xbf"
 
 
 def resolve_path(path: str) -> str:
@@ -76,16 +103,35 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _cause(err: BaseException) -> str:
+    """A library's error text on one line (Arrow's span several)."""
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _damage(path: Path, err: BaseException, line: int) -> DamagedFile:
+    what = ("ends early (truncated)" if isinstance(err, EOFError) else
+            "is not valid gzip data" if isinstance(err, (zlib.error, gzip.BadGzipFile)) else "cannot be read")
+    after = f" after line {line - 1}" if line > 1 else ""
+    return DamagedFile(f"{path}: file {what}{after}: {_cause(err)}")
+
+
 def _lines(path: Path, start: Cursor) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, offset after the line, raw line without newline) from `start`."""
-    with _open(path) as f:
-        if start.offset:
-            f.seek(start.offset)  # gzip seeks by re-reading: O(offset), paid once on resume
-        offset, line = start.offset, start.line
-        for raw in iter(f.readline, b""):
-            offset += len(raw)
-            yield line, offset, raw.rstrip(b"\r\n")
-            line += 1
+    """(line number, offset after the line, raw line without newline) from `start`; a UTF-8 byte-order
+    mark at the start of the file is dropped. DamagedFile when the file cannot be read to its end."""
+    offset, line = start.offset, start.line
+    try:
+        with _open(path) as f:
+            if start.offset:
+                f.seek(start.offset)  # gzip seeks by re-reading: O(offset), paid once on resume
+            for raw in iter(f.readline, b""):
+                at = offset
+                offset += len(raw)
+                if at == 0 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                yield line, offset, raw.rstrip(b"\r\n")
+                line += 1
+    except _READ_ERRORS as err:
+        raise _damage(path, err, line) from None
 
 
 def read_records(path: Path, fmt: str, start: Cursor, *, text_split: str = "blank_line",
@@ -105,9 +151,13 @@ def read_records(path: Path, fmt: str, start: Cursor, *, text_split: str = "blan
         return
     if text_split == "file":
         if start.record == 0:
-            with _open(path) as f:
-                data = f.read()
-            yield Record(f"{path}:1", data, Cursor(1, len(data), data.count(b"\n") + 2))
+            try:
+                with _open(path) as f:
+                    data = f.read()
+            except _READ_ERRORS as err:
+                raise _damage(path, err, 1) from None
+            text = data[len(_BOM):] if data.startswith(_BOM) else data
+            yield Record(f"{path}:1", text, Cursor(1, len(data), data.count(b"\n") + 2))
         return
     paragraph: list[bytes] = []
     first_line, end = start.line, Cursor(record, start.offset, start.line)
@@ -128,9 +178,13 @@ def read_records(path: Path, fmt: str, start: Cursor, *, text_split: str = "blan
 
 
 def _parquet_records(path: Path, start: Cursor, text_field: str) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
+    try:
+        handle = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DamagedFile(f"{path}: not a readable parquet file (truncated or damaged?): {_cause(err)}") from None
     names = handle.schema_arrow.names
     if text_field not in names:
         from jaxllm.config import closest
@@ -141,8 +195,62 @@ def _parquet_records(path: Path, start: Cursor, text_field: str) -> Iterator[Rec
         if first + rows <= start.record:
             first += rows
             continue
-        values = handle.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        try:
+            values = handle.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise DamagedFile(f"{path}: rows {first + 1}-{first + rows} (row group {group}) cannot be read: "
+                              f"{_cause(err)}",
+                              resume=Cursor(first + rows, 0, first + rows + 1)) from None
         for i in range(max(0, start.record - first), rows):
             row = first + i
             yield Record(f"{path}:row {row + 1}", values[i], Cursor(row + 1, 0, row + 2))
         first += rows
+
+
+def decode_json_line(raw: bytes):
+    """The JSON value of one jsonl line, or `Malformed` ("non-UTF-8", "bad JSON")."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise Malformed("non-UTF-8", f"byte {err.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise Malformed("bad JSON", err.msg) from None
+
+
+def read_json_lines(path: str | os.PathLike, *, on_error: str = "skip",
+                    skip: Callable[[str], None] = lambda reason: None) -> Iterator[tuple[str, object]]:
+    """("file:line", value) for each non-blank line of a .jsonl or .jsonl.gz file (a UTF-8 byte-order mark
+    is accepted). A line that is not UTF-8 or not JSON, and a file that ends early or is not valid gzip,
+    raise DataError naming file:line when `on_error` is "raise"; with "skip" they are passed to
+    `skip(reason)` ("non-UTF-8", "bad JSON", "damaged file"; the rest of a damaged file is lost)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        for line, _, raw in _lines(path, Cursor()):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path}:{line}", decode_json_line(raw)
+            except Malformed as err:
+                if on_error == "raise":
+                    raise DataError(f"{path}:{line}: {err} (data.on_error=raise)") from None
+                skip(err.reason)
+    except DamagedFile as err:
+        if on_error == "raise":
+            raise DataError(f"{err} (data.on_error=raise)") from None
+        warn_damaged(str(err))
+        skip("damaged file")
+
+
+_warned: set[str] = set()
+
+
+def warn_damaged(message: str) -> None:
+    """One stderr line per damaged file and process (its records are also counted as skipped)."""
+    if message not in _warned:
+        _warned.add(message)
+        import sys
+        print(f"warning: {message} (skipped: data.on_error=skip)", file=sys.stderr)

@@ -6,6 +6,9 @@ whole iterator state is one JSON dict that the trainer saves in each checkpoint.
 """
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import grain
 import numpy as np
 
@@ -52,12 +55,26 @@ def build_dataset(config: DataConfig, tokenizer, *, batch_size: int, seed: int =
     return dataset, sources
 
 
+# Iterators still open at interpreter exit are closed before modules are torn down (grain's __del__ would
+# otherwise fail in its prefetch thread's clean-up and print a traceback).
+_open_iterators: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_open_iterators):
+        iterator.close()
+
+
 class DataIterator(grain.DatasetIterator):
     """The iterator the trainer consumes: batches, a JSON state, and counters for the metrics log."""
 
     def __init__(self, dataset, sources):
+        self._built = False  # iter() may fail (a damaged first file): then there is nothing to close
         inner = iter(dataset)
         super().__init__(inner)
+        self._built = True
+        _open_iterators.add(self)
         self.sources = sources
         self.finite = any(source.num_epochs is not None for source in sources)  # it can run out
 
@@ -72,6 +89,9 @@ class DataIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         """Stop the prefetch thread and drop the pipeline now (not at interpreter exit)."""
+        if not self.__dict__.get("_built"):
+            return
+        _open_iterators.discard(self)
         super().close()
         self._parents = ()
 

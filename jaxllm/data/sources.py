@@ -11,14 +11,14 @@ continues with the same documents.
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from jaxllm.data.files import Cursor, DataError, detect_format, read_records
+from jaxllm.data.files import (Cursor, DamagedFile, DataError, Malformed, decode_json_line, detect_format,
+                               read_records, warn_damaged)
 
 ERROR_POLICIES = ("skip", "raise")
 
@@ -34,32 +34,22 @@ class SourceStats:
         return {"documents": self.documents, "epochs": self.epochs, "skipped": dict(self.skipped)}
 
 
-class Malformed(Exception):
-    """A record is unusable; `reason` is the short counter name."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason + (f": {detail}" if detail else ""))
-        self.reason = reason
-
-
 def parse_document(value, fmt: str, text_field: str) -> str:
     """The document text of one record, or `Malformed` (non-UTF-8, bad JSON, not an object, missing field,
     not a string, empty text)."""
     if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise Malformed("non-UTF-8", f"byte {err.start}") from None
         if fmt == "jsonl":
-            try:
-                record = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise Malformed("bad JSON", err.msg) from None
+            record = decode_json_line(value)
             if not isinstance(record, dict):
                 raise Malformed("not an object", f"got {type(record).__name__}")
             if text_field not in record:
                 raise Malformed("missing field", f"no '{text_field}'")
             value = record[text_field]
+        else:
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise Malformed("non-UTF-8", f"byte {err.start}") from None
     if value is None:
         raise Malformed("missing field", f"'{text_field}' is null")
     if not isinstance(value, str):
@@ -130,23 +120,33 @@ class DocumentIterator(grain.DatasetIterator):
         cursor = Cursor(start["record"], start["offset"], start["line"])
         while file_pos < len(order) and len(docs) < src.window:
             k = order[file_pos]
-            for rec in read_records(src.files[k], src.formats[k], cursor, text_split=src.text_split,
-                                    text_field=src.text_field):
-                seq += 1
-                cursor = rec.next
-                if not src.shard_by_file and (seq - 1) % src.shard_count != src.shard_index:
-                    continue
-                try:
-                    docs.append(parse_document(rec.value, src.formats[k], src.text_field))
-                except Malformed as err:
-                    if src.on_error == "raise":
-                        raise DataError(f"{rec.where}: {err} (data.on_error=raise)") from None
-                    self.stats.skipped[err.reason] = self.stats.skipped.get(err.reason, 0) + 1
-                    continue
-                if len(docs) == src.window:
-                    break
-            else:
-                file_pos, cursor = file_pos + 1, Cursor()
+            try:
+                for rec in read_records(src.files[k], src.formats[k], cursor, text_split=src.text_split,
+                                        text_field=src.text_field):
+                    seq += 1
+                    cursor = rec.next
+                    if not src.shard_by_file and (seq - 1) % src.shard_count != src.shard_index:
+                        continue
+                    try:
+                        docs.append(parse_document(rec.value, src.formats[k], src.text_field))
+                    except Malformed as err:
+                        if src.on_error == "raise":
+                            raise DataError(f"{rec.where}: {err} (data.on_error=raise)") from None
+                        self._skip(err.reason)
+                        continue
+                    if len(docs) == src.window:
+                        break
+                else:
+                    file_pos, cursor = file_pos + 1, Cursor()
+            except DamagedFile as err:
+                if src.on_error == "raise":
+                    raise DataError(f"{err} (data.on_error=raise)") from None
+                warn_damaged(str(err))
+                self._skip("damaged file")
+                if err.resume is not None:  # e.g. the next parquet row group
+                    cursor = err.resume
+                else:
+                    file_pos, cursor = file_pos + 1, Cursor()
         self._epoch_end = file_pos >= len(order)
         self._after = {"file": file_pos, "record": cursor.record, "offset": cursor.offset,
                        "line": cursor.line, "seq": seq}
@@ -154,6 +154,9 @@ class DocumentIterator(grain.DatasetIterator):
             perm = np.random.default_rng((*src.seed, start["epoch"], start["block"], 1)).permutation(len(docs))
             docs = [docs[i] for i in perm]
         self._block, self._consumed = docs, 0
+
+    def _skip(self, reason: str) -> None:
+        self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
 
     def _next_block(self) -> None:
         src, start = self._src, self._start

@@ -61,7 +61,7 @@ def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size:
         raise ValueError(f"seq_len must be >= 2 (a token and the one it predicts), got {seq_len}")
     windows = []
     for text in texts:
-        ids = tokenizer.encode(text, bos=True)
+        ids = tokenizer.encode(text, bos=tokenizer.add_bos)
         windows += [ids[i:i + seq_len] for i in range(0, max(len(ids) - 1, 1), seq_len - 1)]
     windows = [w for w in windows if len(w) > 1]
     if not windows:
@@ -74,10 +74,10 @@ def perplexity(config, params, tokenizer, texts, seq_len: int = 512, batch_size:
 def continuation_logprobs(config, params, tokenizer, prompt: str, continuations, batch_size: int = 8,
                           mesh=None):
     """Sum of log p over each continuation's tokens after `prompt` (tokenised together, as a model sees it)."""
-    prefix = tokenizer.encode(prompt, bos=True)
+    prefix = tokenizer.encode(prompt, bos=tokenizer.add_bos)
     sequences, starts = [], []
     for cont in continuations:
-        ids = tokenizer.encode(prompt + cont, bos=True)
+        ids = tokenizer.encode(prompt + cont, bos=tokenizer.add_bos)
         common = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
         sequences.append(ids)
         starts.append(min(common, len(ids) - 1))

@@ -78,6 +78,8 @@ def _keys(rng):
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm chat", description=__doc__)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter to run on top of the checkpoint (a LoRA "
+                        "run, or a PEFT adapter directory)")
     parser.add_argument("--system", help="system prompt")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
@@ -92,7 +94,8 @@ def main(argv: list[str]) -> int:
 
     try:
         mesh = serving_mesh(args.mesh)
-        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
+        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
+                                         adapter=args.adapter)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         sampling = sampling_from_args(args, config.family)

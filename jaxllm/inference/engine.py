@@ -195,11 +195,9 @@ class Engine:
             seen = jnp.zeros((config.vocab_size,), bool).at[tokens].max(segments[0] > 0)
             temperature, top_k, top_p, penalty = settings
             key = jax.random.key_data(request_key(seed_words))
-            state = {**state, "cache": big, "key": state["key"].at[slot].set(key),
-                     "count": state["count"].at[slot].set(0), "temperature": state["temperature"].at[slot].set(temperature),
-                     "top_k": state["top_k"].at[slot].set(top_k), "top_p": state["top_p"].at[slot].set(top_p),
-                     "penalty": state["penalty"].at[slot].set(penalty),
-                     "stop_ids": state["stop_ids"].at[slot].set(stop_ids), "seen": state["seen"].at[slot].set(seen)}
+            row = {"key": key, "count": 0, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                   "penalty": penalty, "stop_ids": stop_ids, "seen": seen}
+            state = {**state, "cache": big, **{k: state[k].at[slot].set(v) for k, v in row.items()}}
             token = self._sample(state, logits[:, -1], rows=slot[None])[0]
             state = {**state, "token": state["token"].at[slot].set(token), "count": state["count"].at[slot].set(1),
                      "seen": state["seen"].at[slot, token].set(True)}

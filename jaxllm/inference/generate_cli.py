@@ -1,10 +1,14 @@
 """`jaxllm generate --checkpoint DIR --prompt TEXT` (or --prompts-file FILE --output OUT.jsonl).
 
-DIR is a jaxllm checkpoint, a training run directory, or an HF directory (converted on the fly).
+DIR is a jaxllm checkpoint, a training run directory, or an HF directory (converted on the fly); --adapter
+adds a LoRA adapter on top (a LoRA run directory alone runs on the base it recorded).
 Sampling defaults come from the model family (Baichuan 2: temperature 0.3, top-k 5, top-p 0.85,
 repetition penalty 1.05); flags override them. --chat wraps each prompt in the family's chat template.
-Generation ends at a stop string (--stop); ids the tokenizer has no piece for (padded embedding rows)
-are never sampled. Parameters are split over all devices (--mesh)."""
+A plain prompt starts with BOS as the checkpoint's tokenizer_config.json says (add_bos_token), else
+as the family does (Baichuan 2: no BOS; the others: BOS). Added tokens (Ziya's <human>, <bot>) are single
+ids in prompts and can be generated. Generation ends at a stop string (--stop); ids the tokenizer has
+no piece or added token for (padded embedding rows) are never sampled. Parameters are split over all
+devices (--mesh)."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +71,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter to run on top of the checkpoint (a LoRA "
+                        "run, or a PEFT adapter directory)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="text (one per line) or jsonl with a 'prompt' field")
     parser.add_argument("--output", help="write {prompt, completion, tokens} jsonl here")
@@ -92,13 +98,14 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         stops = check_stop_strings(args.stop)
         mesh = serving_mesh(args.mesh)
-        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
+        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
+                                         adapter=args.adapter)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         sampling = sampling_from_args(args, config.family)
         template = get_chat_template(template_for_family(config.family))
         encode = ((lambda p: template.prompt(tok, [{"role": "user", "content": p}])) if args.chat
-                  else (lambda p: tok.encode(p, bos=config.family not in ("baichuan2",))))
+                  else (lambda p: tok.encode(p, bos=tok.add_bos)))  # the checkpoint's add_bos_token, else the family's
         encoded = [encode(p) for p in prompts]  # a prompt the template refuses fails before any work
         stop_ids = template.stop_ids(tok) if args.chat else [tok.eos_id]
     except (ValueError, CheckpointError, ConversionError, TokenizerError) as err:

@@ -51,8 +51,9 @@ def init_params(config: ModelConfig, rng: jax.Array, shardings=None):
 
 
 def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None, kv_cache=None, *,
-            return_hidden: bool = False, last_only: bool = False):
+            return_hidden: bool = False, last_only: bool = False, rng: jax.Array | None = None):
     """logits float32[batch, len, vocab] (len 1 with `last_only`), and the new cache when `kv_cache` is
-    given."""
+    given. `rng`: training randomness (LoRA dropout); None is the deterministic forward."""
     return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
-                                 return_hidden=return_hidden, last_only=last_only)
+                                 return_hidden=return_hidden, last_only=last_only,
+                                 rngs=None if rng is None else {"dropout": rng})

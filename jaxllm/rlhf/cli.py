@@ -236,6 +236,7 @@ def _claim_run_dir(recipe: RLHFRecipe) -> Path:
     """Create RUN (or check that RUN/ppo.yaml describes the same run) and write the resolved recipe."""
     from jaxllm.config import ConfigError
     from jaxllm.data import resolve_path
+    from jaxllm.train import rundir
     from jaxllm.train.config import config_differences
 
     run_dir = Path(resolve_path(recipe.run_dir))
@@ -249,6 +250,7 @@ def _claim_run_dir(recipe: RLHFRecipe) -> Path:
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"run directory {run_dir} has checkpoints but no ppo.yaml; choose another run_dir=…")
     run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.lock(run_dir)  # one writer per run directory, held until the process ends
     path.write_text(text, encoding="utf-8")
     return run_dir
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
 import os
 import socket
@@ -27,8 +26,10 @@ from pathlib import Path
 def _args(argv):
     parser = argparse.ArgumentParser(prog="jaxllm serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="jaxllm checkpoint, training run or HF directory")
-    parser.add_argument("--adapter", help="LoRA adapter directory to apply to the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="jaxllm checkpoint, training run (a LoRA run: on its "
+                        "recorded base) or HF directory")
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter to run on top of the checkpoint (a LoRA "
+                        "run, or a PEFT adapter directory)")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the one stored with the checkpoint)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--mesh", default="auto", help="'auto' (tensor-parallel over all devices), 'none' (one "
@@ -82,18 +83,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _load(args, mesh):
-    from jaxllm.inference.loading import load_model
-
-    options = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
-    if args.adapter:
-        if "adapter" not in inspect.signature(load_model).parameters:
-            raise ValueError(f"--adapter {args.adapter}: LoRA adapters are not supported yet "
-                             f"(jaxllm.inference.loading.load_model cannot apply them)")
-        options["adapter"] = args.adapter
-    return load_model(args.checkpoint, **options)
-
-
 def main(argv: list[str]) -> int:
     args = _args(argv)
     from jaxllm.checkpoint import CheckpointError
@@ -107,11 +96,12 @@ def main(argv: list[str]) -> int:
         import jax
 
         from jaxllm.inference.engine import Engine, prefill_buckets
-        from jaxllm.inference.loading import serving_mesh
+        from jaxllm.inference.loading import load_model, serving_mesh
         from jaxllm.serve.app import Limits, Service, create_app
 
         mesh = serving_mesh(args.mesh)
-        config, params, tok = _load(args, mesh)
+        config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
+                                         adapter=args.adapter)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         max_len = args.max_len or min(config.max_position_embeddings, 4096)

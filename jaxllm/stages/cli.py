@@ -55,8 +55,10 @@ def run(kind: str, argv: list[str]) -> int:
             stage, held_out = rm_stage(config, options)
             result = train(config, stage)
             if result.exit_code == 0 and len(held_out["tokens"]):
-                accuracy = reward_accuracy(config.model, result.params, held_out)
-                print(f"reward model: held-out accuracy {accuracy:.3f} on {len(held_out['tokens'])} pairs")
+                accuracy = reward_accuracy(config.model, result.full_params, held_out)
+                pairs = len(held_out["tokens"])
+                print(f"reward model: held-out accuracy {accuracy:.3f} on {pairs} pairs (chance: 0.5 ± "
+                      f"{0.5 / pairs ** 0.5:.2f})")
                 from pathlib import Path
                 (Path(config.run_dir) / "eval.json").write_text(json.dumps(
                     {"heldout_accuracy": accuracy, "heldout_pairs": int(len(held_out["tokens"]))}) + "\n")

@@ -6,7 +6,6 @@ SFT rows are packed (several examples per row, segment ids keep them apart); pre
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,11 +44,24 @@ def _text(value, field: str) -> str:
     return value
 
 
+def _message(role: str, content, turn: dict, where: str, field: str = "content") -> dict:
+    """{"role", "content"} plus "weight" (0 or 1) where an assistant turn gives one."""
+    message = {"role": role, "content": _text(content, f"{where}.{field}")}
+    if "weight" in turn:
+        if role != "assistant":
+            raise DataFormatError(f"{where}.weight: only assistant replies have a weight, this is a {role} turn")
+        if turn["weight"] not in (0, 1):
+            raise DataFormatError(f"{where}.weight must be 0 (not trained) or 1, got {turn['weight']!r}")
+        message["weight"] = int(turn["weight"])
+    return message
+
+
 def to_messages(record: dict) -> list[dict]:
     """One SFT record in any supported format → [{"role", "content"}, ...].
 
     Formats: Alpaca/BELLE {"instruction", "input"?, "output", "system"?}; ShareGPT {"conversations":
     [{"from": "human"|"gpt"|"system", "value"}]}; OpenAI-style {"messages": [{"role", "content"}]}.
+    An assistant turn of the last two may carry OpenAI's `"weight": 0` (context, not trained) or 1.
     """
     if not isinstance(record, dict):
         raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
@@ -64,7 +76,7 @@ def to_messages(record: dict) -> list[dict]:
             role = turn["role"]
             if role not in ("system", "user", "assistant"):
                 raise DataFormatError(f"messages[{i}].role must be system/user/assistant, got {role!r}")
-            messages.append({"role": role, "content": _text(turn["content"], f"messages[{i}].content")})
+            messages.append(_message(role, turn["content"], turn, f"messages[{i}]"))
         return messages
     if "conversations" in record:
         turns = record["conversations"]
@@ -78,7 +90,7 @@ def to_messages(record: dict) -> list[dict]:
             if role is None:
                 raise DataFormatError(f"conversations[{i}].from must be one of "
                                       f"{sorted(SHAREGPT_ROLES)}, got {turn['from']!r}")
-            messages.append({"role": role, "content": _text(turn["value"], f"conversations[{i}].value")})
+            messages.append(_message(role, turn["value"], turn, f"conversations[{i}]", "value"))
         return messages
     if "instruction" in record or "output" in record:
         for field in ("instruction", "output"):
@@ -111,25 +123,40 @@ def check_conversation(messages: list[dict]) -> None:
             raise DataFormatError(f"turn {i} ({turn['role']}) is empty")
     if turns[-1]["role"] != "assistant":
         raise DataFormatError("conversation must end with an assistant reply")
+    if not any(turn.get("weight", 1) for turn in turns[1::2]):
+        raise DataFormatError("every assistant reply has weight 0: nothing to train on")
+
+
+def mask_untrained_replies(mask: list, messages: list[dict]) -> list:
+    """The loss mask with the replies of weight 0 zeroed. Every chat template marks a reply (with the
+    token that ends it) as one run of ones, so the mask's runs are the replies in order."""
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    if all(weights):
+        return mask
+    runs: list[list[int]] = []
+    for i, value in enumerate(mask):
+        if value and runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        elif value:
+            runs.append([i, i + 1])
+    if len(runs) != len(weights):
+        raise DataFormatError(f"cannot tell the {len(weights)} assistant replies apart: the rendered "
+                              f"conversation has {len(runs)} trained spans")
+    mask = list(mask)
+    for (start, end), weight in zip(runs, weights):
+        if not weight:
+            mask[start:end] = [0] * (end - start)
+    return mask
 
 
 def read_jsonl(path: str | Path, stats: Stats, on_error: str = "skip") -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", record) for each line; bad JSON / non-UTF-8 skipped+counted or raised."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                yield where, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                reason = "non-UTF-8" if isinstance(err, UnicodeDecodeError) else "bad JSON"
-                if on_error == "raise":
-                    raise DataFormatError(f"{where}: {reason}: {err}") from None
-                stats.skip(reason)
+    """Yield ("file:line", record) for each line of a .jsonl or .jsonl.gz file; bad JSON, non-UTF-8 and a
+    damaged file are skipped and counted, or raised (the pretraining reader, `jaxllm.data.read_json_lines`)."""
+    from jaxllm.data import DataError, read_json_lines
+    try:
+        yield from read_json_lines(path, on_error=on_error, skip=stats.skip)
+    except DataError as err:
+        raise DataFormatError(str(err)) from None
 
 
 def _fail_or_skip(where, err, stats, on_error):
@@ -156,17 +183,26 @@ def encode_sft(files: Iterable[str | Path], tokenizer, template, seq_len: int, *
                truncation: str = "truncate", on_error: str = "skip", stats: Stats | None = None):
     """[(ids, mask, labels)] for every usable conversation (see `pack_examples`). An example longer than
     seq_len + 1 tokens is cut at the end (`truncation="truncate"`, kept if a learnable token remains) or
-    dropped; each example counts once: kept (maybe truncated), dropped or skipped."""
+    dropped; each example counts once: kept (maybe truncated), dropped or skipped. Replies of weight 0
+    are context: their mask is 0."""
+    stats = stats if stats is not None else Stats()
+    examples = [example for _, _, example in sft_records(files, tokenizer, template, seq_len,
+                                                           truncation=truncation, on_error=on_error, stats=stats)]
+    return examples, stats
+
+
+def sft_records(files: Iterable[str | Path], tokenizer, template, seq_len: int, *, truncation: str = "truncate",
+                on_error: str = "skip", stats: Stats):
+    """Yield ("file:line", record, (ids, mask, labels)) for each usable conversation (see `encode_sft`)."""
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-    stats = stats if stats is not None else Stats()
-    examples = []
     for path in files:
         for where, record in read_jsonl(path, stats, on_error):
             try:
                 messages = to_messages(record)
                 check_conversation(messages)
                 ids, labels, mask = _render(template, tokenizer, messages)
+                mask = mask_untrained_replies(mask, messages)
             except DataFormatError as err:
                 _fail_or_skip(where, err, stats, on_error)
                 continue
@@ -180,9 +216,9 @@ def encode_sft(files: Iterable[str | Path], tokenizer, template, seq_len: int, *
                 stats.dropped_too_long += 1
                 continue
             stats.truncated += cut
-            examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.float32), np.asarray(labels, np.int32)))
             stats.examples += 1
-    return examples, stats
+            yield where, record, (np.asarray(ids, np.int32), np.asarray(mask, np.float32),
+                                  np.asarray(labels, np.int32))
 
 
 def pack_examples(examples, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:

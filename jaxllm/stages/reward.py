@@ -29,10 +29,10 @@ def logical_axes(config: ModelConfig) -> dict:
             "head": {"kernel": P("norm"), "bias": P()}}
 
 
-def scores(config: ModelConfig, params: dict, tokens, positions, segment_ids, last) -> jax.Array:
+def scores(config: ModelConfig, params: dict, tokens, positions, segment_ids, last, rng=None) -> jax.Array:
     """Scalar reward per sequence, read at its last token: float32[batch] for tokens [batch, seq],
-    last int32[batch]."""
-    hidden = forward(backbone_config(config), params["backbone"], tokens, positions, segment_ids)
+    last int32[batch]. `rng`: training randomness (LoRA dropout)."""
+    hidden = forward(backbone_config(config), params["backbone"], tokens, positions, segment_ids, rng=rng)
     final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     return final @ params["head"]["kernel"] + params["head"]["bias"]
 
@@ -52,10 +52,9 @@ def abstract_params(config: ModelConfig):
 
 
 def load(directory, mesh=None) -> tuple[ModelConfig, dict]:
-    """(config, params) of a reward model trained by `jaxllm rm` (its run directory or checkpoints); with
-    `mesh`, each device reads only its shard (the training layout)."""
-    import orbax.checkpoint as ocp
-
+    """(config, params) of a reward model trained by `jaxllm rm` (its run directory or checkpoints), checked
+    against its recorded digests; with `mesh`, each device reads only its shard (the training layout).
+    A checkpoint of a language model is a one-line CheckpointError saying so."""
     from jaxllm import checkpoint as jckpt
     from jaxllm.sharding import tree_shardings
 
@@ -67,13 +66,4 @@ def load(directory, mesh=None) -> tuple[ModelConfig, dict]:
     else:
         shardings = tree_shardings(logical_axes(config), shapes, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    with jckpt.manager(directory, item_names=("params",)) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise jckpt.CheckpointError(f"{directory}: no saved step")
-        try:
-            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            raise jckpt.CheckpointError(f"{directory}: not a reward model checkpoint (train one with `jaxllm rm`): "
-                                        f"{str(err).splitlines()[0][:200]}") from None
-    return config, params
+    return config, jckpt.restore_params(directory, target, kind="reward", what="a reward model")

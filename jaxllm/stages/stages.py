@@ -1,7 +1,8 @@
 """SFT, DPO and reward-model stages for the one train loop (`jaxllm.train.loop.train`).
 
 Each is a `Stage`: a loss plus a data pipeline over the chat-formatted jsonl files named in
-`data.sources`, rendered with the family's chat template (or `stage.template`).
+`data.sources`, rendered with the family's chat template (or `stage.template`). Several sources are mixed
+by their weights (`jaxllm.stages.mixture`).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxllm.config import ConfigError
 from jaxllm.models import forward
 from jaxllm.sharding import axis_rules, param_shardings
-from jaxllm.stages import reward
+from jaxllm.stages import mixture, reward
 from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examples
 from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
-from jaxllm.stages.rows import RowIterator
+from jaxllm.stages.rows import MIX_UNITS
 from jaxllm.train.loss import lm_loss
 from jaxllm.train.stage import Stage
 
@@ -32,7 +33,9 @@ class StageOptions:
     beta: float = 0.1                  # DPO temperature
     label_smoothing: float = 0.0       # conservative DPO
     margin: str = "large"              # RM: Llama 2 margin column (large | small | none)
-    eval_fraction: float = 0.1         # RM: pairs held out for accuracy
+    eval_fraction: float = 0.1         # RM: pairs held out for accuracy (from each source)
+    mix_by: str = "tokens"             # several data.sources: their weights are shares of tokens | examples
+    weights: str | dict | None = None  # "zh:4,en:1": data.sources weights by name; 0 leaves a source out
 
     def validate(self) -> None:
         if self.truncation not in ("truncate", "drop"):
@@ -43,6 +46,9 @@ class StageOptions:
             raise ConfigError(f"stage.beta must be > 0, got {self.beta}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"stage.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.mix_by not in MIX_UNITS:
+            raise ConfigError(f"stage.mix_by must be one of {', '.join(MIX_UNITS)}, got {self.mix_by!r}")
+        self.weights = mixture.parse_weights(self.weights)
 
 
 def load_stage_recipe(recipe: str, overrides=()):
@@ -72,17 +78,35 @@ def load_stage_recipe(recipe: str, overrides=()):
     return config, options
 
 
-def _inputs(config):
-    from jaxllm.data import expand_paths, load_tokenizer, resolve_path
+def _inputs(config, options):
+    """([(source name, files, weight)], tokenizer, tokenizer path)."""
+    from jaxllm.data import load_tokenizer, resolve_path
 
-    data = config.data
-    if not data.sources:
-        raise ConfigError("data.sources is empty: give the jsonl file(s) of this stage")
-    if not data.tokenizer:
+    sources = mixture.stage_sources(config, mixture.parse_weights(options.weights))
+    if not config.data.tokenizer:
         raise ConfigError("data.tokenizer is required (the starting model's tokenizer.model)")
-    files = [f for i, s in enumerate(data.sources) for f in expand_paths(s.path, f"data.sources.{i}.path")]
-    tokenizer = load_tokenizer(data.tokenizer)
-    return files, tokenizer, resolve_path(data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    return sources, tokenizer, resolve_path(config.data.tokenizer)
+
+
+def _files(sources) -> str:
+    return ", ".join(str(f) for _, files, _ in sources for f in files)
+
+
+def _where(sources, name: str) -> str:
+    """' of source NAME' when there are several sources, for messages."""
+    return f" of source '{name}'" if len(sources) > 1 else ""
+
+
+def _data_maker(sources, options, stats, log, what):
+    """make_data over the stage's (weighted) sources; the mixture's realised shares go to the log at the end."""
+    if len(sources) > 1:
+        log(mixture.describe(sources, options.mix_by, what))
+
+    def make_data(batch_rows, seed, shard_index, shard_count):
+        return mixture.batches(sources, options.mix_by, batch_rows, seed, shard_index, shard_count,
+                               _stat_dict(stats), log, what)
+    return make_data
 
 
 def _template(config, options):
@@ -91,20 +115,21 @@ def _template(config, options):
 
 
 def sft_stage(config, options: StageOptions, log=print) -> Stage:
-    """Masked next-token loss on packed conversations (assistant tokens only)."""
-    files, tokenizer, tok_path = _inputs(config)
-    examples, stats = encode_sft(files, tokenizer, _template(config, options), config.data.seq_len,
-                                 truncation=options.truncation, on_error=config.data.on_error)
+    """Masked next-token loss on packed conversations (assistant tokens only). Each source is packed on
+    its own, so a row holds one source's examples, and the sources are mixed by weight."""
+    sources, tokenizer, tok_path = _inputs(config, options)
+    template, stats, packed = _template(config, options), Stats(), []
+    for name, files, weight in sources:
+        examples, _ = encode_sft(files, tokenizer, template, config.data.seq_len, truncation=options.truncation,
+                                 on_error=config.data.on_error, stats=stats)
+        if not examples:
+            raise ConfigError(f"no usable SFT examples{_where(sources, name)} in {', '.join(map(str, files))}")
+        rows = pack_examples(examples, config.data.seq_len, tokenizer.pad_id)
+        packed.append(mixture.packed_source(name, rows, weight))
     log(f"sft data: {stats.summary()}")
-    if not examples:
-        raise ConfigError(f"no usable SFT examples in {', '.join(map(str, files))}")
-    rows = pack_examples(examples, config.data.seq_len, tokenizer.pad_id)
-
-    def make_data(batch_rows, seed, shard_index, shard_count):
-        return RowIterator(rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
-
-    return Stage(loss_fn=lm_loss(config.model), make_data=make_data, name="sft",
-                 tokens_per_row=config.data.seq_len, tokenizer_path=tok_path, num_rows=len(rows["tokens"]))
+    return Stage(loss_fn=lm_loss(config.model), make_data=_data_maker(packed, options, stats, log, "sft"),
+                 name="sft", tokens_per_row=config.data.seq_len, tokenizer_path=tok_path,
+                 num_rows=sum(len(s) for s in packed))
 
 
 def _stat_dict(stats: Stats) -> dict:
@@ -127,30 +152,36 @@ def _reply_logprobs(model_config, mesh):
     return score
 
 
-def _reference_logprobs(model_config, params, pairs, mesh) -> np.ndarray:
-    """float32[pairs, 2] log-probs of chosen/rejected replies under the frozen starting model (`params`,
-    laid out on `mesh`), computed once; batches are split over the mesh's data × fsdp devices."""
+def sequence_scores(model_config, params, rows: dict, mesh, batch: int = 16) -> np.ndarray:
+    """float32[n]: the summed log-probs of each row's masked targets under `params` (laid out on `mesh`),
+    for rows of tokens/positions/segment_ids/targets/loss_mask [n, seq]; batches are split over the
+    mesh's data × fsdp devices, the last one padded by repeating its final row."""
     from jaxllm.sharding import batch_sharding
 
     score = _reply_logprobs(model_config, mesh)
     rows_sharding = batch_sharding(mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = 8  # pairs, 2 rows each; the rows split evenly over data × fsdp
-    while (2 * batch) % shards:
+    while batch % shards:
         batch += 1
-    n = len(pairs["tokens"])
-    out = np.zeros((n, 2), np.float32)
+    n = len(rows["tokens"])
+    out = np.zeros(n, np.float32)
     for start in range(0, n, batch):
         idx = np.arange(start, min(start + batch, n))
         idx = np.pad(idx, (0, batch - len(idx)), mode="edge")
-        b = _flat({k: pairs[k][idx] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")})
-        # Every host holds every pair: each builds its own shards of the global batch from the same numpy
+        b = {k: rows[k][idx] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")}
+        # Every host holds every row: each builds its own shards of the global batch from the same numpy
         b = {k: jax.make_array_from_callback(v.shape, rows_sharding, lambda index, v=v: v[index])
              for k, v in b.items()}
         with jax.set_mesh(mesh), axis_rules():
             logps = score(params, b["tokens"], b["positions"], b["segment_ids"], b["targets"], b["loss_mask"])
-        out[start:start + batch] = np.asarray(logps.addressable_data(0)).reshape(-1, 2)[: min(batch, n - start)]
+        out[start:start + batch] = np.asarray(logps.addressable_data(0))[: min(batch, n - start)]
     return out
+
+
+def _reference_logprobs(model_config, params, pairs, mesh) -> np.ndarray:
+    """float32[pairs, 2] log-probs of chosen/rejected replies under the frozen starting model (`params`,
+    laid out on `mesh`), computed once."""
+    return sequence_scores(model_config, params, _flat(pairs), mesh).reshape(-1, 2)
 
 
 def _load_start(config, what: str, shardings):
@@ -161,56 +192,74 @@ def _load_start(config, what: str, shardings):
     return params
 
 
+def _pair_sources(config, options, what: str, log, margins=None):
+    """([(name, pairs, weight)], stats, tokenizer path): each source's preference pairs (see
+    `encode_preferences`); the counts go to `log`."""
+    sources, tokenizer, tok_path = _inputs(config, options)
+    template, stats, out = _template(config, options), Stats(), []
+    for name, files, weight in sources:
+        pairs, _ = encode_preferences(files, tokenizer, template, config.data.seq_len, margins=margins,
+                                      on_error=config.data.on_error, stats=stats)
+        if not len(pairs["tokens"]) and len(sources) > 1:
+            raise ConfigError(f"no usable preference pairs{_where(sources, name)} in {', '.join(map(str, files))}")
+        out.append((name, pairs, weight))
+    log(f"{what} data: {stats.summary()}")
+    if not stats.examples:
+        raise ConfigError(f"no usable preference pairs in {_files(sources)}")
+    return out, stats, tok_path
+
+
 def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     """DPO against the frozen starting checkpoint (`init_from`), whose log-probs are computed once."""
     if not config.init_from:
         raise ConfigError("dpo starts from a trained model, its frozen reference: set init_from (or --init-from DIR)")
-    files, tokenizer, tok_path = _inputs(config)
-    pairs, stats = encode_preferences(files, tokenizer, _template(config, options), config.data.seq_len,
-                                      on_error=config.data.on_error)
-    log(f"dpo data: {stats.summary()}")
-    if not stats.examples:
-        raise ConfigError(f"no usable preference pairs in {', '.join(map(str, files))}")
-    del pairs["margin"], pairs["last"]
+    parts, stats, tok_path = _pair_sources(config, options, "dpo", log)
+    for _, pairs, _ in parts:
+        del pairs["margin"], pairs["last"]
+    sources = [mixture.pair_source(name, pairs, weight) for name, pairs, weight in parts]
     model_config, beta, smoothing = config.model, options.beta, options.label_smoothing
 
-    def prepare(mesh):  # the frozen reference, read straight onto the run's mesh, scores every pair once
-        start = _load_start(config, "dpo", param_shardings(model_config, mesh))
-        pairs["ref_logps"] = _reference_logprobs(model_config, start, pairs, mesh)
+    def prepare(mesh, start=None):  # the frozen reference, read straight onto the run's mesh, scores every pair once
+        # With LoRA the loop passes the starting model: its frozen base plus the adapters as they start (B = 0:
+        # the base with adapters off, or `lora.init_adapter`), so the reference is no second copy of the weights.
+        if start is None:
+            start = _load_start(config, "dpo", param_shardings(model_config, mesh))
+        for source in sources:
+            source.rows["ref_logps"] = _reference_logprobs(model_config, start, source.rows, mesh)
 
     def loss_fn(params, batch, rng):
-        del rng
         b = _flat(batch)
-        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"])
+        logits = forward(model_config, params, b["tokens"], b["positions"], b["segment_ids"], rng=rng)
         logps = sequence_logprobs(logits, b["targets"], b["loss_mask"]).reshape(-1, 2)
         ref = batch["ref_logps"]
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, smoothing)
         return loss, {"loss": loss, **metrics, "weight": jnp.float32(logps.shape[0])}
 
-    def make_data(batch_rows, seed, shard_index, shard_count):
-        return RowIterator(pairs, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
-
-    return Stage(loss_fn=loss_fn, make_data=make_data, name="dpo", tokens_per_row=2 * config.data.seq_len,
-                 tokenizer_path=tok_path, prepare=prepare, num_rows=len(pairs["tokens"]))
+    return Stage(loss_fn=loss_fn, make_data=_data_maker(sources, options, stats, log, "dpo"), name="dpo",
+                 tokens_per_row=2 * config.data.seq_len, tokenizer_path=tok_path, prepare=prepare,
+                 num_rows=sum(len(s) for s in sources))
 
 
 def rm_stage(config, options: StageOptions, log=print):
-    """Reward model (Llama 2): backbone + scalar head, margin ranking loss; (stage, held-out pairs)."""
-    files, tokenizer, tok_path = _inputs(config)
+    """Reward model (Llama 2): backbone + scalar head, margin ranking loss; (stage, held-out pairs).
+    `stage.eval_fraction` of each source's pairs is held out; eval rows carry `source` (its index)."""
     margins = None if options.margin == "none" else LLAMA2_MARGINS[options.margin]
-    pairs, stats = encode_preferences(files, tokenizer, _template(config, options), config.data.seq_len,
-                                      margins=margins, on_error=config.data.on_error)
-    log(f"rm data: {stats.summary()}")
-    n = stats.examples
-    if n < 2:
-        raise ConfigError(f"the reward model needs at least 2 preference pairs, found {n}")
-    order = np.random.default_rng(config.seed).permutation(n)
-    held = max(1, int(round(n * options.eval_fraction))) if options.eval_fraction else 0
-    if held >= n:
-        raise ConfigError(f"stage.eval_fraction={options.eval_fraction} holds out {held} of the {n} preference "
-                          f"pairs, leaving none to train on: lower it or add pairs")
-    train_rows = {k: v[order[held:]] for k, v in pairs.items()}
-    eval_rows = {k: v[order[:held]] for k, v in pairs.items()}
+    parts, stats, tok_path = _pair_sources(config, options, "rm", log, margins)
+    if stats.examples < 2:
+        raise ConfigError(f"the reward model needs at least 2 preference pairs, found {stats.examples}")
+    sources, held_out = [], []
+    for index, (name, pairs, weight) in enumerate(parts):
+        n = len(pairs["tokens"])
+        # Source 0 draws from the run's seed alone, as a single-source run always has.
+        order = np.random.default_rng(config.seed if index == 0 else [config.seed, index]).permutation(n)
+        held = max(1, int(round(n * options.eval_fraction))) if options.eval_fraction else 0
+        if held >= n:
+            raise ConfigError(f"stage.eval_fraction={options.eval_fraction} holds out {held} of the {n} preference "
+                              f"pairs{_where(parts, name)}, leaving none to train on: lower it or add pairs")
+        sources.append(mixture.pair_source(name, {k: v[order[held:]] for k, v in pairs.items()}, weight))
+        held_out.append({**{k: v[order[:held]] for k, v in pairs.items()},
+                         "source": np.full(held, index, np.int32)})
+    eval_rows = {k: np.concatenate([h[k] for h in held_out]) for k in held_out[0]}
     model_config = config.model
     # The stage makes its own (backbone + head) parameters, so the loop leaves `init_from` to it; the
     # run's config.yaml still records where the backbone came from.
@@ -225,21 +274,16 @@ def rm_stage(config, options: StageOptions, log=print):
         return attach_head(lm, rng)
 
     def loss_fn(params, batch, rng):
-        del rng
         b = _flat(batch)
         scores = reward.scores(model_config, params, b["tokens"], b["positions"], b["segment_ids"],
-                               batch["last"].reshape(-1)).reshape(-1, 2)
+                               batch["last"].reshape(-1), rng=rng).reshape(-1, 2)
         loss, metrics = ranking_loss(scores[:, 0], scores[:, 1], batch["margin"])
         return loss, {"loss": loss, **metrics, "weight": jnp.float32(scores.shape[0])}
 
-    def make_data(batch_rows, seed, shard_index, shard_count):
-        return RowIterator(train_rows, batch_rows, seed, shard_index, shard_count, _stat_dict(stats))
-
-    stage = Stage(loss_fn=loss_fn, make_data=make_data, name="rm", init_params=init_params,
-                  load_params=load_params if config.init_from else None,
+    stage = Stage(loss_fn=loss_fn, make_data=_data_maker(sources, options, stats, log, "rm"), name="rm",
+                  init_params=init_params, load_params=load_params if config.init_from else None,
                   param_axes=reward.logical_axes(model_config), tokens_per_row=2 * config.data.seq_len,
-                  num_rows=len(train_rows["tokens"]),
-                  tokenizer_path=tok_path)
+                  num_rows=sum(len(s) for s in sources), lm_path=("backbone",), tokenizer_path=tok_path)
     return stage, eval_rows
 
 

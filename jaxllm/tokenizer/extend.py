@@ -45,6 +45,10 @@ def extend_tokenizer(base_model: str | Path, out_path: str | Path, pieces: Itera
     `special_tokens` (e.g. `<human>`) appended in that order, deduplicated against the base and each other.
     Every old piece keeps its id. A space in a piece means the word boundary `▁`."""
     proto = read_proto(base_model)
+    beyond = [t for t in Tokenizer(base_model).added.values() if t.id >= len(proto.pieces)]
+    if beyond:  # appended pieces would take their ids
+        raise TokenizerError(f"{base_model}: its added token {beyond[0].content!r} has id {beyond[0].id}, past "
+                             f"the {len(proto.pieces)} pieces; extending would give that id to a new piece")
     new_pieces = [(p.replace(" ", "▁"), _NORMAL) for p in pieces]
     if from_model is not None:
         new_pieces += _typed_pieces(from_model)  # its user-defined pieces stay atomic
@@ -103,6 +107,7 @@ def resize_checkpoint(src_dir: str | Path, dst_dir: str | Path, new_num_pieces: 
     output rows padded to a multiple of `pad_multiple` (Ziya: 39,410 pieces → 39,424 rows with 16).
     `tokenizer_path` (the extended model) is copied in as `tokenizer.model`."""
     from jaxllm.checkpoint import load_params, read_model_config, resolve, save_params, to_numpy
+    from jaxllm.convert.carried import find_remote_code
 
     dst_dir = Path(dst_dir)
     if dst_dir.exists():
@@ -124,5 +129,8 @@ def resize_checkpoint(src_dir: str | Path, dst_dir: str | Path, new_num_pieces: 
     save_params(tmp, params, new_config)
     if tokenizer_path is not None:
         shutil.copyfile(Tokenizer.load(tokenizer_path).path, tmp / "tokenizer.model")
+    code = find_remote_code(resolve(src_dir))
+    if code is not None:  # the model's HF remote code stays with it (it reads vocab_size from config.json)
+        shutil.copytree(code, tmp / code.name)
     tmp.rename(dst_dir)
     return dst_dir

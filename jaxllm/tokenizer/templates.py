@@ -109,7 +109,7 @@ class ChatTemplate:
 
     def stop_ids(self, tok: Tokenizer) -> list[int]:
         """Ids that end an assistant reply: EOS, and the marker of the next user turn where it is one token
-        (Ziya's `<human>` when the model has that piece, Baichuan's 195)."""
+        (Ziya's `<human>` when the tokenizer has it as a piece or added token, Baichuan's 195)."""
         stops = [tok.eos_id]
         if self.name == "ziya" and tok.has_piece("<human>"):
             stops.append(tok.piece_to_id("<human>"))
@@ -164,11 +164,13 @@ class ChatTemplate:
             labels[k], label_mask[k] = tok.eos_id, 1
         return ids, mask, labels, label_mask
 
-    # Ziya (spec §8, Fengshenbang's finetune_ziya_llama.py): [BOS], then per turn
-    # SP("<human>:{query}\n<bot>:") + SP(output) + [EOS], each part encoded on its own; loss on output + EOS.
-    # Ziya has no system role: a system prompt is plain text before the first turn.
+    # Ziya (spec §8, Fengshenbang's finetune_ziya_llama.py): [BOS] (as its tokenizer adds one), then per
+    # turn enc("<human>:{query}\n<bot>:") + enc(output) + [EOS], each part encoded on its own; loss on
+    # output + EOS. `<human>` / `<bot>` are single ids where the tokenizer has them as added tokens (39408 /
+    # 39409 in Ziya's). Ziya has no system role: a system prompt is plain text before the first turn.
     def _ziya(self, tok, system, turns):
-        ids, mask = [tok.bos_id], [0]
+        ids = [tok.bos_id] if tok.add_bos else []
+        mask = [0] * len(ids)
         if system:
             piece = tok.encode(system.strip() + "\n")
             ids += piece
@@ -183,9 +185,11 @@ class ChatTemplate:
                 mask += [1] * len(reply)
         return ids, mask
 
-    # Plain: [BOS] system "\n\n", then "User: …\n\nAssistant: " reply EOS per turn.
+    # Plain: [BOS] (unless the tokenizer's files say add_bos_token false) system "\n\n", then
+    # "User: …\n\nAssistant: " reply EOS per turn.
     def _plain(self, tok, system, turns):
-        ids, mask = [tok.bos_id], [0]
+        ids = [tok.bos_id] if tok.add_bos else []
+        mask = [0] * len(ids)
         if system:
             piece = tok.encode(system.strip() + "\n\n")
             ids += piece

@@ -1,27 +1,44 @@
 """Training checkpoints: RUN/checkpoints is a jaxllm checkpoint directory (`jaxllm.checkpoint`) whose steps
-hold params, opt_state, meta (step, RNG, counters) and data (this host's iterator state, one JSON file per
-process through grain's orbax handler).
+hold params, opt_state, meta (step, RNG, counters, the kind of model, digests) and data (this host's
+iterator state, one JSON file per process through grain's orbax handler).
 
 Saves are asynchronous (orbax copies the arrays to host memory, then writes in the background) and atomic.
-Resume takes the newest step that restores completely; a newer step with missing or truncated files is
-reported, moved to RUN/checkpoints.corrupt/<step>, and the one before it is used. When no step restores,
-the run stops with an error and moves nothing (the cause may be the environment, not the files).
+Each save records a digest of every array (computed where the arrays live, before the copy), of each
+host's data-iterator state and of the meta record itself; a restore checks them all. Guarantee: what is
+restored is bit for bit what was in memory when the step was saved, or the step counts as damaged — this
+covers the host copy, serialisation, the disk and any later damage (up to a 2^-64 chance per array).
+
+Resume takes the newest step that restores and verifies; a newer damaged step is reported on one line
+(step, file, cause), moved to RUN/checkpoints.corrupt/<step>, and the one before it is used. When no step
+restores, the run stops with an error and moves nothing (the cause may be the environment, not the files).
+Retention renames old steps into RUN/checkpoints/.retired (atomic) before deleting them, and a start
+removes what earlier runs provably left unfinished: interrupted saves (`*.orbax-checkpoint-tmp*`) and
+steps older than a complete one that lack an item or their commit metadata.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 from jaxllm import checkpoint as jckpt
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data import DataError
+from jaxllm.digests import device_digests
 
 ITEMS = ("params", "opt_state", "meta", "data")
+REQUIRED = ("params", "opt_state", "meta")  # a step without one of them can never restore
+RETIRED = ".retired"
+_COMMIT_FILE = "_CHECKPOINT_METADATA"
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class _StateSnapshot(grain.DatasetIterator):
@@ -42,11 +59,13 @@ class _StateSnapshot(grain.DatasetIterator):
 
 
 class StatefulAdapter(grain.DatasetIterator):
-    """Any iterator with `get_state() -> dict` / `set_state(dict)` as a grain iterator (for the handler)."""
+    """Any iterator with `get_state() -> dict` / `set_state(dict)` as a grain iterator (for the handler);
+    remembers the last state it was given, so a restore can check it against its digest."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+        self.restored_state = None
 
     def __next__(self):
         return next(self.inner)
@@ -55,49 +74,106 @@ class StatefulAdapter(grain.DatasetIterator):
         return self.inner.get_state()
 
     def set_state(self, state: dict) -> None:
+        self.restored_state = state
         self.inner.set_state(state)
+
+
+def json_digest(value) -> str:
+    """A digest of a JSON value's canonical text (dict order and whitespace do not matter)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _all_hosts(flag: bool) -> bool:
+    """True when `flag` holds on every host (hosts must agree whether a step is good before any collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _per_host(value: str) -> list[str]:
+    """Every host's `value` (16 hex digits), in process order."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+    words = np.frombuffer(bytes.fromhex(value), np.uint32)
+    return [row.tobytes().hex() for row in np.asarray(multihost_utils.process_allgather(words))]
 
 
 class RunCheckpoints:
     def __init__(self, directory: str | Path, model_config: ModelConfig, *, keep: int | None = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, log=print):
+        """Open RUN/checkpoints for the run that holds its lock (the start removes debris of earlier runs)."""
         self.directory = Path(directory).absolute()
         if jax.process_index() == 0:
             jckpt.write_model_config(self.directory, model_config)
+            self._remove_debris(log)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxllm checkpoints opened")
         self.manager = jckpt.manager(self.directory, max_to_keep=keep, async_save=async_save,
-                                     item_names=ITEMS)
+                                     item_names=ITEMS, retire_to=RETIRED)
+        self._emptying: threading.Thread | None = None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    # ------------------------------------------------------------------------------------------- save
+
     def save(self, step: int, params, opt_state, meta: dict, data_state: dict | None) -> None:
+        """Record digests and kind in `meta`, then save asynchronously (the digests are computed on the
+        arrays' devices first: the next step donates them)."""
+        digests = {"params": device_digests(params), "opt_state": device_digests(opt_state)}
+        if data_state is not None:
+            digests["data"] = _per_host(json_digest(data_state))
+        meta = {**meta, "kind": jckpt.params_kind(params), "digests": digests}
+        meta["checksum"] = json_digest(meta)
         items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
                  "meta": ocp.args.JsonSave(meta)}
         if data_state is not None:
             items["data"] = CheckpointSave(_StateSnapshot(data_state))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._empty_retired()
+
+    def _empty_retired(self) -> None:
+        """Delete steps retention renamed away, in the background (process 0)."""
+        retired = self.directory / RETIRED
+        if jax.process_index() != 0 or not retired.is_dir() or (self._emptying and self._emptying.is_alive()):
+            return
+        doomed = list(retired.iterdir())  # only these: orbax may rename another step in meanwhile
+        if doomed:
+            self._emptying = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                                              name="jaxllm-retired-steps", daemon=True)
+            self._emptying.start()
+
+    # ------------------------------------------------------------------------------------------- restore
 
     def restore_latest(self, abstract_params, abstract_opt_state, data_iterator=None, log=print):
-        """(step, params, opt_state, meta) of the newest complete step, or None when there is no step.
+        """(step, params, opt_state, meta) of the newest step that restores and verifies, or None when there
+        is no step.
 
-        `data_iterator` (with set_state) is moved to the saved position. Unreadable steps newer than the
-        one restored are moved to RUN/checkpoints.corrupt/; when no step restores, nothing is moved and a
-        CheckpointError is raised: a run with checkpoints never silently starts over.
+        `data_iterator` (with set_state) is moved to the saved position. Damaged steps newer than the one
+        restored are reported (one line each) and moved to RUN/checkpoints.corrupt/; when no step restores,
+        nothing is moved and a CheckpointError is raised: a run with checkpoints never silently starts over.
         """
+        jckpt.quiet_failed_reads()
         failures = []
         for step in reversed(self.steps()):
             try:
                 restored = self._restore(step, abstract_params, abstract_opt_state, data_iterator)
             except (ConfigError, DataError, MemoryError):
                 raise  # the run's set-up is wrong, not the checkpoint
-            except Exception as err:  # orbax/tensorstore raise many types for missing or truncated files
-                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-                log(f"warning: checkpoint step {step} in {self.directory} is unreadable ({reason})")
-                failures.append((step, reason))
+            except Exception as err:  # orbax/tensorstore raise many types for missing or damaged files
+                failures.append((step, str(err) if isinstance(err, jckpt.DamagedCheckpoint)
+                                 else jckpt.describe_failure(err)))
                 continue
-            for bad, _ in failures:
-                log(f"warning: moving unreadable step {bad} to {self.directory}.corrupt/{bad}")
+            for bad, reason in failures:
                 self._quarantine(bad)
+                log(f"warning: checkpoint step {bad} is damaged ({reason}); moved to "
+                    f"{self.directory}.corrupt/{bad}, resuming from step {step}")
+            if "digests" not in restored[3]:
+                log(f"note: checkpoint step {step} predates digests: restored without verification")
             return restored
         if failures:
             listing = "; ".join(f"step {step}: {reason}" for step, reason in failures)
@@ -106,26 +182,63 @@ class RunCheckpoints:
         return None
 
     def _restore(self, step, abstract_params, abstract_opt_state, data_iterator):
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        hosts = int(meta.get("hosts", jax.process_count()))
-        if data_iterator is not None and hosts != jax.process_count():
-            raise ConfigError(f"{self.directory}: step {step} was written by {hosts} host(s), each with its own "
-                              f"data-iterator state; resume with {hosts} host(s), not {jax.process_count()}")
-        items = {"params": ocp.args.StandardRestore(abstract_params),
-                 "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-                 "meta": ocp.args.JsonRestore()}
         step_dir = self.directory / str(step)
+        error = None
+        try:
+            meta = self._meta(step)
+            hosts = int(meta.get("hosts", jax.process_count()))
+            if data_iterator is not None and hosts != jax.process_count():
+                raise ConfigError(f"{self.directory}: step {step} was written by {hosts} host(s), each with its "
+                                  f"own data-iterator state; resume with {hosts} host(s), not {jax.process_count()}")
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state)))
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - decided together below
+            error = err
+        if not _all_hosts(error is None):  # before the digests: a collective every host must join
+            raise error or jckpt.DamagedCheckpoint(f"step {step} is damaged on another host")
+        jckpt.verify_digests(meta, {"params": restored["params"], "opt_state": restored["opt_state"]},
+                             str(step_dir))
         if data_iterator is not None:
-            if not (step_dir / "data").exists():
-                raise ValueError("no data-iterator state")
-            adapter = data_iterator if isinstance(data_iterator, grain.DatasetIterator) \
-                else StatefulAdapter(data_iterator)
-            items["data"] = CheckpointRestore(adapter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = dict(restored["meta"])
-        if int(meta.get("step", -1)) != step:
-            raise ValueError(f"meta.step is {meta.get('step')}")
+            self._restore_data(step, meta, data_iterator)
         return step, restored["params"], restored["opt_state"], meta
+
+    def _meta(self, step: int) -> dict:
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001
+            raise jckpt.DamagedCheckpoint(f"{path}: {jckpt.describe_failure(err)}") from None
+        meta = dict(meta)
+        if "checksum" in meta and json_digest({k: v for k, v in meta.items() if k != "checksum"}) != meta["checksum"]:
+            raise jckpt.DamagedCheckpoint(f"{path}: differs from its checksum (changed or damaged since the save)")
+        if int(meta.get("step", -1)) != step:
+            raise jckpt.DamagedCheckpoint(f"{path}: records step {meta.get('step')}, not {step}")
+        return meta
+
+    def _restore_data(self, step: int, meta: dict, data_iterator) -> None:
+        index, count = jax.process_index(), jax.process_count()
+        path = self.directory / str(step) / "data" / f"process_{index}-of-{count}.json"
+        adapter = StatefulAdapter(data_iterator)
+        error = None
+        try:
+            if not path.parent.is_dir():
+                raise jckpt.DamagedCheckpoint(f"{path.parent}: no data-iterator state")
+            self.manager.restore(step, args=ocp.args.Composite(data=CheckpointRestore(adapter)))
+            recorded = (meta.get("digests") or {}).get("data")
+            if recorded and json_digest(adapter.restored_state) != recorded[index]:
+                raise jckpt.DamagedCheckpoint(f"{path}: differs from its digest (changed or damaged since the "
+                                              f"save)")
+        except DataError:
+            raise
+        except jckpt.DamagedCheckpoint as err:
+            error = err
+        except Exception as err:  # noqa: BLE001
+            error = jckpt.DamagedCheckpoint(f"{path}: {jckpt.describe_failure(err)}")
+        if not _all_hosts(error is None):
+            raise error or jckpt.DamagedCheckpoint(f"step {step}: another host's data-iterator state is damaged")
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -139,6 +252,29 @@ class RunCheckpoints:
             multihost_utils.sync_global_devices(f"jaxllm quarantine {step}")
         self.manager.reload()
 
+    # ------------------------------------------------------------------------------------------- debris
+
+    def _remove_debris(self, log) -> None:
+        """Delete what interrupted saves and retention provably left unfinished; never a complete step."""
+        if not self.directory.is_dir():
+            return
+        removed = []
+        for path in sorted(self.directory.iterdir()):
+            if _TMP_MARK in path.name and path.is_dir():
+                removed.append((path, "an interrupted save"))
+        if (self.directory / RETIRED).is_dir():
+            removed.append((self.directory / RETIRED, "steps retired by retention"))
+        steps = sorted((int(p.name), p) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        complete = [step for step, path in steps if not _missing(path)]
+        for step, path in steps:
+            if complete and step < complete[-1] and step not in complete:
+                removed.append((path, f"incomplete: no {', '.join(_missing(path))}"))
+        for path, why in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        if removed:
+            log(f"removed unfinished checkpoint files in {self.directory}: "
+                + ", ".join(f"{path.name} ({why})" for path, why in removed))
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -147,3 +283,45 @@ class RunCheckpoints:
             self.manager.wait_until_finished()
         finally:
             self.manager.close()
+            if self._emptying is not None:
+                self._emptying.join()
+            self._empty_retired()  # what the last save's retention moved away
+            if self._emptying is not None:
+                self._emptying.join()
+
+
+def _missing(step_dir: Path) -> list[str]:
+    """What a step lacks of orbax's commit metadata and the required items ([] for a finalised step)."""
+    return ([] if (step_dir / _COMMIT_FILE).is_file() else [_COMMIT_FILE]) + \
+        [item for item in REQUIRED if not (step_dir / item).is_dir()]
+
+
+def check_init_from(path: str, model_config: ModelConfig) -> None:
+    """One-line errors, before a run directory is claimed, unless `path` is a checkpoint with a saved step
+    of a language model whose parameters fit `model_config`; a missing demo checkpoint names the command
+    that writes it."""
+    from jaxllm.models import param_shapes
+    from jaxllm.train.rundir import producer_hint
+
+    label = f"init_from {path}"
+    if not Path(path).exists():
+        raise jckpt.CheckpointError(f"{label}: no such checkpoint{producer_hint(path)}")
+    directory = jckpt.resolve(path)
+    if (Path(path) / "config.yaml").is_file() and not jckpt.is_checkpoint(directory):
+        raise jckpt.CheckpointError(f"{label}: its run has not saved a checkpoint yet{producer_hint(path)}")
+    source = jckpt.read_model_config(directory)
+    try:
+        step = jckpt.latest_step(directory)
+    except jckpt.CheckpointError as err:
+        raise jckpt.CheckpointError(f"{label}: {err}{producer_hint(path)}") from None
+    jckpt.require_kind(directory, step, "lm", label=label)
+    ours, theirs = param_shapes(model_config), param_shapes(source)
+    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
+        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
+    if not same:
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "tie_embeddings", "head")
+        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
+                if getattr(source, f) != getattr(model_config, f)]
+        raise ConfigError(f"{label} holds {source.name} parameters that do not fit the run's model "
+                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")

@@ -14,6 +14,7 @@ state unless the recipe sets `model.dtype` / `model.param_dtype`.
     train:      {steps, batch_size, grad_accum, max_nan_streak}
     checkpoint: {every, keep, async_save}
     log:        {every, progress, tensorboard, plot, peak_tflops}
+    lora:       {rank, alpha, dropout, targets, train, base_dtype, init_adapter}   (absent: full fine-tuning)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from jaxllm.config import ConfigError, ModelConfig, check_choice, closest
+from jaxllm.config import ConfigError, LoraSpec, ModelConfig, check_choice, closest
 from jaxllm.data.config import DataConfig, SourceConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -84,6 +85,32 @@ class LogConfig:
     peak_tflops: float | None = None  # per device, for MFU; null: from the device kind
 
 
+LORA_TRAIN = ("embedding", "lm_head", "norms")
+BASE_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+
+
+@dataclass
+class LoraConfig:
+    """Train low-rank adapters on a frozen base instead of every weight (SFT, DPO, RM). The base
+    (`init_from`) is stored in `base_dtype` and gets no gradient, optimizer state or checkpoint space."""
+    rank: int = 8
+    alpha: float = 16.0               # adapters are scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0              # on each adapter's input, while training
+    targets: list | str = field(default_factory=lambda: ["all"])  # q_proj … down_proj, W_pack, attention, mlp, all
+    train: list = field(default_factory=list)   # base weights that train too: embedding, lm_head, norms
+    base_dtype: str | None = None     # frozen base: float32 | bfloat16 | float16 | int8 | int4; null: model.dtype
+    init_adapter: str | None = None   # start from this adapter (a PEFT directory or a jaxllm LoRA run)
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+    def validate(self) -> None:
+        for name in self.train:
+            check_choice("lora.train", name, LORA_TRAIN)
+        if self.base_dtype is not None:
+            check_choice("lora.base_dtype", self.base_dtype, BASE_DTYPES)
+
+
 @dataclass
 class RunConfig:
     run_dir: str = "runs/run"
@@ -98,6 +125,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stage: dict | None = None         # a stage's own options (SFT/DPO/RM), recorded so a resume keeps them
+    lora: LoraConfig | None = None    # LoRA on a frozen base; sets model.lora
+    stage_name: str | None = None     # the stage that trains the run (pretrain, sft, dpo, rm); set by train()
+
+    @property
+    def base_model(self) -> ModelConfig:
+        """The model `init_from` holds: `model` without its adapters."""
+        return self.model.replace(lora=None)
 
     def validate(self) -> "RunConfig":
         t, o = self.train, self.optimizer
@@ -122,6 +156,12 @@ class RunConfig:
         if self.checkpoint.keep is not None and self.checkpoint.keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {self.checkpoint.keep}")
         check_choice("distributed", self.distributed, DISTRIBUTED)
+        if self.lora is not None:
+            self.lora.validate()
+            if self.model.lora != self.lora.spec():
+                self.model = self.model.replace(lora=self.lora.spec())
+        elif self.model.lora is not None:
+            self.model = self.base_model
         if self.data.sources:  # stages with their own data leave this empty
             self.data.validate()
             if self.data.seq_len > self.model.max_position_embeddings:
@@ -130,8 +170,13 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every value (the model section in full), as written to RUN/config.yaml."""
-        return dataclasses.asdict(self)
+        """Plain dict of every value (the model section in full, its adapters in `lora`), as written to
+        RUN/config.yaml."""
+        out = dataclasses.asdict(self)
+        out["model"].pop("lora", None)
+        if out["lora"] is None:
+            del out["lora"]  # full fine-tuning: as before LoRA existed, so older run directories resume
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -141,8 +186,8 @@ class RunConfig:
 # Loading: YAML → checked dict → dataclasses.
 
 _SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "mesh": MeshConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "log": LogConfig}
-_MODEL_KEYS = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig)]
+             "checkpoint": CheckpointConfig, "log": LogConfig, "lora": LoraConfig}
+_MODEL_KEYS = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig) if f.name != "lora"]
 
 
 def _suggest(key: str, prefix: str, options) -> str:
@@ -267,6 +312,8 @@ def from_dict(data: dict) -> RunConfig:
             raise _unknown(str(key), list(top))
         if key == "model":
             kwargs[key] = build_model(value)
+        elif key == "lora" and value is None:
+            kwargs[key] = None
         elif key in _SECTIONS:
             kwargs[key] = build_section(_SECTIONS[key], value or {}, key)
         else:

@@ -20,11 +20,15 @@ PEAK_TFLOPS = (
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token, causal attention counted once (halved)."""
+    """Training (forward + backward) FLOPs per token, causal attention counted once (halved). With LoRA the
+    frozen weights need no weight gradient: 4 FLOPs per frozen parameter, 6 per adapter parameter."""
     from jaxllm.models import count_params
 
     attention = 6.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return 6.0 * count_params(config) + attention
+    if config.lora is None:
+        return 6.0 * count_params(config) + attention
+    frozen = count_params(config.replace(lora=None))
+    return 4.0 * frozen + 6.0 * (count_params(config) - frozen) + attention
 
 
 def peak_flops(device_kind: str, override_tflops: float | None = None) -> float | None:

@@ -24,10 +24,10 @@ from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
-from jaxllm.train import flops, rundir
-from jaxllm.train.checkpointing import RunCheckpoints
+from jaxllm.train import adapted, flops, rundir
+from jaxllm.train.checkpointing import RunCheckpoints, check_init_from
 from jaxllm.train.config import RunConfig, resolve_epochs
-from jaxllm.train.metrics import MetricsLog, Reporter, plot_loss
+from jaxllm.train.metrics import MetricsLog, Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
 from jaxllm.train.step import make_train_step
@@ -45,6 +45,13 @@ class TrainResult:
     nan_skipped: int
     run_dir: Path
     last_metrics: dict
+    frozen: Any = None        # a LoRA run's frozen base (params are what trained)
+
+    @property
+    def full_params(self):
+        """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
+        from jaxllm.models.lora import merge
+        return self.params if self.frozen is None else merge(self.params, self.frozen)
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
@@ -134,20 +141,6 @@ def _check_batch_layout(config: RunConfig, mesh) -> int:
     return t.batch_size // hosts
 
 
-def _check_init_from(path: str, model_config) -> None:
-    source = jckpt.read_model_config(jckpt.resolve(path))
-    ours, theirs = param_shapes(model_config), param_shapes(source)
-    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
-    if not same:
-        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "tie_embeddings", "head")
-        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
-                if getattr(source, f) != getattr(model_config, f)]
-        raise ConfigError(f"init_from {path} holds {source.name} parameters that do not fit the run's model "
-                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")
-
-
 def _any_host(flag: bool) -> bool:
     """True when `flag` holds on any host: hosts whose data runs out at different steps stop together
     instead of leaving the others waiting in a collective."""
@@ -171,11 +164,87 @@ def _initial_params(config: RunConfig, stage: Stage, init_key, param_sh):
     if stage.init_params is not None:
         return jax.jit(stage.init_params, out_shardings=param_sh)(init_key)
     if config.init_from:
-        _check_init_from(config.init_from, config.model)
         params, _ = jckpt.load_params(config.init_from, config.model, shardings=param_sh,
                                       dtype=config.model.param_dtype)
         return params
     return model_init_params(config.model, init_key, param_sh)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Everything a run compiles, and where: the mesh, the shardings of parameters, optimizer state and
+    batches, and the jitted train step. `train` executes it; a compile-only pre-flight lowers the same step
+    for another set of devices (only `devices` differ, so what is checked is what runs)."""
+    mesh: Any
+    param_axes: Any           # pytree of logical PartitionSpecs
+    param_shapes: Any         # pytree of ShapeDtypeStruct
+    param_sh: Any             # pytree of NamedSharding
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    opt_shapes: Any
+    opt_sh: Any
+    put_batch: Callable       # this host's numpy rows -> global [accum, rows/accum, ...] arrays
+    batch_sh: NamedSharding
+    step_fn: Callable         # jitted (params, opt_state, batch, rng, step) -> (params, opt_state, metrics)
+    local_rows: int           # rows this host loads per step
+    init_key: jax.Array
+    train_key: jax.Array
+    lora: adapted.LoraLayout | None = None  # a LoRA run: params are what trains; step_fn takes the frozen base last
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def abstract_params(self):
+        return _abstract(self.param_shapes, self.param_sh)
+
+    def abstract_opt_state(self):
+        return _abstract(self.opt_shapes, self.opt_sh)
+
+    def abstract_args(self, batch_shapes) -> tuple:
+        """The step's arguments as sharded shapes, for `step_fn.lower(*args)`: params, optimizer state,
+        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a LoRA run's frozen base."""
+        batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sh), batch_shapes)
+        args = (self.abstract_params(), self.abstract_opt_state(), batch,
+                jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated),
+                jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated))
+        return args + ((self.lora.abstract_frozen(),) if self.lora is not None else ())
+
+
+def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
+    """The mesh over `devices` (default: all), shardings by the logical-axis rules (optimizer moments like
+    their parameters, the rest replicated) and the jitted step, for `config.train.steps` steps. Allocates
+    nothing: shapes come from `jax.eval_shape`."""
+    model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    local_rows = _check_batch_layout(config, mesh)
+    replicated = NamedSharding(mesh, P())
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    if stage.init_params is not None:
+        param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
+    else:
+        param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
+    lora_layout = None
+    if config.lora is not None:  # only the adapters (and new heads) train; the base is frozen
+        param_axes, shapes, lora_layout = adapted.layout(config, stage.lm_path, param_axes, shapes, mesh)
+    param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
+    optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
+    opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_shapes, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
+    in_sh = (param_sh, opt_sh, batch_sh, replicated, replicated)
+    if lora_layout is not None:  # the frozen base: an argument (never a constant), not donated
+        in_sh += (lora_layout.frozen_sh,)
+    step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule), in_shardings=in_sh,
+                      out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    return RunPlan(mesh=mesh, param_axes=param_axes, param_shapes=shapes, param_sh=param_sh, optimizer=optimizer,
+                   schedule=schedule, opt_shapes=opt_shapes, opt_sh=opt_sh, put_batch=put_batch, batch_sh=batch_sh,
+                   step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key,
+                   lora=lora_layout)
 
 
 def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
@@ -192,63 +261,63 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     stage = stage or pretraining_stage(config)
     resolve_epochs(config, stage.num_rows)
     model_config, total, accum = config.model, config.train.steps, config.train.grad_accum
-    try:
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    local_rows = _check_batch_layout(config, mesh)
-    # Only a config that got this far claims the run directory.
-    run_dir = rundir.prepare(config.run_dir, config)
+    plan = plan_run(config, stage, devices)
+    mesh, train_key = plan.mesh, plan.train_key
+    config.stage_name = stage.name
+    rundir.check(config.run_dir, config)
+    if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
+        # a new run starts from it (DPO: its reference; LoRA: its frozen base)
+        check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
-    if stage.tokenizer_path:
-        rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
 
-    # Shardings: params by the logical-axis rules, optimizer moments like their params, the rest replicated.
-    replicated = NamedSharding(mesh, P())
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    if stage.init_params is not None:
-        param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
-    else:
-        param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
-    param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
-    optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
-    opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_shapes, param_sh,
-                                   transform_non_params=lambda _: replicated)
-    put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
-    step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule),
-                      in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
-                      out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
-
+    frozen = initial = None
+    if plan.lora is not None:
+        frozen, initial, base_digest = adapted.start(config, plan, stage.init_params or adapted.lm_init(config), log)
     if stage.prepare is not None:
-        stage.prepare(mesh)
+        if frozen is None:
+            stage.prepare(mesh)
+        else:  # the starting model is the frozen base plus the initial adapters: no second copy of the weights
+            from jaxllm.models.lora import merge
+            stage.prepare(mesh, start=merge(initial, frozen))
     with contextlib.ExitStack() as cleanup:
-        data = stage.make_data(local_rows, config.seed, jax.process_index(), jax.process_count())
+        data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):
             cleanup.callback(data.close)
+        # Only a run whose inputs all checked out (its first data block read) creates, locks and writes its
+        # directory; the lock is released last, after the final save is committed.
+        run_lock = rundir.claim(config.run_dir, config, log=log)
+        cleanup.callback(run_lock.release)
+        run_dir = Path(config.run_dir)
+        if stage.tokenizer_path:
+            rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
+        rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
         ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
+                               async_save=config.checkpoint.async_save, log=log)
         cleanup.callback(ckpts.close)
-        restored = ckpts.restore_latest(_abstract(shapes, param_sh), _abstract(opt_shapes, opt_sh), data, log=log)
+        if plan.lora is not None:
+            adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
+        restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
         if restored is not None:
             step, params, opt_state, meta = restored
             log(f"resumed {run_dir} at step {step}")
         else:
             step, meta = 0, {}
-            params = _initial_params(config, stage, init_key, param_sh)
+            params = initial if initial is not None else _initial_params(config, stage, plan.init_key, plan.param_sh)
             if config.init_from and (stage.load_params is not None or stage.init_params is None):
                 log(f"initialised from {config.init_from}")
-            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+            opt_state = jax.jit(plan.optimizer.init, out_shardings=plan.opt_sh)(params)
 
         seq_len = stage.tokens_per_row or config.data.seq_len
         tokens_per_step = config.train.batch_size * seq_len
         device = mesh.devices.flat[0]
         if primary:
-            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.param_shapes))
             log(f"{stage.name} {model_config.name} ({n_params / 1e6:.1f}M parameters, {model_config.dtype} "
                 f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
                 f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
                 f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
+            if plan.lora is not None:
+                log(adapted.describe(plan))
         metrics_log = MetricsLog(run_dir, step, tensorboard=config.log.tensorboard, enabled=primary)
         report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
                           tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
@@ -280,8 +349,9 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 data_state = data.get_state()  # what a checkpoint after this step records
                 if on_batch is not None:
                     on_batch(step + 1, local)
-                params, opt_state, metrics = step_fn(params, opt_state, put_batch(local),
-                                                     jax.random.fold_in(train_key, step), step)
+                params, opt_state, metrics = plan.step_fn(params, opt_state, plan.put_batch(local),
+                                                          jax.random.fold_in(train_key, step), step,
+                                                          *(() if frozen is None else (frozen,)))
                 step += 1
                 if pending is not None:
                     report(pending[0], jax.device_get(pending[1]))
@@ -303,17 +373,20 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                     break
             if pending is not None:
                 report(pending[0], jax.device_get(pending[1]))
+            report.flush(step)  # a run stopped between log steps still logs its last step
             if step > saved_step and step > 0:
                 saved_step = save(step, data_state)
+        png = None
+        if primary and config.log.plot:
+            png = plot_loss(metrics_log.path, run_dir / "loss.png",
+                            title=f"{stage.name} {model_config.name}: {run_dir}")
 
     if stop_reason == "non-finite loss":
         log(f"stopped: {config.train.max_nan_streak} consecutive steps with a non-finite loss or gradient; "
             f"parameters are those of the last finite step, saved at step {step}")
-    png = None
-    if primary and config.log.plot:
-        png = plot_loss(metrics_log.path, run_dir / "loss.png", title=f"{stage.name} {model_config.name}: {run_dir}")
     last = report.last
     if primary:
+        last = last_logged(metrics_log.path) or last  # the summary shows what metrics.jsonl ends with
         summary = ", ".join(f"{k} {_fmt(last[k])}" for k in ("loss", "z_loss", "grad_norm", "tokens_per_s", "mfu")
                             if k in last)
         log(f"{stop_reason} at step {step}/{total}" + (f": {summary}" if summary else "")
@@ -323,4 +396,5 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         log(f"  metrics      {metrics_log.path}")
         log(f"  loss curve   {png}" if png else "  loss curve   (none)")
     return TrainResult(step=step, params=params, opt_state=opt_state, stop_reason=stop_reason,
-                       exit_code=exit_code, nan_skipped=report.nan_skipped, run_dir=run_dir, last_metrics=last)
+                       exit_code=exit_code, nan_skipped=report.nan_skipped, run_dir=run_dir, last_metrics=last,
+                       frozen=frozen)

@@ -42,8 +42,7 @@ def lm_loss(config: ModelConfig, z_loss_weight: float | None = None):
     weight = config.z_loss_weight if z_loss_weight is None else z_loss_weight
 
     def loss_fn(params, batch, rng):
-        del rng  # no dropout in these models
-        logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
         mask = batch["loss_mask"].astype(jnp.float32)
         count = jnp.sum(mask)
         ce = jnp.sum(token_nll(logits, batch["targets"]) * mask) / jnp.maximum(count, 1.0)

@@ -65,6 +65,12 @@ def _jsonable(value):
     return value
 
 
+def last_logged(path: str | Path) -> dict:
+    """The last record of a metrics.jsonl ({} when there is none)."""
+    records = read_metrics(path)
+    return records[-1] if records else {}
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -162,15 +168,23 @@ class Reporter:
             self._bar.set_postfix(post, refresh=False)
             self._bar.update(step - self._bar.n)
         if step % self.every == 0 or step == self.total:
-            count = self._window.pop("count")
-            means = {k: v / count for k, v in self._window.items()}
-            data = {f"data/{k}": v for k, v in self.data_stats().items()} if self.data_stats else {}
-            self.log.write(step, {**values, **means, **data, "tokens": step * self.tokens_per_step})
-            self._window.clear()
+            self._write(step)
             self._since, self._steps = time.perf_counter(), 0
         elif self._since is None:
             self._since, self._steps = now, 0
         return values
+
+    def _write(self, step: int) -> None:
+        count = self._window.pop("count")
+        means = {k: v / count for k, v in self._window.items()}
+        data = {f"data/{k}": v for k, v in self.data_stats().items()} if self.data_stats else {}
+        self.log.write(step, {**self.last, **means, **data, "tokens": step * self.tokens_per_step})
+        self._window.clear()
+
+    def flush(self, step: int) -> None:
+        """Log the steps since the last record (a run stopped by a signal, NaNs or the end of its data)."""
+        if self._window.get("count"):
+            self._write(step)
 
     def close(self) -> None:
         if self._bar is not None:

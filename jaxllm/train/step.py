@@ -5,10 +5,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm.models.lora import merge
 
-def _weighted_grads(loss_fn, params, batch, rng):
-    """(objective, metrics, grads) of one micro-batch, each multiplied by its weight, and that weight."""
-    (objective, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+
+def _weighted_grads(loss_fn, params, batch, rng, frozen=None):
+    """(objective, metrics, grads) of one micro-batch, each multiplied by its weight, and that weight. The
+    loss sees `frozen` merged into `params`; only `params` get gradients."""
+    objective_fn = loss_fn if frozen is None else (lambda p, b, r: loss_fn(merge(p, frozen), b, r))
+    (objective, metrics), grads = jax.value_and_grad(objective_fn, has_aux=True)(params, batch, rng)
     metrics = dict(metrics)
     weight = jnp.asarray(metrics.pop("weight", 1.0), jnp.float32)
     metrics["objective"] = objective
@@ -25,7 +29,10 @@ def _schedule_count(opt_state, default):
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=None):
-    """step(params, opt_state, batch, rng, step) → (params, opt_state, metrics).
+    """step(params, opt_state, batch, rng, step[, frozen]) → (params, opt_state, metrics).
+
+    frozen: parameters the loss sees next to `params` (nested dicts merged: a LoRA run's base) that get no
+    gradient, optimizer state or update.
 
     batch: pytree of [accum, micro_batch, ...] arrays; the accum micro-batches run in a `scan` and their
     gradients are averaged with the loss's `weight`s. When the objective or the gradient norm is NaN/Inf the
@@ -33,19 +40,19 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=N
     metrics: the loss's own (weighted means), objective, grad_norm (before clipping), lr, skipped.
     """
 
-    def step(params, opt_state, batch, rng, step_number):
+    def step(params, opt_state, batch, rng, step_number, frozen=None):
         accum = jax.tree.leaves(batch)[0].shape[0]
         if accum == 1:
             sums, grads, total = _weighted_grads(loss_fn, params, jax.tree.map(lambda x: x[0], batch),
-                                                 jax.random.fold_in(rng, 0))
+                                                 jax.random.fold_in(rng, 0), frozen)
         else:  # one traced copy of the model, whatever accum is
             def micro(carry, xs):
                 index, micro_batch = xs
-                m, g, w = _weighted_grads(loss_fn, params, micro_batch, jax.random.fold_in(rng, index))
+                m, g, w = _weighted_grads(loss_fn, params, micro_batch, jax.random.fold_in(rng, index), frozen)
                 return jax.tree.map(jnp.add, carry, (m, g, w)), None
 
             shapes = jax.eval_shape(lambda: _weighted_grads(loss_fn, params, jax.tree.map(lambda x: x[0], batch),
-                                                            rng))
+                                                            rng, frozen))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (sums, grads, total), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
         denominator = jnp.maximum(total, 1e-9)
