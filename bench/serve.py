@@ -1,16 +1,17 @@
 """Serving: `jaxllm serve` (continuous batching) against sequential `generate`, a static batch of
 `generate`, and `transformers.generate` at the same batch, on the same requests and weights.
 
-Each concurrency level C runs R requests (default 4 C): a random prompt of --prompt-len tokens and its own
-number of new tokens, drawn uniformly from [--min-new, --max-new] (greedy, EOS ignored), so requests end
-at different times as real replies do. C clients take the requests in order from one list, each sending
+Each concurrency level C runs R requests (default 8 C, 16 to 128): a random prompt of --prompt-len tokens
+and its own number of new tokens, drawn uniformly from [--min-new, --max-new] (greedy, EOS ignored), so
+requests end at different times as real replies do. C clients take the requests in order from one list, each sending
 the next as soon as its last one is answered, over HTTP to a `jaxllm serve --slots C` process. The
 references process the same requests in the same order: sequentially (batch 1; with C requests in the
 system at a time, a request waits for those ahead of it) and in static batches of C (a batch runs until
 its longest request is done, and its requests' latency is the batch's). Throughput counts each request's
-own new tokens; latency is from a request's submission to its last token.
+own new tokens; latency is from a request's submission to its last token. The implementations take
+turns, --rounds times, and each one's fastest round is reported.
 
-    python bench/serve.py                 # ~60M-parameter Llama (as bench/decode.py), CPU, several minutes
+    python bench/serve.py                 # ~60M-parameter Llama (as bench/decode.py), CPU, ~30 minutes
     python bench/serve.py --levels 1 8 32 --requests 64 --hidden 1024 --layers 12 --dtype bfloat16   # a GPU
 """
 from __future__ import annotations
@@ -87,11 +88,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 4 x clients))")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 8 per client, 16 to 128)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--min-new", type=int, default=16)
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--rounds", type=int, default=2, help="each implementation runs this many times, taking "
+                        "turns; the fastest counts (a shared machine's load comes and goes)")
     args = parser.parse_args()
 
     import jax
@@ -160,38 +163,45 @@ def main() -> None:
     rows = []
     try:
         for clients in args.levels:
-            count = args.requests or max(8, 4 * clients)
+            count = args.requests or min(128, max(16, 8 * clients))
             requests = [(rng.integers(3, cfg.vocab_size, args.prompt_len).tolist(),
                          int(rng.integers(args.min_new, args.max_new + 1))) for _ in range(count)]
             useful = sum(n for _, n in requests)
             proc, url = start_server(checkpoint, clients, max_len, args.prompt_len, args.dtype)
             try:
                 asyncio.run(drive(url, requests[:clients], clients))  # warm-up: connections, first requests
-                wall, latencies, texts, tokens = asyncio.run(drive(url, requests, clients))
+                # the references, warmed up on their shapes first (compilation excluded, as for the server):
+                # generate compiles per batch size and per power-of-two bucket of new tokens
+                for batch in sorted({1, clients}):
+                    for room in sorted({bucket(n) for _, n in requests}):
+                        jax_batch([requests[0][0]] * batch, room)
+                hf_batch([requests[0][0]], 2)
+                best = {}  # name -> (seconds, latencies): the fastest of the rounds, which take turns in time
+
+                def keep(name, seconds, latencies):
+                    if name not in best or seconds < best[name][0]:
+                        best[name] = (seconds, latencies)
+
+                for _ in range(args.rounds):
+                    wall, latencies, texts, tokens = asyncio.run(drive(url, requests, clients))
+                    assert tokens == [n for _, n in requests], "the server did not generate the requested tokens"
+                    keep("jaxllm serve (continuous)", wall, latencies)
+                    service, seq_out = [], []
+                    for prompt, new in requests:
+                        t = time.perf_counter()
+                        seq_out += jax_batch([prompt], new)
+                        service.append(time.perf_counter() - t)
+                    keep("generate, sequential", sum(service), sequential_latencies(service, clients))
+                    if clients > 1:
+                        keep("generate, static batch", *static(jax_batch, requests, clients))
+                    keep("transformers, static batch", *static(hf_batch, requests, clients))
             finally:
                 proc.terminate()
                 proc.wait(60)
-            assert tokens == [n for _, n in requests], "the server did not generate the requested tokens"
-            # the references, warmed up on their shapes first (compilation excluded, as for the server):
-            # generate compiles per batch size and per power-of-two bucket of new tokens
-            for batch in sorted({1, clients}):
-                for room in sorted({bucket(n) for _, n in requests}):
-                    jax_batch([requests[0][0]] * batch, room)
-            hf_batch([requests[0][0]], 2)
-            service = []
-            seq_out = []
-            start = time.perf_counter()
-            for prompt, new in requests:
-                t = time.perf_counter()
-                seq_out += jax_batch([prompt], new)
-                service.append(time.perf_counter() - t)
-            seq_wall = time.perf_counter() - start
             same = np.mean([server_text(p, ids) == text for (p, _), ids, text in zip(requests, seq_out, texts)])
-            level = [("jaxllm serve (continuous)", wall, latencies),
-                     ("generate, sequential", seq_wall, sequential_latencies(service, clients))]
-            if clients > 1:
-                level.append(("generate, static batch", *static(jax_batch, requests, clients)))
-            level.append(("transformers, static batch", *static(hf_batch, requests, clients)))
+            level = [(name, *best[name]) for name in ("jaxllm serve (continuous)", "generate, sequential",
+                                                      "generate, static batch", "transformers, static batch")
+                     if name in best]
             reference = level[2][1] if clients > 1 else level[1][1]
             for name, seconds, lat in level:
                 rows.append((clients, name, useful / seconds, percentile(lat, 50), percentile(lat, 99),

@@ -137,7 +137,7 @@ def test_data_state_table():
 
 def test_serve_table():
     out = run_bench("serve.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--levels", "2", "--requests", "4",
-                    "--prompt-len", "8", "--min-new", "2", "--max-new", "6")
+                    "--prompt-len", "8", "--min-new", "2", "--max-new", "6", "--rounds", "1")
     lines = out.split("\nclients", 1)[1].splitlines()[1:5]
     rows = {" ".join(line.split()[1:-4]): line.split() for line in lines}
     assert list(rows) == ["jaxllm serve (continuous)", "generate, sequential", "generate, static batch",

@@ -119,17 +119,21 @@ class Engine:
 
     def _initial_state(self) -> dict:
         """The cache ([layers, slots, kv_heads, max_len, head_dim], a per-slot index), each slot's last
-        token, count of new tokens, PRNG key, sampling settings, stop ids and seen tokens."""
-        n, vocab = self.slots, self.config.vocab_size
-        state = {"cache": init_kv_cache(self.config, n, self.max_len, per_row=True),
-                 "token": jnp.zeros((n,), jnp.int32), "count": jnp.zeros((n,), jnp.int32),
-                 "key": jnp.zeros((n, *self._key_shape), jnp.uint32),
-                 "temperature": jnp.zeros((n,), jnp.float32), "top_k": jnp.zeros((n,), jnp.int32),
-                 "top_p": jnp.ones((n,), jnp.float32), "penalty": jnp.ones((n,), jnp.float32),
-                 "stop_ids": jnp.full((n, self.max_stop_ids), -1, jnp.int32), "seen": jnp.zeros((n, vocab), bool)}
+        token, count of new tokens, PRNG key, sampling settings, stop ids and seen tokens. On a mesh each
+        device makes only its shard."""
+        n, vocab, key_shape = self.slots, self.config.vocab_size, self._key_shape
+
+        def make():
+            return {"cache": init_kv_cache(self.config, n, self.max_len, per_row=True),
+                    "token": jnp.zeros((n,), jnp.int32), "count": jnp.zeros((n,), jnp.int32),
+                    "key": jnp.zeros((n, *key_shape), jnp.uint32),
+                    "temperature": jnp.zeros((n,), jnp.float32), "top_k": jnp.zeros((n,), jnp.int32),
+                    "top_p": jnp.ones((n,), jnp.float32), "penalty": jnp.ones((n,), jnp.float32),
+                    "stop_ids": jnp.full((n, self.max_stop_ids), -1, jnp.int32), "seen": jnp.zeros((n, vocab), bool)}
+
         if self.mesh is None:
-            return state
-        return jax.device_put(state, self._state_shardings(state))
+            return make()
+        return jax.jit(make, out_shardings=self._state_shardings(jax.eval_shape(make)))()
 
     def _state_shardings(self, state):
         """The cache split like `generate`'s (slots over data x fsdp, KV heads over tensor); the small

@@ -31,7 +31,7 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, 
 
 def kv_cache_axes(cache: dict) -> dict:
     """Logical axes of each leaf of `cache` (a per-row index is a batch vector)."""
-    return {**KV_CACHE_AXES, "index": ("batch",) if jnp.ndim(cache["index"]) else ()}
+    return {**KV_CACHE_AXES, "index": ("batch",) if cache["index"].ndim else ()}
 
 
 def write_rows(buffer, update, index):
