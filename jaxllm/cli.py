@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("jaxllm.tokenizer.cli", "train, extend, inspect sentencepiece tokenizers"),
     "generate": ("jaxllm.inference.generate_cli", "sample text from a checkpoint (KV-cached)"),
     "chat": ("jaxllm.inference.chat", "interactive terminal chat with the family's chat template"),
+    "serve": ("jaxllm.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
     "eval": ("jaxllm.eval.cli", "perplexity and multiple-choice (C-Eval / MMLU) evaluation"),
     "presets": ("jaxllm.models.cli", "list every model preset with its parameter count"),
 }

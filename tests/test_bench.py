@@ -158,3 +158,18 @@ def test_preflight_table():
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight.py"), "--only", "gpt2"], cwd=ROOT,
                          capture_output=True, check=False, text=True, timeout=600)
     assert bad.returncode != 0 and "not a shipped pretraining or PPO recipe: gpt2" in bad.stderr
+
+
+
+def test_serve_table():
+    out = run_bench("serve.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--levels", "2", "--requests", "4",
+                    "--prompt-len", "8", "--min-new", "2", "--max-new", "6", "--rounds", "1")
+    lines = out.split("\nclients", 1)[1].splitlines()[1:5]
+    rows = {" ".join(line.split()[1:-4]): line.split() for line in lines}
+    assert list(rows) == ["jaxllm serve (continuous)", "generate, sequential", "generate, static batch",
+                          "transformers, static batch"]
+    for cells in rows.values():
+        tps, p50, p99 = map(float, cells[-4:-1])
+        assert cells[0] == "2" and tps > 0 and 0 <= p50 <= p99 and cells[-1].endswith("x")
+    same = int(re.search(r"equals sequential generate's for (\d+)% of requests", out).group(1))
+    assert same >= 50  # greedy text; random weights may flip a near-tied token

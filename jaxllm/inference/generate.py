@@ -96,40 +96,49 @@ def on_mesh(mesh):
     return stack
 
 
-def _choose(s, logits, *, sampling, stop_ids, vocab_limit):
+def _choose(s, logits, *, sampling, stop_ids, vocab_limit, logprobs):
     """Sample the next token of every row not done from logits float32[batch, vocab]; record it as new
-    token s["i"]. A row ends at a stop id; finished rows get 0 and log p 0."""
+    token s["i"]. A row ends at a stop id; finished rows get 0 and log p 0. The state carries `seen`
+    (bool[batch, vocab]) only under a repetition penalty and `logp` only when asked for: each is a pass
+    over [batch, vocab] per step that batch-8 decoding paid for nothing."""
     i, done = s["i"], s["done"]
     rows = jnp.arange(done.shape[0])
     rng, key = jax.random.split(s["rng"])
-    token = jnp.where(done, 0, sample(logits, key, sampling, s["seen"], vocab_limit))
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
-    return {**s, "i": i + 1, "token": token, "rng": rng,
-            "seen": s["seen"].at[rows, token].set(s["seen"][rows, token] | ~done),
-            "done": done | jnp.any(token[:, None] == jnp.asarray(stop_ids, jnp.int32)[None, :], axis=-1),
-            "out": s["out"].at[:, i].set(token), "logp": s["logp"].at[:, i].set(jnp.where(done, 0.0, logp))}
+    token = jnp.where(done, 0, sample(logits, key, sampling, s.get("seen"), vocab_limit))
+    s = {**s, "i": i + 1, "token": token, "rng": rng, "out": s["out"].at[:, i].set(token),
+         "done": done | jnp.any(token[:, None] == jnp.asarray(stop_ids, jnp.int32)[None, :], axis=-1)}
+    if "seen" in s:
+        s["seen"] = s["seen"].at[rows, token].set(s["seen"][rows, token] | ~done)
+    if logprobs:
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        s["logp"] = s["logp"].at[:, i].set(jnp.where(done, 0.0, logp))
+    return s
 
 
-_SAMPLING = ("config", "sampling", "stop_ids", "vocab_limit", "mesh")
+_SAMPLING = ("config", "sampling", "stop_ids", "vocab_limit", "mesh", "logprobs")
 
 
 @functools.partial(jax.jit, static_argnames=(*_SAMPLING, "cache_len"))
 def _prefill(params, tokens, positions, segments, rng, *, config, sampling, stop_ids, vocab_limit, mesh,
-             cache_len):
+             logprobs, cache_len):
     """Read the prompts and sample the first new token (so it is out after one forward: time to first
     token is the prefill). `out`/`logp` have room for max_new_tokens."""
     batch, steps = tokens.shape[0], sampling.max_new_tokens
     cache = _cache_constraint(init_kv_cache(config, batch, cache_len), mesh)
     logits, cache = forward(config, params, tokens, positions, segments, cache, last_only=True)
-    seen = jnp.zeros((batch, logits.shape[-1]), bool).at[jnp.arange(batch)[:, None], tokens].max(segments > 0)
-    state = dict(i=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32), cache=cache, seen=seen,
-                 pos=positions[:, -1] + 1, done=jnp.zeros((batch,), bool), out=jnp.zeros((batch, steps), jnp.int32),
-                 logp=jnp.zeros((batch, steps), jnp.float32), rng=rng)
-    return _choose(state, logits[:, -1], sampling=sampling, stop_ids=stop_ids, vocab_limit=vocab_limit)
+    state = dict(i=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32), cache=cache, pos=positions[:, -1] + 1,
+                 done=jnp.zeros((batch,), bool), out=jnp.zeros((batch, steps), jnp.int32), rng=rng)
+    if sampling.repetition_penalty != 1.0:
+        rows = jnp.arange(batch)[:, None]
+        state["seen"] = jnp.zeros((batch, logits.shape[-1]), bool).at[rows, tokens].max(segments > 0)
+    if logprobs:
+        state["logp"] = jnp.zeros((batch, steps), jnp.float32)
+    return _choose(state, logits[:, -1], sampling=sampling, stop_ids=stop_ids, vocab_limit=vocab_limit,
+                   logprobs=logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=_SAMPLING, donate_argnames=("state",))
-def _decode(params, state, until, ended, *, config, sampling, stop_ids, vocab_limit, mesh):
+def _decode(params, state, until, ended, *, config, sampling, stop_ids, vocab_limit, mesh, logprobs):
     """Feed each row's last token and sample the next, for new tokens state["i"] .. until-1 or until every
     row is done; `ended` bool[batch] marks rows the host has ended (a stop string)."""
     ones = jnp.ones((ended.shape[0], 1), jnp.int32)
@@ -137,19 +146,21 @@ def _decode(params, state, until, ended, *, config, sampling, stop_ids, vocab_li
     def body(s):
         logits, cache = forward(config, params, s["token"][:, None], s["pos"][:, None], ones, s["cache"])
         s = {**s, "cache": _cache_constraint(cache, mesh), "pos": s["pos"] + 1}
-        return _choose(s, logits[:, -1], sampling=sampling, stop_ids=stop_ids, vocab_limit=vocab_limit)
+        return _choose(s, logits[:, -1], sampling=sampling, stop_ids=stop_ids, vocab_limit=vocab_limit,
+                       logprobs=logprobs)
 
     state = {**state, "done": state["done"] | ended}
     return jax.lax.while_loop(lambda s: (s["i"] < until) & ~jnp.all(s["done"]), body, state)
 
 
 def buffer_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt length the batch is padded to, KV-cache length): powers of two, so runs share programs; a
-    RoPE cache past the model's context is cut to what is needed."""
-    length = bucket(prompt_len)
-    cache_len = bucket(length + max_new_tokens)
+    """(prompt length the batch is padded to, KV-cache length): powers of two, so runs share programs (the
+    cache has room for a bucket of new tokens: max_new_tokens 40 and 60 share them; the loop stops at
+    max_new_tokens); a RoPE cache past the model's context is cut to what is needed."""
+    length, room = bucket(prompt_len), bucket(max_new_tokens)
+    cache_len = bucket(length + room)
     if cache_len > config.max_position_embeddings and config.position == "rope":
-        cache_len = length + max_new_tokens
+        cache_len = length + room
     return length, cache_len
 
 
@@ -157,15 +168,18 @@ class _Run:
     """One batch being decoded: the device state, advanced chunk by chunk, and the host's copy of it
     (`i` new tokens so far, `out`, `done`)."""
 
-    def __init__(self, config, params, prompts, sampling, rng, *, stop_ids, pad_id, mesh, vocab_limit):
+    def __init__(self, config, params, prompts, sampling, rng, *, stop_ids, pad_id, mesh, vocab_limit,
+                 logprobs=False):
         self.steps, self.params, self.mesh = sampling.max_new_tokens, params, mesh
         length, cache_len = buffer_lengths(config, max(len(p) for p in prompts), self.steps)
+        room = bucket(self.steps)  # the programs' max_new_tokens: runs of 40 and 60 new tokens share them
         self.rows = len(prompts)
         if mesh is not None:  # the batch must split evenly over the data axes: pad it with copies
             prompts = list(prompts) + [prompts[0]] * (-len(prompts) % batch_shards(mesh))
         tokens, positions, segments = left_pad(prompts, length, pad_id)
-        self.static = dict(config=config, sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids),
-                           vocab_limit=effective_vocab_limit(config, vocab_limit), mesh=mesh)
+        self.static = dict(config=config, sampling=dataclasses.replace(sampling, max_new_tokens=room),
+                           stop_ids=tuple(int(s) for s in stop_ids),
+                           vocab_limit=effective_vocab_limit(config, vocab_limit), mesh=mesh, logprobs=logprobs)
         with on_mesh(mesh):
             if mesh is not None:
                 from jaxllm.sharding import batch_sharding
@@ -209,7 +223,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     rng = jax.random.key(0) if rng is None else rng
     run = _Run(config, params, prompts, sampling, rng, stop_ids=stop_ids, pad_id=pad_id, mesh=mesh,
-               vocab_limit=vocab_limit)
+               vocab_limit=vocab_limit, logprobs=return_logprobs)
     ended = np.zeros(len(prompts), bool)
     # A stop string ends within the last few tokens: its characters, up to 4 byte pieces each.
     margin = 4 * max((len(s) for s in stop_strings), default=0) + 4

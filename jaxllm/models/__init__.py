@@ -10,10 +10,11 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
 __all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward",
-           "init_kv_cache", "param_shapes", "param_logical_axes", "count_params"]
+           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "count_params"]
 
 
 def _dummy_tokens():
@@ -56,18 +57,3 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
     return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
                                  return_hidden=return_hidden, last_only=last_only,
                                  rngs=None if rng is None else {"dropout": rng})
-
-
-def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """Empty cache: k, v [layers, batch, max_len, kv_heads, head_dim]; slots with segment 0 are empty."""
-    dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-            "positions": jnp.zeros((batch, max_len), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
-
-
-KV_CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-                 "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
-                 "segment_ids": ("batch", "length"), "positions": ("batch", "length"), "index": ()}

@@ -45,14 +45,15 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jax.Array:
     """bool[batch, 1, q_len, kv_len]: causal by slot index and within the same segment.
 
-    Query t sits at cache slot `q_offset + t`; segment id 0 marks padding and empty cache slots, which
-    real tokens (segment >= 1) never attend to.
+    Query t sits at cache slot `q_offset + t` (q_offset: a scalar, or int32[batch] for a cache whose rows
+    are at different lengths); segment id 0 marks padding and empty cache slots, which real tokens
+    (segment >= 1) never attend to.
     """
     q_len, kv_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    q_slot = q_offset + jnp.arange(q_len)
-    causal = jnp.arange(kv_len)[None, :] <= q_slot[:, None]
+    q_slot = jnp.asarray(q_offset)[..., None] + jnp.arange(q_len)  # [q_len] or [batch, q_len]
+    causal = jnp.arange(kv_len) <= q_slot[..., None]
     same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return (causal[None] & same_segment)[:, None]
+    return (causal & same_segment)[:, None]
 
 
 def target_platform() -> str:
@@ -76,8 +77,11 @@ def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
     return None
 
 
-def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool = False) -> jax.Array:
+def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool = False,
+           kv_heads_first: bool = False) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
+
+    kv_heads_first: k and v are [batch, kv_heads, kv_len, head_dim] (the KV cache's layout; einsum path).
 
     mask: bool[batch, 1, q_len, kv_len]. alibi: (slopes float32[heads], distance float32[batch, q_len,
     kv_len]) with distance = pos_k - pos_q, so the bias is slope_h * distance (Baichuan's training form;
@@ -85,8 +89,10 @@ def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool =
     positions (no cache), so the mask is lower-triangular within segments and cuDNN's causal kernel applies.
     """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
     fused = _fused_impl(impl, q.dtype, causal)
+    if fused is not None and kv_heads_first:  # the fused kernels take [batch, kv_len, kv_heads, head_dim]
+        k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
+    kv_heads = k.shape[1 if kv_heads_first else 2]
     if fused is not None:
         bias = None
         if alibi is not None:
@@ -103,7 +109,8 @@ def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool =
         return call(fused)
     rep = heads // kv_heads
     qg = q.reshape(batch, q_len, kv_heads, rep, head_dim)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+    kv_spec = "bgsd" if kv_heads_first else "bsgd"
+    scores = jnp.einsum(f"btgrd,{kv_spec}->bgrts", qg, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     if alibi is not None:
         slopes, distance = alibi
@@ -111,5 +118,5 @@ def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool =
         scores = scores + bias
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    out = jnp.einsum(f"bgrts,{kv_spec}->btgrd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)

@@ -26,6 +26,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import lora, quant
 from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin,
                                      target_platform)
+from jaxllm.models.kv_cache import write_layer, write_rows
 
 _REMAT = {
     "full": None,
@@ -73,7 +74,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, alibi_distance, cache_index, layer_cache):
+    def __call__(self, x, positions, mask, alibi_distance, cache_index, cache):
+        """cache: None, or {"k", "v": the whole cache [layers, batch, kv_heads, max_len, head_dim], "layer":
+        this layer's index}; the new keys and values are written into it at `cache_index`."""
         cfg = self.config
         dt, pdt = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
@@ -95,21 +98,20 @@ class Attention(nn.Module):
         k = checkpoint_name(k, "key")
         v = checkpoint_name(v, "value")
 
-        new_cache = None
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-            new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(dt), cache_v.astype(dt)
+        if cache is not None:
+            layer = cache["layer"]
+            cache = {**cache, "k": write_layer(cache["k"], k, layer, cache_index),
+                     "v": write_layer(cache["v"], v, layer, cache_index)}
+            read = lambda kv: jax.lax.dynamic_index_in_dim(kv, layer, 0, keepdims=False).astype(dt)
+            k, v = read(cache["k"]), read(cache["v"])  # [batch, kv_heads, max_len, head_dim]
 
         alibi = None
         if cfg.position == "alibi":
             alibi = (jnp.asarray(alibi_slopes(n)), alibi_distance)
-        out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention, causal=layer_cache is None)
+        out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention, causal=cache is None,
+                     kv_heads_first=cache is not None)
         out = checkpoint_name(out, "attn_out")
-        return _project(self, "wo", "bthd,hde->bte", out, wo, n_in=2), new_cache
+        return _project(self, "wo", "bthd,hde->bte", out, wo, n_in=2), cache
 
 
 class MLP(nn.Module):
@@ -133,14 +135,19 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, alibi_distance, cache_index, layer_cache):
+    def __call__(self, carry, positions, mask, alibi_distance, cache_index):
+        """carry: (hidden states, the KV cache or None). The cache is carried through the layer scan, not
+        scanned over, so each layer updates it in place instead of the scan rebuilding it every step."""
         cfg = self.config
+        x, kv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        attn_out, new_cache = Attention(cfg, name="attn")(
-            norm("attn_norm")(x), positions, mask, alibi_distance, cache_index, layer_cache)
+        attn_out, kv = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask, alibi_distance,
+                                                   cache_index, kv)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_cache
+        if kv is not None:
+            kv = {**kv, "layer": kv["layer"] + 1}
+        return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv), None
 
 
 class Decoder(nn.Module):
@@ -157,7 +164,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
@@ -177,7 +184,8 @@ class Decoder(nn.Module):
 
         positions: int32[batch, len], default counting from the cache index. segment_ids:
         int32[batch, len], tokens attend only within their segment (>= 1; 0 marks padding).
-        kv_cache: dict from `init_kv_cache`; the new tokens are written at its `index`.
+        kv_cache: dict from `init_kv_cache`; the new tokens are written at its `index` (a scalar, or
+        int32[batch]: each row at its own slot, positions then counting from each row's index).
         last_only: the output for the last position only ([batch, 1, ...]): a prefill needs no more,
         and the LM head over every prompt token is most of its work in a small model.
         """
@@ -185,16 +193,17 @@ class Decoder(nn.Module):
         batch, length = tokens.shape
         index = jnp.int32(0) if kv_cache is None else kv_cache["index"]
         if positions is None:
-            positions = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+            positions = index[..., None] + jnp.arange(length, dtype=jnp.int32)  # one index, or one per row
+            positions = jnp.broadcast_to(positions, (batch, length))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
 
         if kv_cache is None:
-            kv_segments, kv_positions, layer_caches = segment_ids, positions, None
+            kv_segments, kv_positions, kv = segment_ids, positions, None
         else:
-            kv_segments = jax.lax.dynamic_update_slice(kv_cache["segment_ids"], segment_ids, (0, index))
-            kv_positions = jax.lax.dynamic_update_slice(kv_cache["positions"], positions, (0, index))
-            layer_caches = (kv_cache["k"], kv_cache["v"])
+            kv_segments = write_rows(kv_cache["segment_ids"], segment_ids, index)
+            kv_positions = write_rows(kv_cache["positions"], positions, index)
+            kv = {"k": kv_cache["k"], "v": kv_cache["v"], "layer": jnp.int32(0)}
         mask = attention_mask(segment_ids, kv_segments, index)
         distance = None
         if cfg.position == "alibi":
@@ -202,7 +211,7 @@ class Decoder(nn.Module):
 
         x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        x, new_layer_caches = self.layers(x, positions, mask, distance, index, layer_caches)
+        (x, kv), _ = self.layers((x, kv), positions, mask, distance, index)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
@@ -213,8 +222,8 @@ class Decoder(nn.Module):
             out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
         if kv_cache is None:
             return out
-        new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1], "segment_ids": kv_segments,
-                     "positions": kv_positions, "index": index + length}
+        new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "positions": kv_positions,
+                     "index": index + length}
         return out, new_cache
 
     def output_matrix(self) -> jax.Array:

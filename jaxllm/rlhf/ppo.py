@@ -401,7 +401,7 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     decode's args are a function of the compiled prefill (its output state is decode's input).
     `prompt_len`: the longest prompt, in tokens."""
     from jaxllm import sharding
-    from jaxllm.inference.generate import _decode, _prefill, buffer_lengths, effective_vocab_limit
+    from jaxllm.inference.generate import _decode, _prefill, bucket, buffer_lengths, effective_vocab_limit
     from jaxllm.models import param_shapes
     from jaxllm.rlhf.rewards import sharded_scores
     from jaxllm.rlhf.rollout import generation_shardings
@@ -430,9 +430,9 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     length, cache_len = buffer_lengths(model_config, prompt_len, cfg.max_new_tokens)
     prompts = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"), length=length)
     replicated = layout.replicated
-    static = dict(config=model_config, mesh=mesh, stop_ids=(model_config.eos_id,),
+    static = dict(config=model_config, mesh=mesh, stop_ids=(model_config.eos_id,), logprobs=True,
                   sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                          max_new_tokens=cfg.max_new_tokens),
+                                          max_new_tokens=bucket(cfg.max_new_tokens)),  # as `generate` compiles
                   vocab_limit=effective_vocab_limit(model_config))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     ended = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=layout.per_row)
