@@ -252,7 +252,8 @@ def test_ppo_and_rejection_recipes():
 def test_rejection_output_skips_blank_replies_and_scores_the_rendered_conversation(tmp_path):
     from pathlib import Path
 
-    from jaxllm.rlhf.cli import reply_ids, sft_record, usable_reply, write_sft
+    from jaxllm.rlhf.cli import reply_ids, sft_record, write_sft
+    from jaxllm.stages.data import reply_text as usable_reply
     from jaxllm.tokenizer import Tokenizer, get_chat_template
 
     tok = Tokenizer(Path(__file__).parent / "data" / "llama2-32k.model")

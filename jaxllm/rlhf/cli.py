@@ -244,22 +244,6 @@ def sft_record(prompt: str, reply: str, reward: float, **info) -> dict:
             "reward": reward, **info}
 
 
-def usable_reply(ids, tok, template) -> str | None:
-    """The reply text of sampled ids (stop ids dropped), or None when SFT could not use it: blank, or
-    refused by the chat template (e.g. a Llama 2 tag inside it)."""
-    from jaxllm.tokenizer import TokenizerError
-
-    stops = set(template.stop_ids(tok))
-    reply = tok.decode([i for i in ids if i not in stops]).strip()
-    if not reply:
-        return None
-    try:
-        template.render(tok, [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}])
-    except TokenizerError:
-        return None
-    return reply
-
-
 def reply_ids(tok, template, prompt: str, reply: str) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) of a stored reply, rendered by the chat template as SFT and the reward model
     see it (the reply's ids are what follows the prompt's in the rendered conversation)."""
@@ -314,13 +298,14 @@ def rejection_main(argv: list[str]) -> int:
     from jaxllm.distributed import is_primary
     from jaxllm.inference import SamplingParams
     from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies
+    from jaxllm.stages.data import reply_text
 
     rc, tok, template = recipe.rejection, loaded.tok, loaded.template
     scorer = loaded.scorer(rc.safety_threshold)
     sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
 
     def render(i, ids):  # samples compete as the conversations SFT will train on, like the pooled replies
-        reply = usable_reply(ids, tok, template)
+        reply = reply_text(ids, tok, template)
         return None if reply is None else reply_ids(tok, template, loaded.texts[i], reply)
 
     results = best_of_k(loaded.config, loaded.params, loaded.prompts, scorer, rc.k, sampling, jax.random.key(rc.seed),
@@ -335,7 +320,7 @@ def rejection_main(argv: list[str]) -> int:
         if best is None:  # no usable sample and nothing pooled
             continue
         if best.pooled is None:  # `render` let only usable replies be kept
-            reply, sampled = usable_reply(best.ids, tok, template), {"from_iteration": iteration,
+            reply, sampled = reply_text(best.ids, tok, template), {"from_iteration": iteration,
                                                                       "temperature": rc.temperature, "k": rc.k}
         else:
             entry = used[best.pooled][0]

@@ -321,3 +321,22 @@ def encode_preferences(files, tokenizer, template, seq_len: int, *, margins: dic
             out["last"][i, j] = k - 1
     out["margin"] = np.asarray(margin_values, np.float32)
     return out, stats
+
+
+def reply_text(ids, tokenizer, template, stop_strings=()) -> str | None:
+    """The text of sampled ids without their stop ids (and from a stop string on), or None when SFT could
+    not use it: blank, or refused by the chat template (e.g. a Llama 2 tag inside it)."""
+    from jaxllm.inference.stops import find_stop
+    from jaxllm.tokenizer import TokenizerError
+
+    stops = set(template.stop_ids(tokenizer))
+    reply = tokenizer.decode([i for i in ids if i not in stops])
+    cut = find_stop(reply, stop_strings)
+    reply = (reply if cut is None else reply[:cut]).strip()
+    if not reply:
+        return None
+    try:
+        template.render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}])
+    except TokenizerError:
+        return None
+    return reply

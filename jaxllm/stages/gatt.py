@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.stages.data import DataFormatError, Stats, read_jsonl, to_messages
+from jaxllm.stages.data import DataFormatError, Stats, read_jsonl, reply_text, to_messages
 
 PLACES = ("user", "system")     # where the training record keeps the instruction: joined to turn 1, or system
 TARGETS = ("last", "every")     # one record per dialogue (its last reply), or one per reply
@@ -138,25 +138,6 @@ def sampling_messages(instruction: str, users: list[str], replies: list[str]) ->
         if t < len(replies):
             messages.append({"role": "assistant", "content": replies[t]})
     return messages
-
-
-def reply_text(ids, tokenizer, template, stop_strings=()) -> str | None:
-    """The text of sampled ids without their stop ids (and from a stop string on), or None when SFT could
-    not use it: blank, or refused by the chat template (e.g. a Llama 2 tag inside it)."""
-    from jaxllm.inference.stops import find_stop
-    from jaxllm.tokenizer import TokenizerError
-
-    stops = set(template.stop_ids(tokenizer))
-    reply = tokenizer.decode([i for i in ids if i not in stops])
-    cut = find_stop(reply, stop_strings)
-    reply = (reply if cut is None else reply[:cut]).strip()
-    if not reply:
-        return None
-    try:
-        template.render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}])
-    except TokenizerError:
-        return None
-    return reply
 
 
 def sample_replies(model_config, params, tokenizer, template, instructions: list[str], dialogues: list[list[str]],
