@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,13 +40,16 @@ def start_server(checkpoint: Path, slots: int, max_len: int, prompt_len: int, dt
                "--slots", str(slots), "--max-len", str(max_len), "--max-prompt-tokens", str(prompt_len),
                "--max-requests", str(4 * slots + 8), "--mesh", "none", "--model-name", "bench", "--dtype", dtype,
                "--log-level", "warning"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    log = tempfile.TemporaryFile("w+")  # stderr to a file, stdout read on: a full pipe would stall the server
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     while True:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"jaxllm serve did not start:\n{proc.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"jaxllm serve did not start:\n{log.read()[-3000:]}")
         if "listening on " in line:
+            threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
             return proc, line.split("listening on ")[1].strip()
 
 

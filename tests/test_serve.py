@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def server(checkpoint, adapter, tmp_path_factory):
     if url is None:
         proc.kill()
         pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-    proc.url, proc.log = url, log
+    # Keep reading its stdout (an access-log line per request): a full pipe would block the server.
+    proc.url, proc.log, proc.lines = url, log, []
+    threading.Thread(target=lambda: proc.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     yield proc
     if proc.poll() is None:
         proc.terminate()
@@ -320,6 +323,9 @@ def test_sigterm_finishes_the_requests_in_flight(server, client):
     assert first.choices[0].text is not None and rest[-1].usage.completion_tokens == 60
     assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == ["length"]
     assert server.wait(60) == 0
-    assert "jaxllm serve: stopped" in server.stdout.read()
+    deadline = time.monotonic() + 10  # the reader thread takes the last lines
+    while not any("jaxllm serve: stopped" in line for line in server.lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("jaxllm serve: stopped" in line for line in server.lines)
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=5)
