@@ -37,7 +37,7 @@ def main() -> None:
 
     from jaxllm.convert.mapping import hf_to_params
     from jaxllm.inference import SamplingParams, generate
-    from jaxllm.models import count_params, get_preset
+    from jaxllm.models import count_params, decoding_layout, get_preset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -53,6 +53,7 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     params = jax.tree.map(lambda x: jnp.asarray(x, args.dtype), hf_to_params(state.__getitem__, cfg))
+    params = decoding_layout(params)  # once, as `jaxllm generate`, `chat` and `serve` do
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     rng = np.random.default_rng(0)
     print(f"model: {count_params(cfg) / 1e6:.1f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}; "

@@ -33,7 +33,7 @@ def _rope(x, pos, theta):  # x [T, heads, d], HF rotate-half layout
 def reference_logits(sd, cfg, tokens):
     """sd: HF state dict (numpy); tokens: int[T] (one sequence) → float64 logits [T, vocab]."""
     sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
-    h, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     T = len(tokens)
     pos = np.arange(T, dtype=np.float64)
     x = sd["model.embed_tokens.weight"][tokens]

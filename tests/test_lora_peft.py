@@ -18,9 +18,8 @@ from jaxllm.cli import main as cli
 from jaxllm.config import LoraSpec
 from jaxllm.convert.core import hf_to_jaxllm
 from jaxllm.inference.loading import load_model
-from jaxllm.models import forward, get_preset, init_params
+from jaxllm.models import forward, init_params
 from jaxllm.models.lora import leaf_paths, split, trainable_mask
-from reference import random_hf_state_dict
 from test_convert import save_baichuan, save_llama
 
 fwd = jax.jit(forward, static_argnums=0)

@@ -1,7 +1,6 @@
 """LoRA runs on the one train loop: only the adapters train (no update, gradient, optimizer state or checkpoint
 space for the frozen base), the assistant loss falls, a killed run resumes bit-identically and refuses another
 base, DPO's reference is the base with adapters off, and the lora: section's bad input is one clear line."""
-import json
 from pathlib import Path
 
 import jax

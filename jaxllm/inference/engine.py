@@ -14,6 +14,8 @@ The engine knows nothing of HTTP or asyncio; `jaxllm.inference.batcher` drives i
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 from typing import Sequence
@@ -25,7 +27,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.inference.generate import bucket, effective_vocab_limit
 from jaxllm.inference.sampling import sample_rows
-from jaxllm.models import forward, init_kv_cache, kv_cache_axes
+from jaxllm.models import decoding_layout, forward, init_kv_cache, is_unrolled, kv_cache_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,9 @@ class Engine:
             if slots % shards:
                 raise ValueError(f"slots ({slots}) must be a multiple of the mesh's data x fsdp size ({shards}): "
                                  f"the cache's slots are split over those axes")
-        self.config, self.params, self.mesh = config, params, mesh
+        self.config, self.mesh = config, mesh
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            self.params = decoding_layout(params)  # per layer on CPU: drop the caller's stacked copy after
         self.slots, self.max_len, self.buckets, self.decode_steps = slots, max_len, buckets, decode_steps
         self.max_stop_ids = max_stop_ids
         self.vocab_limit = effective_vocab_limit(config, vocab_limit)
@@ -124,7 +128,8 @@ class Engine:
         n, vocab, key_shape = self.slots, self.config.vocab_size, self._key_shape
 
         def make():
-            return {"cache": init_kv_cache(self.config, n, self.max_len, per_row=True),
+            return {"cache": init_kv_cache(self.config, n, self.max_len, per_row=True,
+                                           per_layer=is_unrolled(self.params)),
                     "token": jnp.zeros((n,), jnp.int32), "count": jnp.zeros((n,), jnp.int32),
                     "key": jnp.zeros((n, *key_shape), jnp.uint32),
                     "temperature": jnp.zeros((n,), jnp.float32), "top_k": jnp.zeros((n,), jnp.int32),
@@ -143,7 +148,8 @@ class Engine:
         from jaxllm.sharding import tree_shardings
 
         cache = state["cache"]
-        axes = {k: P(*v) for k, v in kv_cache_axes(cache).items()}
+        axes = {k: tuple(P(*a) for a in v) if isinstance(cache[k], tuple) else P(*v)
+                for k, v in kv_cache_axes(cache).items()}
         axes["index"] = P()
         replicated = NamedSharding(self.mesh, P())
         return {**{k: replicated for k in state if k != "cache"}, "cache": tree_shardings(axes, cache, self.mesh)}
@@ -186,14 +192,17 @@ class Engine:
             columns = jnp.arange(size)
             segments = (columns >= shift).astype(jnp.int32)[None]
             positions = jnp.maximum(columns - shift, 0)[None]
-            cache = init_kv_cache(config, 1, size)
+            cache = init_kv_cache(config, 1, size, per_layer=is_unrolled(params))
             logits, cache = forward(config, params, tokens[None], positions, segments, cache, last_only=True)
-            # Move the prompt to columns [0, length) so the slot decodes from column `length` on.
-            rolled = {k: jnp.roll(cache[k], -shift, axis=3).astype(state["cache"][k].dtype) for k in ("k", "v")}
             big = state["cache"]
+
+            def place(whole, prompt):  # the prompt moved to columns [0, length): the slot decodes from `length`
+                lead = whole.ndim - 4  # the layer axis of a stacked cache
+                prompt = jnp.roll(prompt, -shift, axis=lead + 2).astype(whole.dtype)
+                return jax.lax.dynamic_update_slice(whole, prompt, (0,) * lead + (slot, 0, 0, 0))
+
             row = jnp.arange(max_len)
-            big = {"k": jax.lax.dynamic_update_slice(big["k"], rolled["k"], (0, slot, 0, 0, 0)),
-                   "v": jax.lax.dynamic_update_slice(big["v"], rolled["v"], (0, slot, 0, 0, 0)),
+            big = {"k": jax.tree.map(place, big["k"], cache["k"]), "v": jax.tree.map(place, big["v"], cache["v"]),
                    "segment_ids": big["segment_ids"].at[slot].set((row < length).astype(jnp.int32)),
                    "positions": big["positions"].at[slot].set(row), "index": big["index"].at[slot].set(length)}
             seen = jnp.zeros((config.vocab_size,), bool).at[tokens].max(segments[0] > 0)
@@ -286,4 +295,4 @@ class Engine:
     def cache_bytes(self) -> int:
         """Bytes of the KV cache over all devices."""
         cache = self.state["cache"]
-        return sum(math.prod(cache[k].shape) * cache[k].dtype.itemsize for k in ("k", "v"))
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves((cache["k"], cache["v"])))

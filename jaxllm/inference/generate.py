@@ -19,7 +19,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.inference.sampling import SamplingParams, sample
 from jaxllm.inference.stops import check_stop_strings, find_stop, stop_length
-from jaxllm.models import KV_CACHE_AXES, forward, init_kv_cache
+from jaxllm.models import decoding_layout, forward, init_kv_cache, is_unrolled, kv_cache_axes
 
 
 @dataclasses.dataclass
@@ -72,7 +72,8 @@ def _cache_constraint(cache, mesh):
     from jaxllm.sharding import tree_shardings
     from jax.sharding import PartitionSpec as P
 
-    specs = {k: P(*v) for k, v in KV_CACHE_AXES.items()}
+    specs = jax.tree.map(lambda v: P(*v), kv_cache_axes(cache), is_leaf=lambda v: isinstance(v, tuple) and all(
+        isinstance(a, (str, type(None))) for a in v))
     return jax.lax.with_sharding_constraint(cache, tree_shardings(specs, cache, mesh))
 
 
@@ -124,7 +125,7 @@ def _prefill(params, tokens, positions, segments, rng, *, config, sampling, stop
     """Read the prompts and sample the first new token (so it is out after one forward: time to first
     token is the prefill). `out`/`logp` have room for max_new_tokens."""
     batch, steps = tokens.shape[0], sampling.max_new_tokens
-    cache = _cache_constraint(init_kv_cache(config, batch, cache_len), mesh)
+    cache = _cache_constraint(init_kv_cache(config, batch, cache_len, per_layer=is_unrolled(params)), mesh)
     logits, cache = forward(config, params, tokens, positions, segments, cache, last_only=True)
     state = dict(i=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32), cache=cache, pos=positions[:, -1] + 1,
                  done=jnp.zeros((batch,), bool), out=jnp.zeros((batch, steps), jnp.int32), rng=rng)
@@ -170,7 +171,7 @@ class _Run:
 
     def __init__(self, config, params, prompts, sampling, rng, *, stop_ids, pad_id, mesh, vocab_limit,
                  logprobs=False):
-        self.steps, self.params, self.mesh = sampling.max_new_tokens, params, mesh
+        self.steps, self.mesh = sampling.max_new_tokens, mesh
         length, cache_len = buffer_lengths(config, max(len(p) for p in prompts), self.steps)
         room = bucket(self.steps)  # the programs' max_new_tokens: runs of 40 and 60 new tokens share them
         self.rows = len(prompts)
@@ -181,12 +182,13 @@ class _Run:
                            stop_ids=tuple(int(s) for s in stop_ids),
                            vocab_limit=effective_vocab_limit(config, vocab_limit), mesh=mesh, logprobs=logprobs)
         with on_mesh(mesh):
+            self.params = decoding_layout(params)  # on CPU a per-layer copy, dropped with this run
             if mesh is not None:
                 from jaxllm.sharding import batch_sharding
 
                 sh = batch_sharding(mesh)
                 tokens, positions, segments = (jax.device_put(x, sh) for x in (tokens, positions, segments))
-            self.state = _prefill(params, tokens, positions, segments, rng, cache_len=cache_len, **self.static)
+            self.state = _prefill(self.params, tokens, positions, segments, rng, cache_len=cache_len, **self.static)
         self._refresh()
 
     def advance(self, until: int, ended=None) -> None:

@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
     from jaxllm.convert.readers import ConversionError
     from jaxllm.inference.generate import generate
     from jaxllm.inference.loading import load_model, serving_mesh
+    from jaxllm.models import decoding_layout
     from jaxllm.inference.stops import check_stop_strings, find_stop
     from jaxllm.tokenizer import TokenizerError, get_chat_template, template_for_family
 
@@ -100,6 +101,7 @@ def main(argv: list[str]) -> int:
         mesh = serving_mesh(args.mesh)
         config, params, tok = load_model(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
                                          adapter=args.adapter)
+        params = decoding_layout(params)  # once, not per call (CPU: one subtree per layer)
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model stored with it; pass --tokenizer")
         sampling = sampling_from_args(args, config.family)

@@ -14,7 +14,8 @@ from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
 __all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward",
-           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "count_params"]
+           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "count_params",
+           "unroll_layers", "is_unrolled", "decoding_layout"]
 
 
 def _dummy_tokens():
@@ -54,6 +55,35 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
             return_hidden: bool = False, last_only: bool = False, rng: jax.Array | None = None):
     """logits float32[batch, len, vocab] (len 1 with `last_only`), and the new cache when `kv_cache` is
     given. `rng`: training randomness (LoRA dropout); None is the deterministic forward."""
-    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
+    return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
                                  return_hidden=return_hidden, last_only=last_only,
                                  rngs=None if rng is None else {"dropout": rng})
+
+
+def is_unrolled(params) -> bool:
+    """Whether `params` are in `unroll_layers`'s per-layer layout."""
+    return "blocks_0" in params
+
+
+@jax.jit
+def _unroll(params):
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda x: x[i], layers) for i in range(count)}}
+
+
+def unroll_layers(params):
+    """The parameters with the layer-stacked subtree `layers` split into one subtree per layer (`blocks_0`
+    …, what `Decoder(unrolled=True)` reads); `forward` takes either layout. A new copy of the layer
+    weights: drop the stacked ones when they are no longer needed."""
+    return params if is_unrolled(params) else _unroll(params)
+
+
+def decoding_layout(params):
+    """The layout decoding runs fastest with on the devices in context: per layer on CPU (XLA:CPU copies a
+    layer's slice of a stacked weight before each matmul: for a batch-1 step, most of the time), stacked
+    elsewhere (GPU and TPU compilers read the slice in place, and a second copy of the weights would not fit)."""
+    from jaxllm.models.attention import target_platform
+
+    return unroll_layers(params) if target_platform() == "cpu" else params

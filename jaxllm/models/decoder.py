@@ -26,7 +26,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import lora, quant
 from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin,
                                      target_platform)
-from jaxllm.models.kv_cache import write_layer, write_rows
+from jaxllm.models.kv_cache import read_layer, write_layer, write_rows
 
 _REMAT = {
     "full": None,
@@ -102,8 +102,7 @@ class Attention(nn.Module):
             layer = cache["layer"]
             cache = {**cache, "k": write_layer(cache["k"], k, layer, cache_index),
                      "v": write_layer(cache["v"], v, layer, cache_index)}
-            read = lambda kv: jax.lax.dynamic_index_in_dim(kv, layer, 0, keepdims=False).astype(dt)
-            k, v = read(cache["k"]), read(cache["v"])  # [batch, kv_heads, max_len, head_dim]
+            k, v = read_layer(cache["k"], layer).astype(dt), read_layer(cache["v"], layer).astype(dt)  # [batch, kv_heads, max_len, head_dim]
 
         alibi = None
         if cfg.position == "alibi":
@@ -151,15 +150,23 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens int32[batch, len] → logits float32[batch, len, vocab] (or final hidden states)."""
+    """tokens int32[batch, len] → logits float32[batch, len, vocab] (or final hidden states).
+
+    unrolled: the layers as separate modules `blocks_0` … (parameters in `jaxllm.models.unroll_layers`'s
+    layout, a Python loop) instead of one `nn.scan` over layer-stacked weights: decoding on CPU, where
+    XLA copies each layer's slice of a stacked weight before its matmul, every step."""
 
     config: ModelConfig
+    unrolled: bool = False
 
     def setup(self):
         cfg = self.config
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False)
+        if self.unrolled:
+            self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
+            return self._setup_ends()
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -168,6 +175,10 @@ class Decoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
+        self._setup_ends()
+
+    def _setup_ends(self):
+        cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         self.embedding = self.param(
             "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
@@ -203,7 +214,11 @@ class Decoder(nn.Module):
         else:
             kv_segments = write_rows(kv_cache["segment_ids"], segment_ids, index)
             kv_positions = write_rows(kv_cache["positions"], positions, index)
-            kv = {"k": kv_cache["k"], "v": kv_cache["v"], "layer": jnp.int32(0)}
+            if isinstance(kv_cache["k"], tuple) != self.unrolled:
+                raise ValueError("a per-layer KV cache goes with per-layer parameters (unroll_layers), a "
+                                 "stacked one with stacked parameters")
+            # The layer index: a Python int through the unrolled loop (static slices of the cache tuple).
+            kv = {"k": kv_cache["k"], "v": kv_cache["v"], "layer": 0 if self.unrolled else jnp.int32(0)}
         mask = attention_mask(segment_ids, kv_segments, index)
         distance = None
         if cfg.position == "alibi":
@@ -211,7 +226,11 @@ class Decoder(nn.Module):
 
         x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        (x, kv), _ = self.layers((x, kv), positions, mask, distance, index)
+        if self.unrolled:
+            for block in self.blocks:
+                (x, kv), _ = block((x, kv), positions, mask, distance, index)
+        else:
+            (x, kv), _ = self.layers((x, kv), positions, mask, distance, index)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

@@ -114,6 +114,7 @@ def main(argv: list[str]) -> int:
         engine = Engine(config, params, slots=args.slots, max_len=max_len, mesh=mesh, vocab_limit=tok.vocab_size,
                         buckets=prefill_buckets(max_prompt), decode_steps=args.decode_steps,
                         max_stop_ids=max(4, len(_stop_ids(config, tok))))
+        del params  # the engine holds its own layout of them (on CPU: one copy per layer)
         limits = Limits(max_tokens=args.max_tokens, max_requests=args.max_requests,
                         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None,
                         api_key=args.api_key)
