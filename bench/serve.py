@@ -110,7 +110,7 @@ def main() -> None:
     from jaxllm.convert.mapping import hf_to_params
     from jaxllm.inference import SamplingParams, bucket, generate
     from jaxllm.inference.detokenize import TextStream
-    from jaxllm.models import count_params, get_preset
+    from jaxllm.models import count_params, decoding_layout, get_preset
     from jaxllm.tokenizer import Tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +128,7 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     host = hf_to_params({k: v.numpy() for k, v in model.state_dict().items()}.__getitem__, cfg)
     params = jax.tree.map(lambda x: jnp.asarray(x, args.dtype), host)
+    params = decoding_layout(params)  # once for the `generate` references, as the server does at start
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     tok = Tokenizer.load(ROOT / "tests" / "data" / "llama2-32k.model")  # Llama 2's own 32,000 pieces
     scratch = Path(tempfile.mkdtemp(prefix="jaxllm-bench-serve-"))
