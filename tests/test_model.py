@@ -80,46 +80,31 @@ def test_alibi_slopes_for_40_heads_match_spec():
         np.testing.assert_allclose(alibi_slopes(n), baichuan_alibi_slopes(n), rtol=1e-6)
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per-layer"])
 @pytest.mark.parametrize("name", ["llama2-tiny", "baichuan2-13b-tiny"])
-def test_kv_cached_decode_matches_full_forward(name):
+def test_kv_cached_decode_matches_full_forward(name, per_layer):
+    """Both layouts: stacked (training, GPU/TPU decoding) and per layer (CPU decoding) give the same logits."""
     cfg = get_preset(name)
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, cfg.vocab_size)
     full = forward(cfg, params, tokens)
+    if per_layer:
+        stacked, params = params, unroll_layers(params)
+        assert is_unrolled(params) and not is_unrolled(stacked) and unroll_layers(params) is params
+        assert "layers" not in params and sum(k.startswith("blocks_") for k in params) == cfg.num_layers
+        np.testing.assert_array_equal(params["blocks_1"]["mlp"]["down"], stacked["layers"]["mlp"]["down"][1])
+        assert rel_err(forward(cfg, params, tokens), full) < 1e-6
+        with pytest.raises(ValueError, match="per-layer KV cache goes with per-layer parameters"):
+            _forward(cfg, stacked, tokens[:, :8], kv_cache=init_kv_cache(cfg, 2, 32, per_layer=True))
     step = jax.jit(lambda p, t, c: _forward(cfg, p, t, kv_cache=c))
-    logits, cache = step(params, tokens[:, :8], init_kv_cache(cfg, 2, 32))
+    logits, cache = step(params, tokens[:, :8], init_kv_cache(cfg, 2, 32, per_layer=per_layer))
+    assert isinstance(cache["k"], tuple) == per_layer
     outs = [logits]
     for t in range(8, 14):
         logits, cache = step(params, tokens[:, t:t + 1], cache)
         outs.append(logits)
     assert int(cache["index"]) == 14
     assert rel_err(jnp.concatenate(outs, 1), full) < 1e-5
-
-
-@pytest.mark.parametrize("name", ["llama2-tiny", "baichuan2-13b-tiny"])
-def test_per_layer_layout_matches_stacked(name):
-    """The per-layer layout decoding uses on CPU: same logits, full and KV-cached, and the same weights."""
-    cfg = get_preset(name)
-    params = init_params(cfg, jax.random.key(0))
-    unrolled = unroll_layers(params)
-    assert is_unrolled(unrolled) and not is_unrolled(params) and unroll_layers(unrolled) is unrolled
-    assert "layers" not in unrolled and len([k for k in unrolled if k.startswith("blocks_")]) == cfg.num_layers
-    np.testing.assert_array_equal(unrolled["blocks_1"]["mlp"]["down"],
-                                  params["layers"]["mlp"]["down"][1])
-    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, cfg.vocab_size)
-    full = forward(cfg, params, tokens)
-    assert rel_err(forward(cfg, unrolled, tokens), full) < 1e-6
-    step = jax.jit(lambda p, t, c: _forward(cfg, p, t, kv_cache=c))
-    logits, cache = step(unrolled, tokens[:, :8], init_kv_cache(cfg, 2, 32, per_layer=True))
-    assert isinstance(cache["k"], tuple) and len(cache["k"]) == cfg.num_layers
-    outs = [logits]
-    for t in range(8, 14):
-        logits, cache = step(unrolled, tokens[:, t:t + 1], cache)
-        outs.append(logits)
-    assert int(cache["index"]) == 14
-    assert rel_err(jnp.concatenate(outs, 1), full) < 1e-5
-    with pytest.raises(ValueError, match="per-layer KV cache goes with per-layer parameters"):
-        _forward(cfg, params, tokens[:, :8], kv_cache=init_kv_cache(cfg, 2, 32, per_layer=True))
 
 
 @pytest.mark.parametrize("name", ["llama2-tiny", "baichuan2-13b-tiny", "ctllm-tiny"])
