@@ -551,14 +551,19 @@ def load_params(directory: str | os.PathLike, config: ModelConfig | None = None,
     """(params, config) from a jaxllm checkpoint's latest (or given) step, verified against the digests
     recorded when it was saved.
 
-    `shardings`: pytree of NamedSharding to restore straight onto a mesh; `dtype` casts after the check.
+    `shardings`: pytree of NamedSharding to restore straight onto a mesh; `dtype` (default: `config`'s
+    param_dtype) casts after the check.
     """
     directory = resolve(directory)
-    config = config or read_model_config(directory)
-    target = abstract_params(config, shardings)
+    stored = read_model_config(directory)
+    config = config or stored
+    # Read in the dtype it was saved in: the digests were taken of those bytes (a bf16 release
+    # restored straight into float32 would differ from every one of them).
+    target = abstract_params(config, shardings, dtype=stored.param_dtype)
     params = restore_params(directory, target, step=step, kind="lm",
                             what=f"parameters for {config.name}")
-    if dtype is not None and any(leaf.dtype != jnp.dtype(dtype) for leaf in jax.tree.leaves(params)):
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    if any(leaf.dtype != dtype for leaf in jax.tree.leaves(params)):
         params = _cast(params, dtype)
     return params, config
 

@@ -82,6 +82,17 @@ def test_a_params_only_checkpoint_records_kind_and_digests_and_reads_back_verifi
     assert bf16["embedding"].dtype == jnp.bfloat16
 
 
+def test_a_bfloat16_checkpoint_loads_into_a_float32_config_verified_as_stored(tmp_path):
+    """A bf16 release read by a float32 run (`init_from`): checked in the bytes it was saved in, then cast;
+    restoring straight into float32 made every digest differ and the checkpoint look damaged."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(CFG, jax.random.key(3)))
+    save_params(tmp_path / "bf16", params, CFG.replace(dtype="bfloat16", param_dtype="bfloat16"))
+    restored, config = load_params(tmp_path / "bf16", CFG)
+    assert config is CFG and restored["layers"]["attn"]["wq"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(restored["layers"]["attn"]["wq"]),
+                                  np.asarray(params["layers"]["attn"]["wq"], np.float32))
+
+
 def test_a_changed_byte_in_an_array_file_is_named_by_every_reader(lm_dir, tmp_path):
     """orbax reads the changed bytes back without an error; the digests name the tensor, for generate's
     loader and for `convert --to hf`, which reads a layer at a time."""
