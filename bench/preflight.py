@@ -26,7 +26,7 @@ TARGETS = {
     "baichuan2-13b-pretrain": "v5p-64",
     "ctllm-2b-pretrain": "v5p-8",
     "ziya-13b-pretrain": "v5p-64",
-    "llama2-7b-ppo": "v5p-128",  # v5p-64 by the rule; the gathered generation copy and its prefill need 110 GiB
+    "llama2-7b-ppo": "v5p-64",
     "llama2-70b-ppo": "v5p-512",
     "baichuan-7b-pretrain": "v5p-32",
     "baichuan-13b-pretrain": "v5p-64",

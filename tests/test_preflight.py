@@ -4,6 +4,7 @@ collectives, and the target-dependent layout of the model's matmuls."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import pickle
 import re
@@ -231,6 +232,12 @@ def test_ppo_programs_and_state_without_checkpoints(tmp_path):
         for name, fn, args, kwargs, *_ in programs:
             if not callable(args):  # decode's inputs are prefill's compiled outputs
                 assert fn.lower(*args, **kwargs).as_text(), name
+    # rollouts sampled in two parts: prefill and decode run twice per iteration, on half the rows
+    _, parts = iteration_programs(policy, reward_models, dataclasses.replace(recipe.ppo, generation_chunks=2), mesh,
+                                  prompt_len=8)
+    parts = {p[0]: p for p in parts}
+    assert parts["prefill"][4] == parts["decode"][4] == 2 and parts["update"][4] == 2
+    assert parts["prefill"][2][1].shape[0] == 4 and parts["rollout stats"][2][3]["tokens"].shape[0] == 8
     # without the checkpoints and without `models:`, the error says what to add
     path = ppo_recipe(tmp_path)
     path.write_text(path.read_text().replace("models: {policy: {preset: llama2-tiny}}\n", ""))
@@ -255,6 +262,22 @@ def test_ppo_iteration_compiles_without_checkpoints(tmp_path):
     assert rows["helpfulness reward model"] == rows["safety reward model"] > 0
     assert "unknown trip count" not in out  # decode's token loop is counted max_new_tokens - 1 times
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_a_ppo_iteration_whose_prefill_does_not_fit_is_told_to_sample_in_parts(tmp_path):
+    """32 rollouts of 4,088 prompt tokens on one v5e chip: only the prefill (all rollouts' attention at
+    once) is over its 15.75 GiB; the suggestion is to sample them in two parts, checked by compiling."""
+    tpu_devices("v5e-1")
+    recipe = ppo_recipe(tmp_path)
+    recipe.write_text(recipe.read_text()
+                      .replace("{preset: llama2-tiny}", "{preset: llama2-tiny, max_position_embeddings: 4096}")
+                      .replace("{batch_size: 8, minibatch_size: 4,", "{batch_size: 32, minibatch_size: 2,"))
+    code, out, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "v5e-1")
+    assert code == 1
+    assert "the TPU compiler refused prefill" in out and "refused scoring" not in out
+    assert re.search(r"to fit: ppo.generation_chunks=2 \(checked by compiling: fits: [\d.]+ of 15.75 GiB", out)
+    assert err.strip().splitlines()[-1] == "jaxllm ppo: does not fit on v5e-1; try ppo.generation_chunks=2"
 
 
 def test_bad_input_is_one_line(recipe, monkeypatch, capsys):

@@ -174,6 +174,21 @@ def test_ppo_shards_over_eight_devices_like_one(policy):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
+def test_ppo_samples_its_rollouts_in_parts_as_it_samples_them_together(policy):
+    """generation_chunks bounds the prefill's memory (each part's KV cache is freed before the next):
+    greedy rollouts sampled in two parts are the ones sampled at once, and so is the run."""
+    cfg, params = policy
+    settings = dict(iterations=2, batch_size=16, minibatch_size=8, epochs=1, lr=1e-2, beta=0.1, temperature=0.0,
+                    max_new_tokens=12, whiten_scores=False, weight_decay=0.0)
+    whole = ppo(cfg, params, PROMPTS, count_target, PPOConfig(**settings), log=lambda *_: None)
+    parts = ppo(cfg, params, PROMPTS, count_target, PPOConfig(**settings, generation_chunks=2), log=lambda *_: None)
+    for key in ("reward", "response_length"):
+        assert [h[key] for h in whole[2]] == [h[key] for h in parts[2]], key
+    assert [h["kl"] for h in whole[2]] == pytest.approx([h["kl"] for h in parts[2]], rel=1e-4, abs=1e-6)
+    for x, y in zip(jax.tree.leaves(whole[:2]), jax.tree.leaves(parts[:2]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
 def test_ppo_resumes_a_killed_run_exactly_and_logs_each_iteration_once(policy, tmp_path):
     cfg, params = policy
     ppo_cfg = PPOConfig(iterations=4, batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, beta=0.1,
@@ -208,6 +223,11 @@ def test_ppo_config_errors():
     from jaxllm.sharding import make_mesh
     with pytest.raises(ConfigError, match=r"ppo.minibatch_size=4 rows are not divisible by mesh data×fsdp=8"):
         _Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=4), make_mesh(1, -1, 1))
+    with pytest.raises(ConfigError, match="ppo.batch_size=16 is not a multiple of ppo.generation_chunks=3"):
+        PPOConfig(batch_size=16, minibatch_size=8, generation_chunks=3).validate()
+    with pytest.raises(ConfigError, match=r"ppo.batch_size/ppo.generation_chunks=4 rows are not divisible by mesh "
+                                          r"data×fsdp=8"):
+        _Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=8, generation_chunks=2), make_mesh(1, -1, 1))
 
 
 def test_ppo_and_rejection_recipes():

@@ -343,7 +343,8 @@ def rejection_main(argv: list[str]) -> int:
 
 
 # Settings a resumed PPO run may change; any other difference means another run.
-RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_every", "ppo.generation", "models.")
+RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_every", "ppo.generation",
+             "ppo.generation_chunks", "models.")
 
 
 def _claim_run_dir(recipe: RLHFRecipe) -> Path:

@@ -57,6 +57,7 @@ class PPOConfig:
     whiten_scores: bool = True      # whiten reward-model scores (Llama 2: logit(R_c)) over each batch
     safety_threshold: float = 0.15  # with two reward models: R_s below this picks the safety score
     generation: str = "gathered"    # policy weights while sampling: gathered (whole per device) | sharded
+    generation_chunks: int = 1      # rollouts sampled in this many sequential parts (prefill memory / chunks)
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -68,6 +69,9 @@ class PPOConfig:
         if self.batch_size % self.minibatch_size:
             raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
                               f"ppo.minibatch_size={self.minibatch_size}")
+        if self.generation_chunks < 1 or self.batch_size % self.generation_chunks:
+            raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
+                              f"ppo.generation_chunks={self.generation_chunks}")
         for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name} must be >= 1")
@@ -123,6 +127,9 @@ class _Layout:
             if getattr(cfg, name) % shards:
                 raise ConfigError(f"ppo.{name}={getattr(cfg, name)} rows are not divisible by mesh "
                                   f"data×fsdp={shards}")
+        if cfg.batch_size // cfg.generation_chunks % shards:
+            raise ConfigError(f"ppo.batch_size/ppo.generation_chunks={cfg.batch_size // cfg.generation_chunks} "
+                              f"rows are not divisible by mesh data×fsdp={shards}")
 
     @staticmethod
     def abstract(shapes, shardings):
@@ -289,8 +296,13 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
             picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]
             batch_prompts = [prompts[i] for i in picked]
             weights = generation_params(trainable[0], layout.axes[0], layout.mesh, cfg.generation)
-            responses, _ = sample_responses(model_config, weights, batch_prompts, sampling, key, stop_ids,
-                                            pad_id, mesh=layout.mesh, vocab_limit=vocab_limit)
+            responses = []
+            part = cfg.batch_size // cfg.generation_chunks
+            for c in range(cfg.generation_chunks):  # each part's KV cache is freed before the next
+                part_key = key if cfg.generation_chunks == 1 else jax.random.fold_in(key, c)
+                responses += sample_responses(model_config, weights, batch_prompts[c * part:(c + 1) * part],
+                                              sampling, part_key, stop_ids, pad_id, mesh=layout.mesh,
+                                              vocab_limit=vocab_limit)[0]
             del weights  # a gathered copy is freed before the update needs the memory
             host_rows = response_rows(batch_prompts, responses, length, pad_id,
                                       safety=None if safety is None else [safety[i] for i in picked])
@@ -428,14 +440,15 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     gen_sh = generation_shardings(layout.axes[0], layout.shapes[0], mesh, cfg.generation)
     weights = layout.abstract(layout.shapes[0], gen_sh)
     length, cache_len = buffer_lengths(model_config, prompt_len, cfg.max_new_tokens)
-    prompts = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"), length=length)
+    part = cfg.batch_size // cfg.generation_chunks  # rollouts sampled together
+    prompts = rows(part, ("tokens", "positions", "segment_ids"), length=length)
     replicated = layout.replicated
     static = dict(config=model_config, mesh=mesh, stop_ids=(model_config.eos_id,), logprobs=True,
                   sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                           max_new_tokens=bucket(cfg.max_new_tokens)),  # as `generate` compiles
                   vocab_limit=effective_vocab_limit(model_config))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    ended = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=layout.per_row)
+    ended = jax.ShapeDtypeStruct((part,), jnp.bool_, sharding=layout.per_row)
     decode_args = lambda prefill: (weights, prefill.out_info, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                                    ended)
     scored = rows(cfg.batch_size, ("tokens", "positions", "segment_ids"))
@@ -454,8 +467,9 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
         programs.append(("gather for generation", _relayout(tree, tuple(leaves)), (policy,), {}, 1,
                          ("policy (trained)",), None))
     programs += [
-        ("prefill", _prefill, (weights, *prompts.values(), key), {**static, "cache_len": cache_len}, 1, (), None),
-        ("decode", _decode, decode_args, static, 1, (), cfg.max_new_tokens - 1),
+        ("prefill", _prefill, (weights, *prompts.values(), key), {**static, "cache_len": cache_len},
+         cfg.generation_chunks, (), None),
+        ("decode", _decode, decode_args, static, cfg.generation_chunks, (), cfg.max_new_tokens - 1),
         *((f"scoring ({name})", fn, (state[name], *scored.values(), last), {}, 1, (name,), None)
           for name, fn in scorers),
         ("rollout stats", stats_fn, (policy, value, policy, rows(cfg.batch_size, ROW_KEYS)), {}, 1,

@@ -101,33 +101,45 @@ def preflight_ppo(policy: ModelConfig, reward_models: tuple[ModelConfig, ...], c
                           f"{'s' if len(reward_models) > 1 else ''}", topology=topology,
                     devices=devices, mesh=mesh, state=state_bytes, programs=compiled, tokens=cfg.batch_size * tokens,
                     tokens_note=f"{cfg.batch_size} rollouts of up to {prompt_len} prompt + {cfg.max_new_tokens} new "
-                                f"tokens; updates on minibatches of {cfg.minibatch_size}")
+                                f"tokens" + (f", sampled in {cfg.generation_chunks} parts" if cfg.generation_chunks > 1
+                                             else "") + f"; updates on minibatches of {cfg.minibatch_size}")
     if len(compiled) < len(programs):
         report.notes.append("decode not compiled: the compiler refused prefill")
     if suggest and not report.fits:
-        _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len)
+        _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log)
     return report
 
 
-def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len) -> None:
-    """More FSDP when data parallelism replicates the state, else a larger slice; checked by compiling."""
+def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log) -> None:
+    """More FSDP when data parallelism replicates the state; else, when sampling is the peak, the rollouts
+    sampled in twice as many parts; else a larger slice. Each checked by compiling."""
     import dataclasses
 
     from jaxllm.train.preflight import larger_slice
 
-    target, mesh = topology, mesh_config
+    candidates = []
     if report.mesh.shape["data"] > topology.slices:
-        mesh = dataclasses.replace(mesh_config, data=topology.slices, fsdp=-1)
-        report.suggestion = f"mesh.data={topology.slices} mesh.fsdp=-1"
+        candidates.append((f"mesh.data={topology.slices} mesh.fsdp=-1", cfg, topology,
+                           dataclasses.replace(mesh_config, data=topology.slices, fsdp=-1)))
     else:
+        largest = max(report.programs, key=lambda p: p.transient)
+        shards = report.mesh.shape["data"] * report.mesh.shape["fsdp"]
+        chunks = 2 * cfg.generation_chunks
+        if largest.name in ("prefill", "decode") and cfg.batch_size % (chunks * shards) == 0:
+            candidates.append((f"ppo.generation_chunks={chunks}",
+                               dataclasses.replace(cfg, generation_chunks=chunks), topology, mesh_config))
         target = larger_slice(topology, 2 * len(report.devices))
-        if target is None:
+        if target is not None:
+            candidates.append((f"--topology {target.name}", cfg, target, mesh_config))
+    for suggestion, cfg_, target, mesh in candidates:
+        report.suggestion = suggestion
+        log(f"does not fit; checking {suggestion} ...")
+        try:
+            check = preflight_ppo(policy, reward_models, cfg_, mesh, target, prompt_len, suggest=False,
+                                  log=lambda *_: None)
+        except ConfigError as err:
+            report.suggestion_result = f"not checked: {err}"
+            continue
+        report.suggestion_result = f"checked by compiling: {check.verdict()}"
+        if check.fits:
             return
-        report.suggestion = f"--topology {target.name}"
-    try:
-        check = preflight_ppo(policy, reward_models, cfg, mesh, target, prompt_len, suggest=False,
-                              log=lambda *_: None)
-    except ConfigError as err:
-        report.suggestion_result = f"not checked: {err}"
-        return
-    report.suggestion_result = f"checked by compiling: {check.verdict()}"
