@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Each script is a subprocess that compiles its own programs (6 minutes of CPU in all with a cold
+# compilation cache): run with `pytest -m slow`, like the other long tests.
+pytestmark = pytest.mark.slow
 
 
 def run_bench(script: str, *args: str) -> str:

@@ -64,7 +64,9 @@ def _run(path, tmp_path, monkeypatch, **env):
     return book, outputs
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# The quickstart notebook (100 s: trains the demo model) is a slow test; the others stay in the default run.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem == "1_quickstart" else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs_with_small(path, tmp_path, monkeypatch):
     # Notebook 4 gets the real Llama 2 tokenizer here; the test below runs its stand-in path (as on Colab).
     env = {"LLAMA2_TOKENIZER": str(LLAMA2_TOKENIZER)} if path.stem == "4_tokenizers" else {}

@@ -32,6 +32,7 @@ def test_split_stages_is_sorted_and_balanced():
         split_stages(scores, 8)
 
 
+@pytest.mark.slow
 def test_curriculum_splits_by_loss_and_chained_sft_runs_start_from_each_other(tmp_path, capsys):
     cfg = get_preset("llama2-tiny", vocab_size=4096)
     start = tmp_path / "start"
