@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     import orbax.checkpoint as ocp
 
     from jaxllm.checkpoint import manager
-    from jaxllm.digests import device_digests, host_digest
+    from jaxllm.checkpoint.digests import device_digests, host_digest
     from jaxllm.models import count_params, init_params
 
     config = model_config(args.preset)

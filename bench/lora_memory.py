@@ -7,7 +7,7 @@ says what one chip must hold. Nothing is allocated, so a 7B plan compiles on a l
     python bench/lora_memory.py --settings lora:bfloat16:full:1 lora:int8:full:4 full:-:full:1
     python bench/lora_memory.py --preset llama2-tiny --seq-len 64 --topology cpu-1    # the test's tiny run
 
-Each row is the pre-flight of `jaxllm sft … --compile-only --topology v5e-1` (`jaxllm.train.preflight`):
+Each row is the pre-flight of `jaxllm sft … --compile-only --topology v5e-1` (`jaxllm.preflight.train`):
 total is the chip's peak (state + the step's other inputs, outputs, temporaries and code), against the
 TPU compiler's HBM limit.
 
@@ -37,7 +37,7 @@ def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, 
 def measure(config, topology):
     """The pre-flight report (`jaxllm sft --compile-only`) of the SFT step planned by `config`."""
     from jaxllm.stages.stages import sft_objective
-    from jaxllm.train.preflight import preflight_train
+    from jaxllm.preflight.train import preflight_train
 
     return preflight_train(config, sft_objective, topology, suggest=False, log=lambda *_: None)
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="of the table (MiB for tiny models)")
     args = parser.parse_args(argv)
 
-    from jaxllm import topology as topologies
+    from jaxllm.preflight import topology as topologies
     from jaxllm.config import ConfigError
 
     settings = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxllm.train.collectives import KINDS
+from jaxllm.preflight.collectives import KINDS
 
 # recipe -> the slice it is meant for (see the module docstring for the rule)
 TARGETS = {
@@ -43,7 +43,7 @@ def preflight(recipe: str, topology, tiny: bool, log):
     """The pre-flight Report of one shipped recipe on `topology`."""
     if recipe.endswith("-ppo"):
         from jaxllm.rlhf.cli import load_recipe
-        from jaxllm.rlhf.preflight import preflight_ppo, recipe_models
+        from jaxllm.preflight.ppo import preflight_ppo, recipe_models
 
         overrides = [f"{k}={v}" for k, v in TINY_PPO.items() if k != "models"] if tiny else []
         loaded = load_recipe("ppo", recipe, overrides)
@@ -52,7 +52,7 @@ def preflight(recipe: str, topology, tiny: bool, log):
         policy, reward_models = recipe_models(loaded)
         return preflight_ppo(policy, reward_models, loaded.ppo, loaded.mesh, topology, 8 if tiny else None, log=log)
     from jaxllm.train.config import load_config
-    from jaxllm.train.preflight import preflight_train
+    from jaxllm.preflight.train import preflight_train
     from jaxllm.train.stage import pretraining_objective
 
     return preflight_train(load_config(recipe, TINY_TRAIN if tiny else []), pretraining_objective, topology, log=log)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"preflight: not a shipped pretraining or PPO recipe: {', '.join(unknown)}; "
                          f"known: {', '.join(TARGETS)}")
 
-    from jaxllm import topology as topologies
+    from jaxllm.preflight import topology as topologies
     from jaxllm.config import ConfigError
 
     topologies.hide_absent_tpu()

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxllm.config import closest
         print(f"jaxllm: unknown command '{name}'{closest(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from jaxllm.topology import hide_absent_tpu
+    from jaxllm.preflight.topology import hide_absent_tpu
     from jaxllm.xla_flags import apply_gpu_flags
     apply_gpu_flags()  # before any sub-command imports JAX
     _survive_closed_pipes()

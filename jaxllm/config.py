@@ -59,7 +59,7 @@ def lora_targets(names, key: str = "lora.targets") -> tuple[str, ...]:
 @dataclass(frozen=True)
 class LoraSpec:
     """Low-rank adapters on the decoder's projections, PEFT's LoRA: y = x·W + (alpha/rank)·dropout(x)·A·B,
-    A [in, rank], B [rank, out] (`jaxllm.models.lora` lays them out)."""
+    A [in, rank], B [rank, out] (`jaxllm.lora.model` lays them out)."""
 
     rank: int = 8
     alpha: float = 16.0

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm import checkpoint as jckpt
 from jaxllm.checkpoint import CheckpointError, DamagedCheckpoint, StreamedArray, load_params, open_arrays, save_params
-from jaxllm.digests import HostDigest, device_digests, host_digest
+from jaxllm.checkpoint.digests import HostDigest, device_digests, host_digest
 from jaxllm.models import get_preset, init_params
 from jaxllm.train import rundir
 
@@ -156,7 +156,7 @@ def fake_step(root: Path, name: str, items=("params", "opt_state", "meta"), comm
 
 
 def test_unfinished_saves_and_half_deleted_steps_are_removed_and_finalised_steps_kept(tmp_path):
-    from jaxllm.train.checkpointing import RunCheckpoints
+    from jaxllm.checkpoint.training import RunCheckpoints
 
     root = tmp_path / "checkpoints"
     fake_step(root, "2")

@@ -611,7 +611,7 @@ def test_converted_checkpoint_is_stored_and_read_one_layer_at_a_time(exported_ll
 def test_export_reads_a_training_run_checkpoint(tmp_path):
     """A checkpoint the trainer wrote (jax arrays sharded over a mesh, opt_state, later steps) exports too."""
     from jaxllm import checkpoint as jckpt
-    from jaxllm.train.checkpointing import RunCheckpoints
+    from jaxllm.checkpoint.training import RunCheckpoints
 
     cfg = get_preset("llama2-tiny")
     sd = random_hf_state_dict(cfg, seed=8)

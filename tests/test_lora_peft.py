@@ -12,14 +12,14 @@ import pytest
 import torch
 import transformers
 
-from jaxllm import adapters
+from jaxllm.lora import files as adapters
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.cli import main as cli
 from jaxllm.config import LoraSpec
 from jaxllm.convert.core import hf_to_jaxllm
 from jaxllm.inference.loading import load_model
 from jaxllm.models import forward, init_params
-from jaxllm.models.lora import leaf_paths, split, trainable_mask
+from jaxllm.lora.model import leaf_paths, split, trainable_mask
 from test_convert import save_baichuan, save_llama
 
 fwd = jax.jit(forward, static_argnums=0)

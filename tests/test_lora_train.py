@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import adapters
+from jaxllm.lora import files as adapters
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.cli import main as cli
 from jaxllm.config import ConfigError
 from jaxllm.models import forward, get_preset, init_params
-from jaxllm.models.quant import QuantizedWeight
+from jaxllm.lora.quant import QuantizedWeight
 from jaxllm.stages.data import encode_sft, pack_examples
 from jaxllm.stages.stages import StageOptions, dpo_stage, load_stage_recipe, rm_stage, sft_stage
 from jaxllm.tokenizer import Tokenizer, get_chat_template
@@ -160,7 +160,7 @@ def test_lora_runs_refuse_a_missing_base_and_a_mismatched_adapter(tmp_path, star
     peft_dir = tmp_path / "adapter"
     cfg = get_preset("llama2-tiny", vocab_size=4096)
     from jaxllm.config import LoraSpec
-    from jaxllm.models.lora import split, trainable_mask
+    from jaxllm.lora.model import split, trainable_mask
     full = init_params(cfg.replace(lora=LoraSpec(rank=2)), jax.random.key(0))
     save_params(peft_dir, jax.tree.map(np.asarray, split(full, trainable_mask(full))[0]), cfg.replace(lora=LoraSpec(rank=2)))
     adapters.write_record(peft_dir, base=str(start), base_digest=None)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxllm import cli, sharding
-from jaxllm import topology as topologies
-from jaxllm.train.collectives import collectives
+from jaxllm.preflight import topology as topologies
+from jaxllm.preflight.collectives import collectives
 
 TINY = """run_dir: {tmp}/never
 model: {{preset: llama2-tiny, remat: full}}
@@ -128,7 +128,7 @@ def test_cpu_devices_compile_the_step_that_runs(recipe):
     from jaxllm.models import init_params
     from jaxllm.train.config import load_config
     from jaxllm.train.loop import plan_run
-    from jaxllm.train.preflight import preflight_train
+    from jaxllm.preflight.train import preflight_train
     from jaxllm.train.stage import pretraining_objective
 
     config = load_config(recipe)
@@ -213,8 +213,8 @@ def test_ppo_programs_and_state_without_checkpoints(tmp_path):
     compiled: the slow test compiles them), and the state a run keeps on the devices."""
     from jaxllm.rlhf.cli import load_recipe
     from jaxllm.rlhf.ppo import iteration_programs
-    from jaxllm.rlhf.preflight import recipe_models
-    from jaxllm.train.preflight import device_bytes
+    from jaxllm.preflight.ppo import recipe_models
+    from jaxllm.preflight.report import device_bytes
 
     recipe = load_recipe("ppo", str(ppo_recipe(tmp_path)))
     policy, reward_models = recipe_models(recipe)

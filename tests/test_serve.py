@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import adapters
+from jaxllm.lora import files as adapters
 from jaxllm.checkpoint import save_params
 from jaxllm.cli import main as cli
 from jaxllm.config import LoraSpec
@@ -28,7 +28,7 @@ from jaxllm.inference import SamplingParams, generate
 from jaxllm.inference.detokenize import TextStream
 from jaxllm.inference.loading import load_model
 from jaxllm.models import get_preset, init_params
-from jaxllm.models.lora import leaf_paths, split, trainable_mask
+from jaxllm.lora.model import leaf_paths, split, trainable_mask
 from jaxllm.tokenizer import Tokenizer, get_chat_template
 
 openai = pytest.importorskip("openai")

@@ -189,7 +189,7 @@ def test_resuming_with_another_host_count_is_refused(reference, tmp_path):
     """Each host saved its own data-iterator state: another host count cannot continue the same batches."""
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)
-    from jaxllm.train.checkpointing import json_digest
+    from jaxllm.checkpoint.training import json_digest
 
     for meta_file in (run / "checkpoints").glob("*/meta/metadata"):
         meta = json.loads(meta_file.read_text())

@@ -176,7 +176,7 @@ def test_export_of_a_run_loads_with_trust_remote_code_and_identical_logits(relea
 
 
 def test_inv_freq_is_exported_where_the_loading_code_keeps_it_as_a_persistent_buffer(tmp_path):
-    from jaxllm.convert.carried import persistent_inv_freq
+    from jaxllm.checkpoint.companions import persistent_inv_freq
 
     cfg = get_preset("baichuan-tiny")
     for line, expected in (('self.register_buffer("inv_freq", 1.0 / (b ** (torch.arange(0, d, 2) / d)))', True),

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--base", metavar="DIR", help="the jaxllm checkpoint an adapter adapts (default: the "
                             "one the LoRA run recorded)")
         args = parser.parse_args(argv)
-        from jaxllm.convert import merge
+        from jaxllm.lora import merge
 
         kinds = (args.src_kind, args.dst_kind)
         if args.base and not (args.adapter or args.merge):

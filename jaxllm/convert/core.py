@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +22,12 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.storage import staging_dir
 from jaxllm.convert.hf_config import hf_config_from_model, model_config_from_hf, model_config_from_meta
-from jaxllm.convert.carried import (REMOTE_DIR, TOKENIZER_CONFIG, carry_remote_code, carry_tokenizer, find_remote_code,
+from jaxllm.checkpoint.companions import (COMPANION_FILES, REMOTE_DIR, TOKENIZER_CONFIG, carry_remote_code, carry_tokenizer, find_remote_code,
                                     hub_auto_map, persistent_inv_freq, read_auto_map, tokenizer_config)
-from jaxllm.convert.mapping import TensorMap, _get, _set, is_ignored, layout_of, native_layout, tensor_maps
+from jaxllm.convert.mapping import TensorMap, get_path, set_path, is_ignored, layout_of, native_layout, tensor_maps
 from jaxllm.convert.readers import DTYPE_NAMES, ConversionError, MetaReader, open_hf, open_source, read_json
-from jaxllm.tokenizer.hf_files import COMPANION_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.model",) + COMPANION_FILES
@@ -49,14 +48,10 @@ def plan_shards(entries, max_shard_bytes: int) -> list[list[tuple[str, tuple, np
     return plan
 
 
-def _check_destination(dst: Path) -> None:
+def check_destination(dst: Path) -> None:
     if dst.exists():
         raise ConversionError(f"{dst}: destination exists; remove it or choose another path")
     dst.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _staging(dst: Path) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
 
 
 def _leaf_groups(maps: list[TensorMap]) -> list[list[TensorMap]]:
@@ -133,7 +128,7 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
 
     log = log or (lambda line: None)
     src, dst = Path(src), Path(dst)
-    _check_destination(dst)
+    check_destination(dst)
     reader = open_source(src)
     meta = isinstance(reader, MetaReader)
     notes: list[str] = []
@@ -159,9 +154,9 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
     for group in _leaf_groups(maps):
         leaf_dtype = np.dtype(DTYPES[dtype]) if dtype else reader.dtype(group[0].hf_key)
         for j, path in enumerate(group[0].leaves):
-            _set(params, path, StreamedArray(_get(shapes, path).shape, leaf_dtype,
+            set_path(params, path, StreamedArray(get_path(shapes, path).shape, leaf_dtype,
                                              functools.partial(_leaf_blocks, reader, group, j, leaf_dtype)))
-    staging = _staging(dst)
+    staging = staging_dir(dst)
     try:
         out = staging / "checkpoint"
         save_params(out, params, config)
@@ -256,7 +251,7 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         raise ConversionError(f"--hf-arch must be one of {', '.join(HF_ARCHS)}, got {hf_arch!r}")
     ckpt = resolve(src)
     dst = Path(dst)
-    _check_destination(dst)
+    check_destination(dst)
     config = read_model_config(ckpt)
     if hf_arch == "llama" and config.position != "rope":
         raise ConversionError(f"{ckpt}: --hf-arch llama needs a RoPE model; {config.family} with ALiBi "
@@ -268,9 +263,9 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     if arrays is None:
         arrays = open_arrays(ckpt, [path for group in groups for path in group[0].leaves])
     for path, array in arrays.items():
-        if array.shape != _get(shapes, path).shape:
+        if array.shape != get_path(shapes, path).shape:
             raise ConversionError(f"{ckpt}: leaf {'/'.join(path)} has shape {array.shape}, expected "
-                                  f"{_get(shapes, path).shape} for the model in {ckpt / 'model.json'}")
+                                  f"{get_path(shapes, path).shape} for the model in {ckpt / 'model.json'}")
     code = find_remote_code(ckpt)
     auto_map = None
     if layout == "baichuan":
@@ -295,7 +290,7 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     out_dtype = np.dtype(DTYPES[dtype or config.param_dtype])
     plan = plan_shards([(m.hf_key, m.hf_shape, out_dtype) for group in groups for m in group] +
                        [(key, value.shape, value.dtype) for key, value in buffers], max_shard_bytes)
-    staging = _staging(dst)
+    staging = staging_dir(dst)
     try:
         writer = _ShardWriter(staging, plan)
         for group in groups:  # leaf by leaf; within a leaf, one layer at a time
@@ -343,7 +338,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os
     `lm_head` and `rotary_emb.inv_freq`, taken verbatim (values and dtype) from the delta. Writes an HF
     directory; every other tensor must be in both, with the same shape."""
     base_dir, delta_dir, dst = Path(base), Path(delta), Path(dst)
-    _check_destination(dst)
+    check_destination(dst)
     base_r, delta_r = open_hf(base_dir), open_hf(delta_dir)
     base_keys, keys = set(base_r.keys()), delta_r.keys()
     # inv_freq is a buffer recomputed from the config: a base converted by newer transformers lacks it
@@ -362,7 +357,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os
                                   f"{tuple(base_r.shape(k))} in the base {base_dir}")
     out_dtype = {k: delta_r.dtype(k) if _verbatim(k) else np.dtype(np.float16) for k in keys}
     plan = plan_shards([(k, delta_r.shape(k), out_dtype[k]) for k in keys], 5 * 2**30)
-    staging = _staging(dst)
+    staging = staging_dir(dst)
     try:
         writer = _ShardWriter(staging, plan)
         for k in keys:

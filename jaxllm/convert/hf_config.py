@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jaxllm.config import FAMILIES, ConfigError, ModelConfig, closest
 from jaxllm.convert.readers import ConversionError, read_json
+from jaxllm.models.presets import GENERATION_DEFAULTS
 
 # Embedding rows → (family, tokenizer pieces) for Llama-layout releases with padded vocabularies.
 _PADDED = {125824: ("ctllm", 125696), 39424: ("ziya", 39410)}
@@ -177,8 +178,6 @@ def model_config_from_meta(directory: Path, vocab_rows: int, family: str | None 
 def hf_config_from_model(cfg: ModelConfig, dtype: str, layout: str | None = None) -> tuple[dict, dict]:
     """(config.json, generation_config.json) that the PyTorch world loads for this family; `layout`
     "llama" writes a Baichuan model as a stock LlamaForCausalLM."""
-    from jaxllm.inference.sampling import FAMILY_DEFAULTS
-
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
     common = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, vocab_size=cfg.vocab_size,
@@ -203,14 +202,14 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, layout: str | None = None
                       **common)
         if baichuan:  # read back as the Baichuan model it is (jaxllm_family), RoPE whatever its size
             config["position_encoding"] = cfg.position
-    sampling = FAMILY_DEFAULTS.get(cfg.family)
+    sampling = GENERATION_DEFAULTS[cfg.family]
     generation = dict(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, do_sample=True,
-                      temperature=sampling.temperature, top_p=sampling.top_p,
-                      max_new_tokens=sampling.max_new_tokens)
-    if sampling.top_k:
-        generation["top_k"] = sampling.top_k
-    if sampling.repetition_penalty != 1.0:
-        generation["repetition_penalty"] = sampling.repetition_penalty
+                      temperature=sampling["temperature"], top_p=sampling["top_p"],
+                      max_new_tokens=sampling["max_new_tokens"])
+    if sampling.get("top_k"):
+        generation["top_k"] = sampling["top_k"]
+    if sampling.get("repetition_penalty", 1.0) != 1.0:
+        generation["repetition_penalty"] = sampling["repetition_penalty"]
     if cfg.family in ("baichuan", "baichuan2"):
         generation.update(user_token_id=195, assistant_token_id=196)
     return config, generation

@@ -128,13 +128,13 @@ def is_ignored(hf_key: str) -> bool:
     return any(hf_key.endswith(suffix) for suffix in IGNORED_HF_KEYS)
 
 
-def _get(tree, path):
+def get_path(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -154,13 +154,13 @@ def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtyp
             raise ValueError(f"tensor {m.hf_key}: expected shape {m.hf_shape}, got {tuple(w.shape)}")
         for path, value in zip(m.leaves, m.to_jax(w)):
             if m.layer is None:
-                _set(params, path, value.astype(dtype or value.dtype))
+                set_path(params, path, value.astype(dtype or value.dtype))
                 continue
             try:
-                stacked = _get(params, path)
+                stacked = get_path(params, path)
             except KeyError:
-                stacked = np.empty(_get(shapes, path).shape, dtype or value.dtype)
-                _set(params, path, stacked)
+                stacked = np.empty(get_path(shapes, path).shape, dtype or value.dtype)
+                set_path(params, path, stacked)
             stacked[m.layer] = value
     return params
 
@@ -168,7 +168,7 @@ def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, dtyp
 def params_to_hf(params, cfg: ModelConfig, layout: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hf_key, array) for every HF tensor, one at a time."""
     for m in tensor_maps(cfg, layout):
-        leaves = [np.asarray(_get(params, p)) for p in m.leaves]
+        leaves = [np.asarray(get_path(params, p)) for p in m.leaves]
         if m.layer is not None:
             leaves = [leaf[m.layer] for leaf in leaves]
         yield m.hf_key, m.to_hf(leaves)

@@ -120,7 +120,7 @@ _SAMPLING = ("config", "sampling", "stop_ids", "vocab_limit", "mesh", "logprobs"
 
 
 @functools.partial(jax.jit, static_argnames=(*_SAMPLING, "cache_len"))
-def _prefill(params, tokens, positions, segments, rng, *, config, sampling, stop_ids, vocab_limit, mesh,
+def prefill_program(params, tokens, positions, segments, rng, *, config, sampling, stop_ids, vocab_limit, mesh,
              logprobs, cache_len):
     """Read the prompts and sample the first new token (so it is out after one forward: time to first
     token is the prefill). `out`/`logp` have room for max_new_tokens."""
@@ -139,7 +139,7 @@ def _prefill(params, tokens, positions, segments, rng, *, config, sampling, stop
 
 
 @functools.partial(jax.jit, static_argnames=_SAMPLING, donate_argnames=("state",))
-def _decode(params, state, until, ended, *, config, sampling, stop_ids, vocab_limit, mesh, logprobs):
+def decode_program(params, state, until, ended, *, config, sampling, stop_ids, vocab_limit, mesh, logprobs):
     """Feed each row's last token and sample the next, for new tokens state["i"] .. until-1 or until every
     row is done; `ended` bool[batch] marks rows the host has ended (a stop string)."""
     ones = jnp.ones((ended.shape[0], 1), jnp.int32)
@@ -188,7 +188,7 @@ class _Run:
 
                 sh = batch_sharding(mesh)
                 tokens, positions, segments = (jax.device_put(x, sh) for x in (tokens, positions, segments))
-            self.state = _prefill(self.params, tokens, positions, segments, rng, cache_len=cache_len, **self.static)
+            self.state = prefill_program(self.params, tokens, positions, segments, rng, cache_len=cache_len, **self.static)
         self._refresh()
 
     def advance(self, until: int, ended=None) -> None:
@@ -196,7 +196,7 @@ class _Run:
         ended_rows = np.ones(self.state["done"].shape, bool)  # rows added for the mesh count as ended
         ended_rows[:self.rows] = False if ended is None else ended
         with on_mesh(self.mesh):
-            self.state = _decode(self.params, self.state, jnp.int32(until), ended_rows, **self.static)
+            self.state = decode_program(self.params, self.state, jnp.int32(until), ended_rows, **self.static)
         self._refresh()
 
     def _refresh(self) -> None:

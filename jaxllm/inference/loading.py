@@ -37,7 +37,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
     adapter: a LoRA adapter (a LoRA run, a jaxllm adapter or a PEFT directory) to run on top of the model
     at `path`; its leaves join the parameters and the config gets its `lora`. A LoRA run given as `path`
     runs on the base it recorded."""
-    from jaxllm import adapters
+    from jaxllm.lora import files as adapters
     from jaxllm.checkpoint import (CheckpointError, find_tokenizer, is_checkpoint, load_params, read_model_config,
                                    resolve)
     from jaxllm.convert.core import check_tokenizer_fits
@@ -90,9 +90,9 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
 
 def _with_adapter(config, params, adapter, mesh):
     """(adapted config, params + adapter leaves); refuses an adapter whose recorded base is another."""
-    from jaxllm import adapters
+    from jaxllm.lora import files as adapters
     from jaxllm.checkpoint import CheckpointError
-    from jaxllm.models.lora import merge
+    from jaxllm.lora.model import merge
     from jaxllm.sharding import param_shardings
 
     adapted, leaves, record = adapters.load_adapter(adapter, config)

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models.presets import GENERATION_DEFAULTS
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -30,15 +32,7 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-# Released generation_config.json defaults (spec §5, §6.6); Llama 2 / Ziya / CT-LLM: Meta's chat defaults.
-FAMILY_DEFAULTS = {
-    "llama": SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=512),
-    "baichuan": SamplingParams(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1, max_new_tokens=2048),
-    "baichuan2": SamplingParams(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05,
-                                max_new_tokens=2048),
-    "ziya": SamplingParams(temperature=0.85, top_p=0.85, repetition_penalty=1.0, max_new_tokens=1024),
-    "ctllm": SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.05, max_new_tokens=512),
-}
+FAMILY_DEFAULTS = {family: SamplingParams(**fields) for family, fields in GENERATION_DEFAULTS.items()}
 
 
 def mask_vocab(logits, vocab_limit: int | None):

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import lora, quant
+from jaxllm.lora import model as lora
+from jaxllm.lora import quant
 from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin,
                                      target_platform)
 from jaxllm.models.kv_cache import read_layer, write_layer, write_rows
@@ -48,7 +49,7 @@ def _dense(spec: str, x, w, n_in: int = 1):
 
 def _project(module, name: str, spec: str, x, w, n_in: int = 1, shared=None):
     """`_dense` with weight `name`: cast (or dequantized, for a quantized frozen base) to the compute dtype,
-    plus its LoRA adapter when the config has one (`jaxllm.models.lora`)."""
+    plus its LoRA adapter when the config has one (`jaxllm.lora.model`)."""
     out = _dense(spec, x, quant.dequantize(w, module.config.dtype), n_in)
     return lora.adapt(module, name, x, out, out.ndim - (x.ndim - n_in), n_in, _dense, shared)
 

@@ -66,3 +66,14 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError(f"unknown preset '{name}'" + closest(name, PRESETS)
                           + f"; known presets: {', '.join(PRESETS)}")
     return ModelConfig.from_dict({"name": name, **PRESETS[name], **overrides})
+
+
+# Each family's released generation_config.json defaults (spec §5, §6.6); Llama 2 / Ziya / CT-LLM: Meta's chat
+# defaults. `jaxllm generate` / `serve` sample with them and export writes them to generation_config.json.
+GENERATION_DEFAULTS = {
+    "llama": dict(temperature=0.6, top_p=0.9, max_new_tokens=512),
+    "baichuan": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1, max_new_tokens=2048),
+    "baichuan2": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05, max_new_tokens=2048),
+    "ziya": dict(temperature=0.85, top_p=0.85, repetition_penalty=1.0, max_new_tokens=1024),
+    "ctllm": dict(temperature=0.6, top_p=0.9, repetition_penalty=1.05, max_new_tokens=512),
+}

@@ -73,7 +73,7 @@ class RLHFRecipe:
 def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
     """RLHFRecipe from a recipe (path or shipped name) plus `key=value` overrides; every key is checked."""
     from jaxllm.config import ConfigError, closest
-    from jaxllm.rlhf.ppo import PPOConfig
+    from jaxllm.rlhf.config import PPOConfig
     from jaxllm.train.config import (MeshConfig, apply_overrides, build_section, coerce_field, find_recipe,
                                      read_yaml)
 
@@ -129,7 +129,7 @@ def _parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     if kind == "ppo":
         parser.add_argument("--run-dir", help="same as run_dir=DIR")
-        from jaxllm.train.preflight_cli import add_arguments
+        from jaxllm.preflight.cli import add_arguments
         add_arguments(parser)
         parser.add_argument("--prompt-tokens", type=int, metavar="N",
                             help="--compile-only: the longest prompt (default: the policy's context minus "
@@ -159,7 +159,7 @@ def _recipe(kind: str, argv: list[str]):
                         for flag in ("k", "temperature", "top_p", "max_new_tokens", "seed")})
     recipe, overrides = recipe_and_overrides(args.args, parser.error, **options)
     if kind == "ppo":
-        from jaxllm.train.preflight_cli import topology_from_args
+        from jaxllm.preflight.cli import topology_from_args
         args.target = topology_from_args(args, parser.error)
         if args.prompt_tokens is not None and args.target is None:
             parser.error("--prompt-tokens needs --compile-only")
@@ -384,8 +384,8 @@ def ppo_main(argv: list[str]) -> int:
         if args.target is not None:
             return _preflight(recipe, args)
         loaded = _load(recipe)
-        from jaxllm.rlhf.ppo import _Layout
-        _Layout.check_batch(recipe.ppo, loaded.mesh)
+        from jaxllm.rlhf.ppo import Layout
+        Layout.check_batch(recipe.ppo, loaded.mesh)
         run_dir = _claim_run_dir(recipe)
     except _errors() as err:
         print(f"jaxllm ppo: error: {err}", file=sys.stderr)
@@ -415,8 +415,8 @@ def ppo_main(argv: list[str]) -> int:
 
 def _preflight(recipe: RLHFRecipe, args) -> int:
     """`jaxllm ppo --compile-only`: one iteration compiled for --topology, nothing loaded or run."""
-    from jaxllm.rlhf.preflight import preflight_ppo, recipe_models
-    from jaxllm.train.preflight_cli import finish
+    from jaxllm.preflight.ppo import preflight_ppo, recipe_models
+    from jaxllm.preflight.cli import finish
 
     policy, reward_models = recipe_models(recipe)
     report = preflight_ppo(policy, reward_models, recipe.ppo, recipe.mesh, args.target, args.prompt_tokens)

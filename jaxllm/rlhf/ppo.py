@@ -13,7 +13,6 @@ rows and checkpoints are written by all of them together.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
@@ -31,56 +30,10 @@ from jaxllm.inference import SamplingParams
 from jaxllm.models import forward
 from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value_loss, whiten, whiten_scores
 from jaxllm.rlhf.rewards import as_scores, reward_model_scorer  # noqa: F401  (reward_model_scorer: re-export)
-from jaxllm.rlhf.rollout import GENERATION_LAYOUTS, generation_params, put_rows, response_rows, sample_responses
+from jaxllm.rlhf.config import PPOConfig
+from jaxllm.rlhf.rollout import generation_params, put_rows, response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    iterations: int = 200
-    batch_size: int = 64            # prompts (rollouts) per iteration
-    minibatch_size: int = 16
-    epochs: int = 1                 # passes over each rollout batch
-    lr: float = 1e-6                # constant (spec §3.3)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    beta: float = 0.01              # KL penalty: 0.01 for 7B/13B, 0.005 for 70B
-    clip: float = 0.2               # PPO ratio clip
-    value_clip: float = 0.2
-    value_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_scores: bool = True      # whiten reward-model scores (Llama 2: logit(R_c)) over each batch
-    safety_threshold: float = 0.15  # with two reward models: R_s below this picks the safety score
-    generation: str = "gathered"    # policy weights while sampling: gathered (whole per device) | sharded
-    generation_chunks: int = 1      # rollouts sampled in this many sequential parts (prefill memory / chunks)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    save_every: int = 20
-
-    def validate(self) -> None:
-        from jaxllm.config import ConfigError
-        if self.batch_size % self.minibatch_size:
-            raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
-                              f"ppo.minibatch_size={self.minibatch_size}")
-        if self.generation_chunks < 1 or self.batch_size % self.generation_chunks:
-            raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
-                              f"ppo.generation_chunks={self.generation_chunks}")
-        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ppo.{name} must be >= 1")
-        if self.beta < 0 or self.lr <= 0:
-            raise ConfigError("ppo.beta must be >= 0 and ppo.lr > 0")
-        if not 0 < self.safety_threshold < 1:
-            raise ConfigError(f"ppo.safety_threshold is a sigmoid score in (0, 1), got {self.safety_threshold}")
-        from jaxllm.config import check_choice
-        check_choice("ppo.generation", self.generation, GENERATION_LAYOUTS)
 
 
 def _optimizer(cfg: PPOConfig, axes):
@@ -94,7 +47,7 @@ def _optimizer(cfg: PPOConfig, axes):
     return optimizer
 
 
-class _Layout:
+class Layout:
     """Shardings of a PPO run on `mesh`: policy and reference like training's params, the value model like
     a reward model's, optimizer moments like their params, rollout rows over the batch axes."""
 
@@ -152,7 +105,7 @@ _UPDATE_FIELDS = ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "clip", 
 _ADVANTAGE_FIELDS = ("beta", "gamma", "lam", "whiten_scores")
 
 
-def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "_Layout"):
+def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "Layout"):
     """(rollout statistics, advantages, update) jitted for this run."""
     leaves, tree = jax.tree.flatten(layout.shapes)
     key = (model_config, layout.mesh, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
@@ -172,7 +125,7 @@ def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "_Layout"):
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
 
 
-def _rollout_stats(model_config: ModelConfig, layout: _Layout):
+def _rollout_stats(model_config: ModelConfig, layout: Layout):
     policy_sh, value_sh = layout.params
 
     @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, policy_sh, layout.rows),
@@ -186,7 +139,7 @@ def _rollout_stats(model_config: ModelConfig, layout: _Layout):
     return stats
 
 
-def _advantages(cfg: PPOConfig, layout: _Layout):
+def _advantages(cfg: PPOConfig, layout: Layout):
     """scores float32[batch] and the rollout's [batch, seq] statistics → (advantages, returns) over the rows
     and the rollout's metrics (replicated scalars)."""
     @functools.partial(jax.jit, in_shardings=(layout.per_row, layout.rows, layout.rows, layout.rows, layout.rows),
@@ -199,7 +152,7 @@ def _advantages(cfg: PPOConfig, layout: _Layout):
     return advantages
 
 
-def _update(model_config: ModelConfig, cfg: PPOConfig, layout: _Layout):
+def _update(model_config: ModelConfig, cfg: PPOConfig, layout: Layout):
     optimizer = layout.optimizer
 
     def loss_fn(trainable, batch):
@@ -264,7 +217,7 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     rng = jax.random.key(cfg.seed)
     if value is None:
         value = reward.from_lm_params(policy, model_config, jax.random.fold_in(rng, 7))
-    layout = _Layout(model_config, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
+    layout = Layout(model_config, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
     policy_sh, value_sh = layout.params
     policy, value = _place(policy, policy_sh), _place(value, value_sh)
     # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
@@ -370,7 +323,7 @@ def _write_lines(path: Path, history) -> None:
     tmp.replace(path)
 
 
-def _checkpoints(run_dir: Path, model_config, layout: _Layout):
+def _checkpoints(run_dir: Path, model_config, layout: Layout):
     import orbax.checkpoint as ocp
 
     from jaxllm import checkpoint as jckpt
@@ -413,13 +366,13 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     decode's args are a function of the compiled prefill (its output state is decode's input).
     `prompt_len`: the longest prompt, in tokens."""
     from jaxllm import sharding
-    from jaxllm.inference.generate import _decode, _prefill, bucket, buffer_lengths, effective_vocab_limit
+    from jaxllm.inference.generate import decode_program, prefill_program, bucket, buffer_lengths, effective_vocab_limit
     from jaxllm.models import param_shapes
     from jaxllm.rlhf.rewards import sharded_scores
     from jaxllm.rlhf.rollout import generation_shardings
 
     cfg.validate()
-    layout = _Layout(model_config, mesh, cfg, param_shapes(model_config), reward.abstract_params(model_config))
+    layout = Layout(model_config, mesh, cfg, param_shapes(model_config), reward.abstract_params(model_config))
     stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
     policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
     rm_names = ["reward model"] if len(rm_configs) == 1 else ["helpfulness reward model", "safety reward model"]
@@ -462,14 +415,14 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     updates = cfg.epochs * cfg.batch_size // cfg.minibatch_size
     programs = []
     if cfg.generation == "gathered":
-        from jaxllm.rlhf.rollout import _relayout
+        from jaxllm.rlhf.rollout import relayout
         leaves, tree = jax.tree.flatten(gen_sh)
-        programs.append(("gather for generation", _relayout(tree, tuple(leaves)), (policy,), {}, 1,
+        programs.append(("gather for generation", relayout(tree, tuple(leaves)), (policy,), {}, 1,
                          ("policy (trained)",), None))
     programs += [
-        ("prefill", _prefill, (weights, *prompts.values(), key), {**static, "cache_len": cache_len},
+        ("prefill", prefill_program, (weights, *prompts.values(), key), {**static, "cache_len": cache_len},
          cfg.generation_chunks, (), None),
-        ("decode", _decode, decode_args, static, cfg.generation_chunks, (), cfg.max_new_tokens - 1),
+        ("decode", decode_program, decode_args, static, cfg.generation_chunks, (), cfg.max_new_tokens - 1),
         *((f"scoring ({name})", fn, (state[name], *scored.values(), last), {}, 1, (name,), None)
           for name, fn in scorers),
         ("rollout stats", stats_fn, (policy, value, policy, rows(cfg.batch_size, ROW_KEYS)), {}, 1,

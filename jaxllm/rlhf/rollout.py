@@ -13,11 +13,6 @@ import numpy as np
 
 from jaxllm.inference import SamplingParams, generate
 
-# Where the policy's weights are during generation: "gathered" lays a copy out with the FSDP axis unused
-# (weights whole on each device, still split over `tensor`) and frees it after; "sharded" decodes with the
-# training layout, all-gathering every layer's weights at every decode step.
-GENERATION_LAYOUTS = ("gathered", "sharded")
-
 
 def response_rows(prompts, responses, length: int, pad_id: int = 0, safety=None) -> dict[str, np.ndarray]:
     """Right-padded rows of prompt + response [batch, length]: `tokens` hold the whole sequence (its final
@@ -80,7 +75,7 @@ def generation_params(params, axes, mesh, layout: str = "gathered"):
     if layout == "sharded" or mesh is None:
         return params
     leaves, tree = jax.tree.flatten(generation_shardings(axes, params, mesh, layout))
-    return _relayout(tree, tuple(leaves))(params)
+    return relayout(tree, tuple(leaves))(params)
 
 
 def generation_shardings(axes, shapes, mesh, layout: str = "gathered"):
@@ -94,7 +89,7 @@ def generation_shardings(axes, shapes, mesh, layout: str = "gathered"):
 
 
 @functools.lru_cache(maxsize=8)
-def _relayout(tree, shardings):
+def relayout(tree, shardings):
     """A jitted copy onto `shardings` (flattened with `tree`), compiled once per layout."""
     return jax.jit(lambda p: p, out_shardings=jax.tree.unflatten(tree, shardings))
 

@@ -5,7 +5,6 @@ A recipe is a pretraining-style YAML plus a `stage:` section (template, truncati
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -29,7 +28,7 @@ def run(kind: str, argv: list[str]) -> int:
     parser.add_argument("--init-from", metavar="DIR", help="starting checkpoint (jaxllm or a training run)")
     parser.add_argument("--run-dir", metavar="DIR")
     parser.add_argument("--print-config", action="store_true")
-    from jaxllm.train.preflight_cli import add_arguments, topology_from_args
+    from jaxllm.preflight.cli import add_arguments, topology_from_args
     add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     from jaxllm.train.config import recipe_and_overrides
@@ -47,13 +46,12 @@ def run(kind: str, argv: list[str]) -> int:
     try:
         config, options = load_stage_recipe(recipe or DEFAULTS[kind], overrides)
         if args.print_config:
-            print(config.to_yaml() + "stage:\n" + "".join(f"  {k}: {v}\n" for k, v in
-                                                          dataclasses.asdict(options).items()), end="")
+            print(config.to_yaml(), end="")  # its `stage:` section holds the options
             return 0
         if target is not None:  # no data, tokenizer or starting checkpoint is read
             from jaxllm.stages.stages import objective
-            from jaxllm.train.preflight import preflight_train
-            from jaxllm.train.preflight_cli import finish
+            from jaxllm.preflight.train import preflight_train
+            from jaxllm.preflight.cli import finish
             report = preflight_train(config, lambda c: objective(kind, c, options), target)
             return finish(report, args, f"jaxllm {kind}")
         from jaxllm.train.loop import maybe_initialize_distributed, train

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from jaxllm.storage import write_lines_atomic
 
 GATT_EXAMPLES = """examples:
   # Llama 2: replies sampled from the policy with the instruction on every user turn
@@ -114,18 +115,7 @@ def _claim(paths: list[Path], overwrite: bool) -> None:
 
 def write_jsonl(path: Path, records) -> int:
     """Write records to `path` through a temporary file, so it is whole or absent; the count written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return count
+    return write_lines_atomic(path, (json.dumps(record, ensure_ascii=False) for record in records))
 
 
 def _model(path, *, dtype=None, tokenizer=None, mesh_spec="auto", template=None):

@@ -10,7 +10,8 @@ from typing import Iterable
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from jaxllm.tokenizer.sp import Tokenizer, TokenizerError
+from jaxllm.tokenizer.errors import TokenizerError
+from jaxllm.tokenizer.sp import Tokenizer
 
 
 def read_proto(path: str | Path) -> sp_pb2.ModelProto:
@@ -107,7 +108,7 @@ def resize_checkpoint(src_dir: str | Path, dst_dir: str | Path, new_num_pieces: 
     output rows padded to a multiple of `pad_multiple` (Ziya: 39,410 pieces → 39,424 rows with 16).
     `tokenizer_path` (the extended model) is copied in as `tokenizer.model`."""
     from jaxllm.checkpoint import load_params, read_model_config, resolve, save_params, to_numpy
-    from jaxllm.convert.carried import find_remote_code
+    from jaxllm.checkpoint.companions import find_remote_code
 
     dst_dir = Path(dst_dir)
     if dst_dir.exists():

@@ -10,10 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxllm.tokenizer.sp import TokenizerError
-
-# The HF files that belong to a `tokenizer.model` and travel with it (import, training runs, export).
-COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+from jaxllm.tokenizer.errors import TokenizerError
 
 # BOS when the tokenizer's files say nothing: sentencepiece / Llama convention, Baichuan-7B's
 # tokenization_baichuan.py default; Baichuan 2 adds none (spec §6.5).

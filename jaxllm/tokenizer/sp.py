@@ -7,9 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-
-class TokenizerError(ValueError):
-    """Bad tokenizer input (file, corpus, conversation); the message says what was expected."""
+from jaxllm.tokenizer.errors import TokenizerError
 
 
 class Tokenizer:

@@ -2,7 +2,8 @@
 it split most Chinese characters into UTF-8 bytes)."""
 from __future__ import annotations
 
-from jaxllm.tokenizer.sp import Tokenizer, TokenizerError
+from jaxllm.tokenizer.errors import TokenizerError
+from jaxllm.tokenizer.sp import Tokenizer
 from jaxllm.tokenizer.train import iter_texts
 
 

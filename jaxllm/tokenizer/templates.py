@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllm.config import closest
-from jaxllm.tokenizer.sp import Tokenizer, TokenizerError
+from jaxllm.tokenizer.errors import TokenizerError
+from jaxllm.tokenizer.sp import Tokenizer
 
 
 def _turns(messages, *, ends_with: str) -> tuple[str | None, list[tuple[str, str | None]]]:

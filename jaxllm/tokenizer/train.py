@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from jaxllm.tokenizer.sp import TokenizerError
+from jaxllm.tokenizer.errors import TokenizerError
 
 # Baichuan 2: digits split, byte fallback for rare characters, long pieces for Chinese phrases, no
 # normalisation and no dummy prefix, whitespace-only pieces (code indentation).

@@ -26,7 +26,7 @@ def parse_args(argv):
     parser.add_argument("--init-from", metavar="DIR", help="start from a jaxllm checkpoint's parameters")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (same as run_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    from jaxllm.train.preflight_cli import add_arguments, topology_from_args
+    from jaxllm.preflight.cli import add_arguments, topology_from_args
     add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # options may come between the recipe and its overrides
     from jaxllm.train.config import recipe_and_overrides
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(), end="")
             return 0
         if args.target is not None:
-            from jaxllm.train.preflight import preflight_train
-            from jaxllm.train.preflight_cli import finish
+            from jaxllm.preflight.train import preflight_train
+            from jaxllm.preflight.cli import finish
             from jaxllm.train.stage import pretraining_objective
             return finish(preflight_train(config, pretraining_objective, args.target), args, "jaxllm train")
         from jaxllm.train.loop import train

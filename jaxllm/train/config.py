@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from jaxllm.config import ConfigError, LoraSpec, ModelConfig, check_choice, closest
+from jaxllm.config import ConfigError, ModelConfig, check_choice, closest
 from jaxllm.data.config import DataConfig, SourceConfig
+from jaxllm.lora.config import LoraConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "yes", "no")
@@ -83,32 +84,6 @@ class LogConfig:
     tensorboard: bool = True
     plot: bool = True                 # RUN/loss.png at the end
     peak_tflops: float | None = None  # per device, for MFU; null: from the device kind
-
-
-LORA_TRAIN = ("embedding", "lm_head", "norms")
-BASE_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
-
-
-@dataclass
-class LoraConfig:
-    """Train low-rank adapters on a frozen base instead of every weight (SFT, DPO, RM). The base
-    (`init_from`) is stored in `base_dtype` and gets no gradient, optimizer state or checkpoint space."""
-    rank: int = 8
-    alpha: float = 16.0               # adapters are scaled by alpha / rank (PEFT's lora_alpha)
-    dropout: float = 0.0              # on each adapter's input, while training
-    targets: list | str = field(default_factory=lambda: ["all"])  # q_proj … down_proj, W_pack, attention, mlp, all
-    train: list = field(default_factory=list)   # base weights that train too: embedding, lm_head, norms
-    base_dtype: str | None = None     # frozen base: float32 | bfloat16 | float16 | int8 | int4; null: model.dtype
-    init_adapter: str | None = None   # start from this adapter (a PEFT directory or a jaxllm LoRA run)
-
-    def spec(self) -> LoraSpec:
-        return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
-
-    def validate(self) -> None:
-        for name in self.train:
-            check_choice("lora.train", name, LORA_TRAIN)
-        if self.base_dtype is not None:
-            check_choice("lora.base_dtype", self.base_dtype, BASE_DTYPES)
 
 
 @dataclass

@@ -24,8 +24,9 @@ from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
-from jaxllm.train import adapted, flops, rundir
-from jaxllm.train.checkpointing import RunCheckpoints, check_init_from
+from jaxllm.lora import plan as adapted
+from jaxllm.train import flops, rundir
+from jaxllm.checkpoint.training import RunCheckpoints
 from jaxllm.train.config import RunConfig, resolve_epochs
 from jaxllm.train.metrics import MetricsLog, Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
@@ -50,7 +51,7 @@ class TrainResult:
     @property
     def full_params(self):
         """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
-        from jaxllm.models.lora import merge
+        from jaxllm.lora.model import merge
         return self.params if self.frozen is None else merge(self.params, self.frozen)
 
 
@@ -267,7 +268,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     rundir.check(config.run_dir, config)
     if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
         # a new run starts from it (DPO: its reference; LoRA: its frozen base)
-        check_init_from(config.init_from, config.base_model)
+        rundir.check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
 
     frozen = initial = None
@@ -277,7 +278,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         if frozen is None:
             stage.prepare(mesh)
         else:  # the starting model is the frozen base plus the initial adapters: no second copy of the weights
-            from jaxllm.models.lora import merge
+            from jaxllm.lora.model import merge
             stage.prepare(mesh, start=merge(initial, frozen))
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())

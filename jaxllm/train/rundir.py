@@ -21,7 +21,8 @@ from pathlib import Path
 import jax
 import yaml
 
-from jaxllm.config import ConfigError
+from jaxllm import checkpoint as jckpt
+from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.train.config import RunConfig, config_differences
 
 LOCK = "lock"
@@ -132,7 +133,7 @@ def copy_model_files(run_dir: str | Path, tokenizer_path: str | Path | None, ini
     """The starting model's files besides weights: the tokenizer's HF files (added tokens, add_bos_token)
     and the HF remote code of `init_from`, so that an export of the run is the model users loaded."""
     if jax.process_index() == 0:
-        from jaxllm.convert.carried import copy_model_files as copy
+        from jaxllm.checkpoint.companions import copy_model_files as copy
 
         copy(run_dir, tokenizer_path, init_from)
 
@@ -313,3 +314,33 @@ def producer_hint(path: str | Path) -> str:
             shown = f"jaxllm {command}" + ("" if DEFAULT_RECIPES[command] == recipe.stem else f" {recipe.stem}")
             return f"; it is written by `{shown}`: run that first"
     return ""
+
+
+def check_init_from(path: str, model_config: ModelConfig) -> None:
+    """One-line errors, before a run directory is claimed, unless `path` is a checkpoint with a saved step
+    of a language model whose parameters fit `model_config`; a missing demo checkpoint names the command
+    that writes it."""
+    from jaxllm.models import param_shapes
+
+    label = f"init_from {path}"
+    if not Path(path).exists():
+        raise jckpt.CheckpointError(f"{label}: no such checkpoint{producer_hint(path)}")
+    directory = jckpt.resolve(path)
+    if (Path(path) / "config.yaml").is_file() and not jckpt.is_checkpoint(directory):
+        raise jckpt.CheckpointError(f"{label}: its run has not saved a checkpoint yet{producer_hint(path)}")
+    source = jckpt.read_model_config(directory)
+    try:
+        step = jckpt.latest_step(directory)
+    except jckpt.CheckpointError as err:
+        raise jckpt.CheckpointError(f"{label}: {err}{producer_hint(path)}") from None
+    jckpt.require_kind(directory, step, "lm", label=label)
+    ours, theirs = param_shapes(model_config), param_shapes(source)
+    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
+        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
+    if not same:
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "tie_embeddings", "head")
+        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
+                if getattr(source, f) != getattr(model_config, f)]
+        raise ConfigError(f"{label} holds {source.name} parameters that do not fit the run's model "
+                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")

@@ -8,7 +8,7 @@
                                                               of those batches, known without the data
 
 A stage built without its data (`make_data=None`, e.g. `pretraining_objective`) still has its loss,
-parameter structure and batch layout: enough to compile its step (`jaxllm.train.preflight`).
+parameter structure and batch layout: enough to compile its step (`jaxllm.preflight.train`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.models.lora import merge
+from jaxllm.lora.model import merge
 
 
 def _weighted_grads(loss_fn, params, batch, rng, frozen=None):

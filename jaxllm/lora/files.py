@@ -79,7 +79,7 @@ def digest(checksums: dict[tuple[str, ...], tuple[tuple[int, ...], int]]) -> str
 
 def tree_digest(params, skip=()) -> str:
     """The digest of a base parameter tree held in memory (as `read_base` computes it while reading)."""
-    from jaxllm.models.lora import leaf_paths
+    from jaxllm.lora.model import leaf_paths
 
     paths, leaves = leaf_paths(params), jax.tree.leaves(params)
     return digest({p: (tuple(x.shape), checksum(x)) for p, x in zip(paths, leaves) if p[:1] not in skip})
@@ -96,8 +96,9 @@ def read_base(directory: str | os.PathLike, config: ModelConfig, wanted: dict):
     quantized value's and the result a `QuantizedWeight`)."""
     import orbax.checkpoint as ocp
 
-    from jaxllm.models import param_shapes, quant
-    from jaxllm.models.lora import WEIGHTS
+    from jaxllm.lora import quant
+    from jaxllm.models import param_shapes
+    from jaxllm.lora.model import WEIGHTS
 
     directory = jckpt.resolve(directory)
     shapes = param_shapes(config)
@@ -163,7 +164,7 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
 def trained_shapes(config: ModelConfig, train=()):
     """ShapeDtypeStructs of what an adapter checkpoint of `config` (a language model) holds."""
     from jaxllm.models import param_shapes
-    from jaxllm.models.lora import split, trainable_mask
+    from jaxllm.lora.model import split, trainable_mask
 
     shapes = param_shapes(config)
     return split(shapes, trainable_mask(shapes, train))[0]
@@ -175,13 +176,13 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
     `base_config`, the architecture it adapts, is needed)."""
     import orbax.checkpoint as ocp
 
-    from jaxllm.models.lora import leaf_paths
+    from jaxllm.lora.model import leaf_paths
 
     path = Path(path)
     if not path.exists():
         raise jckpt.CheckpointError(f"{path}: no such adapter directory")
     if is_peft_dir(path):
-        from jaxllm.convert.peft import read_peft
+        from jaxllm.lora.peft import read_peft
 
         if base_config is None:
             raise jckpt.CheckpointError(f"{path}: a PEFT adapter needs the base model it adapts")

@@ -15,10 +15,10 @@ from typing import Callable
 import jax
 
 from jaxllm import sharding
-from jaxllm import topology as topologies
+from jaxllm.preflight import topology as topologies
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.rlhf.ppo import PPOConfig, iteration_programs
-from jaxllm.train.preflight import Report, compile_program, device_bytes
+from jaxllm.preflight.report import Report, compile_program, device_bytes
 
 
 def recipe_models(recipe) -> tuple[ModelConfig, tuple[ModelConfig, ...]]:
@@ -115,7 +115,7 @@ def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_l
     sampled in twice as many parts; else a larger slice. Each checked by compiling."""
     import dataclasses
 
-    from jaxllm.train.preflight import larger_slice
+    from jaxllm.preflight.train import larger_slice
 
     candidates = []
     if report.mesh.shape["data"] > topology.slices:

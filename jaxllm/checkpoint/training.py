@@ -32,7 +32,7 @@ from grain.checkpoint import CheckpointRestore, CheckpointSave
 from jaxllm import checkpoint as jckpt
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data import DataError
-from jaxllm.digests import device_digests
+from jaxllm.checkpoint.digests import device_digests
 
 ITEMS = ("params", "opt_state", "meta", "data")
 REQUIRED = ("params", "opt_state", "meta")  # a step without one of them can never restore
@@ -294,34 +294,3 @@ def _missing(step_dir: Path) -> list[str]:
     """What a step lacks of orbax's commit metadata and the required items ([] for a finalised step)."""
     return ([] if (step_dir / _COMMIT_FILE).is_file() else [_COMMIT_FILE]) + \
         [item for item in REQUIRED if not (step_dir / item).is_dir()]
-
-
-def check_init_from(path: str, model_config: ModelConfig) -> None:
-    """One-line errors, before a run directory is claimed, unless `path` is a checkpoint with a saved step
-    of a language model whose parameters fit `model_config`; a missing demo checkpoint names the command
-    that writes it."""
-    from jaxllm.models import param_shapes
-    from jaxllm.train.rundir import producer_hint
-
-    label = f"init_from {path}"
-    if not Path(path).exists():
-        raise jckpt.CheckpointError(f"{label}: no such checkpoint{producer_hint(path)}")
-    directory = jckpt.resolve(path)
-    if (Path(path) / "config.yaml").is_file() and not jckpt.is_checkpoint(directory):
-        raise jckpt.CheckpointError(f"{label}: its run has not saved a checkpoint yet{producer_hint(path)}")
-    source = jckpt.read_model_config(directory)
-    try:
-        step = jckpt.latest_step(directory)
-    except jckpt.CheckpointError as err:
-        raise jckpt.CheckpointError(f"{label}: {err}{producer_hint(path)}") from None
-    jckpt.require_kind(directory, step, "lm", label=label)
-    ours, theirs = param_shapes(model_config), param_shapes(source)
-    same = jax.tree.structure(ours) == jax.tree.structure(theirs) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)))
-    if not same:
-        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "tie_embeddings", "head")
-        diff = [f"{f} {getattr(source, f)} vs {getattr(model_config, f)}" for f in fields
-                if getattr(source, f) != getattr(model_config, f)]
-        raise ConfigError(f"{label} holds {source.name} parameters that do not fit the run's model "
-                          f"{model_config.name} ({', '.join(diff) or 'different tree'})")

@@ -18,6 +18,8 @@ from jaxllm.config import ModelConfig
 REMOTE_DIR = "remote_code"
 AUTO_MAP = "auto_map.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# The HF files that belong to a `tokenizer.model` and travel with it (import, training runs, export).
+COMPANION_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json")
 
 # Where each Baichuan variant's own code lives on the Hub, for exports that carry none:
 # (family, position) → (repository, class-name prefix; Baichuan-7B spells it "BaiChuan").
@@ -30,8 +32,6 @@ _HUB_CODE = {("baichuan", "rope"): ("baichuan-inc/Baichuan-7B", "BaiChuan"),
 def carry_tokenizer(tokenizer: Path, dst: Path) -> list[str]:
     """Copy `tokenizer` to `dst/tokenizer.model`, with the HF files beside it when it is a
     `tokenizer.model` (added tokens, add_bos_token; those belong to that name). Returns the names written."""
-    from jaxllm.tokenizer import COMPANION_FILES
-
     written = []
     if tokenizer.resolve() != (dst / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer, dst / "tokenizer.model")
@@ -73,8 +73,6 @@ def copy_model_files(run_dir: str | Path, tokenizer_path: str | Path | None, ini
     (beside `tokenizer_path`) and the remote code of `init_from`, so that exporting the run gives back the
     model users loaded (same `auto_map`, same code, same added tokens)."""
     from jaxllm.checkpoint import resolve
-    from jaxllm.tokenizer import COMPANION_FILES
-
     run_dir = Path(run_dir)
     if tokenizer_path and Path(tokenizer_path).name == "tokenizer.model" \
             and Path(tokenizer_path).parent.resolve() != run_dir.resolve():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxllm import topology as topologies
+from jaxllm.preflight import topology as topologies
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +45,7 @@ def topology_from_args(args, error) -> topologies.Topology | None:
 
 def finish(report, args, prog: str) -> int:
     """Print the report's table, save the executables if asked; 0 when it fits, 1 when it does not."""
-    from jaxllm.train.preflight import save_executables
+    from jaxllm.preflight.report import save_executables
 
     print(report.table(), end="")
     if args.save_executable:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm import adapters
+from jaxllm.lora import files as adapters
 from jaxllm.checkpoint import (CheckpointError, StreamedArray, find_tokenizer, open_arrays, read_model_config,
                                resolve, save_params)
 from jaxllm.config import ModelConfig
 from jaxllm.convert.readers import ConversionError
-from jaxllm.models import lora
+from jaxllm.lora import model as lora
 
 
 class MergedArray:
@@ -85,7 +85,7 @@ def load(src, base=None):
 
 def export_peft(src, dst) -> ModelConfig:
     """jaxllm adapter (a LoRA run) → PEFT directory."""
-    from jaxllm.convert.peft import write_peft
+    from jaxllm.lora.peft import write_peft
 
     if adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: already a PEFT adapter")
@@ -100,12 +100,12 @@ def export_peft(src, dst) -> ModelConfig:
 def import_adapter(src, dst, base) -> ModelConfig:
     """PEFT directory → jaxllm adapter checkpoint (continue training it with lora.init_adapter, generate
     with --adapter)."""
-    from jaxllm.convert.core import _check_destination
+    from jaxllm.convert.core import check_destination
 
     if not adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: no adapter_config.json (a PEFT adapter directory is expected)")
     config, leaves, record, base_dir = load(src, base)
-    _check_destination(Path(dst))
+    check_destination(Path(dst))
     save_params(dst, adapters.nest(leaves), config)
     adapters.write_record(dst, base=str(base_dir), base_digest=None, train=record["train"])
     return config
@@ -113,11 +113,12 @@ def import_adapter(src, dst, base) -> ModelConfig:
 
 def merge_to_jaxllm(src, dst, base=None) -> ModelConfig:
     """Adapter + its base → a merged jaxllm checkpoint (a plain model: PPO, eval, export all take it)."""
-    from jaxllm.convert.core import _check_destination, _staging
+    from jaxllm.convert.core import check_destination
+    from jaxllm.storage import staging_dir
 
     config, leaves, _, base_dir = load(src, base)
     dst = Path(dst)
-    _check_destination(dst)
+    check_destination(dst)
     arrays = merged_arrays(base_dir, config, leaves)
 
     def leaf(path, array):
@@ -126,7 +127,7 @@ def merge_to_jaxllm(src, dst, base=None) -> ModelConfig:
         return StreamedArray(array.shape, array.dtype,
                              lambda: ((i, array.layer(i)) for i in range(array.shape[0])))
 
-    staging = _staging(dst)
+    staging = staging_dir(dst)
     try:
         out = staging / "checkpoint"
         base_config = _base_config(base_dir)

@@ -3,7 +3,7 @@
 PEFT's file (`adapter_model.safetensors`) holds, per adapted HF Linear (weight [out, in]),
 `base_model.model.model.layers.{i}.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], scaled by
 lora_alpha / r; `modules_to_save` keep whole copies under the module's own name. jaxllm's adapter of the
-same weight is A [in..., r], B [r, out...] (`jaxllm.models.lora`): a transpose and a reshape apart.
+same weight is A [in..., r], B [r, out...] (`jaxllm.lora.model`): a transpose and a reshape apart.
 
 Baichuan's q/k/v are one Linear, W_pack [3H, H]. PEFT's adapter on it (A [r, H], B [3H, r]) is jaxllm's
 target `qkv`: A shared by q, k and v, B split into its q/k/v rows. jaxllm's separate q/k/v adapters of rank r
@@ -116,12 +116,13 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=()) 
     `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base."""
     from safetensors.numpy import save_file
 
-    from jaxllm.convert.core import _check_destination, _staging
+    from jaxllm.convert.core import check_destination
+    from jaxllm.storage import staging_dir
 
     dst = Path(directory)
-    _check_destination(dst)
+    check_destination(dst)
     tensors, config = peft_tensors(cfg, leaves, train)
-    staging = _staging(dst)
+    staging = staging_dir(dst)
     try:
         save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
                   metadata={"format": "pt", META_TARGETS: ",".join(cfg.lora.targets)})

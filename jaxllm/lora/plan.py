@@ -11,12 +11,13 @@ from typing import Any
 
 import jax
 
-from jaxllm import adapters
+from jaxllm.lora import files as adapters
 from jaxllm import checkpoint as jckpt
 from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
-from jaxllm.models import lora, quant
+from jaxllm.lora import model as lora
+from jaxllm.lora import quant
 from jaxllm.train.config import RunConfig
 
 

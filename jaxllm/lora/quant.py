@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.models.lora import WEIGHTS
+from jaxllm.lora.model import WEIGHTS
 
 BASE_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 QUANTIZED = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}

@@ -12,7 +12,7 @@ with logical axes like any other parameter (the rank axis `lora` is replicated):
 and y = x·W + (alpha/rank)·(dropout(x)·A)·B. A starts uniform in ±1/sqrt(fan_in) and B at zero (PEFT's
 init), so a new adapter leaves the model unchanged. Target `qkv` is PEFT's adapter on Baichuan's fused
 W_pack (A [H, r] shared, B [3H, r] split into q/k/v rows), exactly; separate q/k/v adapters export to
-W_pack as one rank-3r block adapter (A stacked, B block-diagonal), also exactly (`jaxllm.convert.peft`).
+W_pack as one rank-3r block adapter (A stacked, B block-diagonal), also exactly (`jaxllm.lora.peft`).
 
 The decoder calls `adapt` after each projection; dropout draws from the `dropout` rng stream, so it is
 active only when `forward` is given an rng (training).
