@@ -72,6 +72,13 @@ class Scores:
     def __getitem__(self, index) -> "Scores":
         return Scores(self.logprob[index], self.top_ids[index], self.top_logprobs[index])
 
+    @staticmethod
+    def concat(parts: Sequence["Scores"]) -> "Scores":
+        if not parts:
+            return Scores(np.zeros(0, np.float32), np.zeros((0, TOP_LOGPROBS), np.int32),
+                          np.zeros((0, TOP_LOGPROBS), np.float32))
+        return Scores(*(np.concatenate(x) for x in zip(*((p.logprob, p.top_ids, p.top_logprobs) for p in parts))))
+
 
 def score_logits(logits, tokens, vocab_limit: int | None):
     """(logprob of `tokens`, top ids, their logprobs) from logits float32[..., vocab], tokens int32[...]."""
