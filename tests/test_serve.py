@@ -1,7 +1,9 @@
 """`jaxllm serve` as a real server process on 127.0.0.1, driven by the official `openai` client: chat and
 completions, streamed and not, stop strings, n > 1 and seeds, 16 concurrent clients getting exactly what
 each gets alone, capacity (503) and disconnecting clients freeing their slots, bad requests (400/401/404/
-413 with a message), SIGTERM finishing the requests in flight, and answers equal to `generate`'s. One
+413 with a message), SIGTERM finishing the requests in flight, and answers equal to `generate`'s;
+log-probabilities (echo, generated, chat, streamed, concurrent) equal to the full forward's, and the real
+lm-evaluation-harness scoring through the server (local tasks from harness_tasks.py). One
 server for the module: a tiny Llama 2 checkpoint with a LoRA adapter on top and the real Llama 2
 tokenizer, 4 slots on one device (test_serve_engine.py runs the engine on a mesh; 8 fake devices on 2
 cores would only slow every step here)."""
