@@ -1,7 +1,9 @@
 """`jaxllm serve` as a real server process on 127.0.0.1, driven by the official `openai` client: chat and
 completions, streamed and not, stop strings, n > 1 and seeds, 16 concurrent clients getting exactly what
 each gets alone, capacity (503) and disconnecting clients freeing their slots, bad requests (400/401/404/
-413 with a message), SIGTERM finishing the requests in flight, and answers equal to `generate`'s. One
+413 with a message), SIGTERM finishing the requests in flight, and answers equal to `generate`'s;
+log-probabilities (echo, generated, chat, streamed, concurrent) equal to the full forward's, and the real
+lm-evaluation-harness scoring through the server (local tasks from harness_tasks.py). One
 server for the module: a tiny Llama 2 checkpoint with a LoRA adapter on top and the real Llama 2
 tokenizer, 4 slots on one device (test_serve_engine.py runs the engine on a mesh; 8 fake devices on 2
 cores would only slow every step here)."""
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,8 +30,8 @@ from jaxllm.config import LoraSpec
 from jaxllm.inference import SamplingParams, generate
 from jaxllm.inference.detokenize import TextStream
 from jaxllm.inference.loading import load_model
-from jaxllm.models import get_preset, init_params
 from jaxllm.lora.model import leaf_paths, split, trainable_mask
+from jaxllm.models import forward, get_preset, init_params
 from jaxllm.tokenizer import Tokenizer, get_chat_template
 
 openai = pytest.importorskip("openai")
@@ -279,6 +282,192 @@ def test_port_in_use_is_refused_at_once(server, checkpoint, capsys):
     port = server.url.rsplit(":", 1)[1]
     assert cli(["serve", "--checkpoint", str(checkpoint), "--port", port]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---- log-probabilities and echo (what lm-evaluation-harness scores with) -----------------------------
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, adapter):
+    """log_softmax of the full forward (the adapted model the server runs): ids -> float32[len, vocab]."""
+    config, params = load_model(checkpoint, adapter=adapter)[:2]
+    return lambda ids: np.asarray(jax.nn.log_softmax(forward(config, params, jnp.asarray([ids]))[0], axis=-1))
+
+
+def greedy_reference(reference, prompt, n):
+    """n greedy ids after `prompt` by full forwards, and each one's log-probability."""
+    ids, logprobs = list(prompt), []
+    for _ in range(n):
+        lp = reference(ids)[-1]
+        ids.append(int(np.argmax(lp)))
+        logprobs.append(float(lp[ids[-1]]))
+    return ids[len(prompt):], logprobs
+
+
+TOK = Tokenizer.load(DATA / "llama2-32k.model")
+
+
+def post(server, path, body) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def test_echo_scores_the_prompt_as_the_full_forward(server, reference):
+    prompt = TOK.encode("Once upon a time there was a little", bos=True)
+    reply = post(server, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                             "logprobs": 5}).json()
+    choice = reply["choices"][0]
+    lp, full = choice["logprobs"], reference(prompt)
+    assert choice["text"] == TOK.decode(prompt) and reply["usage"]["completion_tokens"] == 0
+    assert choice["finish_reason"] == "length" and len(lp["tokens"]) == len(prompt)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before the first token
+    expected = [full[j - 1, prompt[j]] for j in range(1, len(prompt))]
+    np.testing.assert_allclose(lp["token_logprobs"][1:], expected, atol=1e-4)
+    texts = TextStream(TOK.decode)
+    strings = ["".join(texts.add(i)) for i in prompt]  # the detokenizer's text, token by token
+    assert lp["tokens"] == strings and "".join(strings) == choice["text"]
+    assert lp["text_offset"] == [sum(map(len, strings[:k])) for k in range(len(prompt))]
+    for j, top in enumerate(lp["top_logprobs"][1:], 1):
+        assert len(top) in (5, 6) and top[lp["tokens"][j]] == lp["token_logprobs"][j]
+        best = int(np.argmax(full[j - 1]))
+        assert abs(max(top.values()) - full[j - 1, best]) < 1e-4  # the argmax is among them
+    # a text prompt is echoed as given; several prompts in one request, each with its own logprobs
+    both = post(server, "/v1/completions", {"model": "tiny", "prompt": ["Once upon a time", "The cat"],
+                                            "max_tokens": 0, "echo": True, "logprobs": 0}).json()["choices"]
+    assert [c["text"] for c in both] == ["Once upon a time", "The cat"]
+    for c, text in zip(both, ["Once upon a time", "The cat"]):
+        ids = TOK.encode(text, bos=True)
+        full = reference(ids)
+        np.testing.assert_allclose(c["logprobs"]["token_logprobs"][1:],
+                                   [full[j - 1, ids[j]] for j in range(1, len(ids))], atol=1e-4)
+        assert all(len(top) == 1 for top in c["logprobs"]["top_logprobs"][1:])
+
+
+def test_generated_logprobs_are_the_full_forwards_and_stream_alike(server, client, reference):
+    prompt = TOK.encode("The weather today", bos=True)
+    ids, expected = greedy_reference(reference, prompt, 10)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 3, **LONG}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    lp = choice["logprobs"]
+    np.testing.assert_allclose(lp["token_logprobs"], expected, atol=1e-4)
+    texts = TextStream(TOK.decode, context=prompt[-8:])
+    assert lp["tokens"] == [texts.add(i) for i in ids] and "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:k])) for k in range(10)]
+    assert all(max(top.values()) == t for top, t in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy
+    # echo with new tokens: the prompt's logprobs, then the new ones, offsets into the whole text
+    echoed = post(server, "/v1/completions", {**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == TOK.decode(prompt) + choice["text"]
+    assert echoed["logprobs"]["token_logprobs"][len(prompt):] == lp["token_logprobs"]
+    assert echoed["logprobs"]["text_offset"][len(prompt):] == [len(TOK.decode(prompt)) + o for o in lp["text_offset"]]
+    # streamed: each chunk carries its tokens' logprobs; together they are the non-streamed ones
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "echo": True, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert len(parts) > 2
+    assert {k: sum((p[k] for p in parts), []) for k in parts[0]} == echoed["logprobs"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["text"]
+    # chat: logprobs.content, streamed and not
+    messages = [{"role": "user", "content": "Say something"}]
+    chat_prompt = get_chat_template("llama2-chat").prompt(TOK, messages)
+    chat_ids, chat_expected = greedy_reference(reference, chat_prompt, 6)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body=LONG)
+    content = reply.choices[0].logprobs.content
+    np.testing.assert_allclose([c.logprob for c in content], chat_expected, atol=1e-4)
+    texts = TextStream(TOK.decode)
+    assert [c.token for c in content] == [texts.add(i) for i in chat_ids]
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob == c.logprob for c in content)  # greedy: the best is the token
+    streamed = [e for chunk in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True,
+        extra_body=LONG) for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [c.model_dump() for c in content]
+
+
+def test_logprobs_of_concurrent_requests_equal_each_alone(server):
+    def ask(k):
+        if k % 3 == 0:  # lm-eval's loglikelihood request: score two prompts (+1 token) in one request
+            body = {"prompt": [TOK.encode(f"{k} apples and", bos=True), TOK.encode(f"{k} pears", bos=True)],
+                    "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        elif k % 3 == 1:
+            body = {"prompt": f"Story {k}:" + " go" * (k % 4), "max_tokens": 4 + k, "logprobs": 2, "temperature": 0,
+                    **LONG}
+        else:
+            body = {"prompt": f"Seeded {k}", "max_tokens": 8, "logprobs": 1, "temperature": 0.9, "seed": k, **LONG}
+        reply = post(server, "/v1/completions", {"model": "tiny", **body}).json()
+        return [(c["text"], c["logprobs"]) for c in reply["choices"]]
+
+    alone = [ask(k) for k in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(ask, range(12))) == alone
+
+
+def test_bad_logprobs_requests_get_400_naming_the_field(server, client):
+    for value in (21, -1):
+        reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": value})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "logprobs"
+        assert "logprobs" in reply.json()["error"]["message"]
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    for request, message in [(dict(chat, logprobs=True, top_logprobs=21), "top_logprobs"),
+                             (dict(chat, top_logprobs=2), "'top_logprobs' needs 'logprobs'")]:
+        with pytest.raises(openai.BadRequestError, match=message) as err:
+            client.chat.completions.create(**request)
+        assert err.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError, match="only allowed with echo") as err:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=0)
+
+
+def test_lm_eval_harness_scores_through_the_server(server, reference, tmp_path, monkeypatch):
+    """The real harness (local-completions, prompts sent as token ids, two per request) on a local
+    multiple-choice task: its log-likelihoods are the full forward's, its accuracy the one computed from
+    them; and a generate_until task through local-chat-completions."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from harness_tasks import hf_tokenizer, write_generate_task, write_multiple_choice_task
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    items = [{"question": "The capital of France is", "choices": ["Paris", "London", "a fish"], "answer": 0},
+             {"question": "Two plus two equals", "choices": ["four", "five"], "answer": 0},
+             {"question": "Once upon a", "choices": ["time", "table", "mountain top"], "answer": 0},
+             {"question": "The sky is", "choices": ["green", "blue"], "answer": 1}]
+    tasks = write_multiple_choice_task(tmp_path / "tasks", "jaxllm_tiny_mc", items)
+    write_generate_task(tasks, "jaxllm_tiny_gen", [{"question": "Say hi:", "answer": "hi"},
+                                                  {"question": "Count: one two", "answer": "three"}])
+    tokenizer = hf_tokenizer(tmp_path / "tokenizer", DATA / "llama2-32k.model")
+    manager = TaskManager(include_path=str(tasks))
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["jaxllm_tiny_mc"], task_manager=manager, log_samples=True,
+        model_args=f"base_url={server.url}/v1/completions,model=tiny,tokenizer={tokenizer},"
+                   f"tokenizer_backend=huggingface,batch_size=2,max_retries=1", cache_requests=False)
+    hf = AutoTokenizer.from_pretrained(tokenizer)
+    encode = lambda text: hf.encode(text, add_special_tokens=False)
+    correct = []
+    samples = sorted(out["samples"]["jaxllm_tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(items)
+    for sample, item in zip(samples, items):
+        scores = []
+        for (context, continuation), (ll, greedy) in zip(sample["arguments"], (r[0] for r in sample["resps"])):
+            whole, ctx = encode(context + continuation), encode(context)  # lm-eval's _encode_pair
+            full = reference(whole)
+            expected = [full[j - 1, whole[j]] for j in range(len(ctx), len(whole))]
+            assert abs(ll - sum(expected)) < 1e-4
+            assert greedy == all(full[j - 1].argmax() == whole[j] for j in range(len(ctx), len(whole)))
+            scores.append(sum(expected))
+        correct.append(float(np.argmax(scores) == item["answer"]))
+    assert out["results"]["jaxllm_tiny_mc"]["acc,none"] == pytest.approx(np.mean(correct))
+    gen = lm_eval.simple_evaluate(
+        model="local-chat-completions", tasks=["jaxllm_tiny_gen"], task_manager=manager, log_samples=True,
+        apply_chat_template=True, model_args=f"base_url={server.url}/v1/chat/completions,model=tiny,max_retries=1",
+        cache_requests=False)
+    answers = [s["resps"][0][0] for s in sorted(gen["samples"]["jaxllm_tiny_gen"], key=lambda s: s["doc_id"])]
+    for question, answer in zip(["Say hi:", "Count: one two"], answers):
+        reply = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": question}],
+                                                      "max_tokens": 8, "temperature": 0, "stop": ["\n"]}).json()
+        assert answer == reply["choices"][0]["message"]["content"]
+    assert gen["results"]["jaxllm_tiny_gen"]["exact_match,none"] == 0.0  # a random model
 
 
 @pytest.mark.slow

@@ -221,3 +221,47 @@ def test_every_family_decodes_in_slots_as_generate_does(name):
     for (_, _, prompt, _), tokens in zip(schedule, run(engine, schedule, 14)):
         assert tokens == alone(cfg, params, prompt, 14)
         assert max(tokens) < cfg.num_pieces  # padded embedding rows are never sampled
+
+
+def test_scores_are_the_full_forwards_on_a_mesh(llama):
+    """The prompt's Scores from the prefill that fills the slot, and each decoded token's from the logits
+    it was sampled from, equal log_softmax of a full forward (slots on a data x tensor mesh)."""
+    from jaxllm.inference.engine import TOP_LOGPROBS
+    from jaxllm.models import forward
+
+    cfg, params, engine = llama
+    full = lambda ids: np.asarray(jax.nn.log_softmax(forward(cfg, params, jnp.asarray([ids]))[0], axis=-1))
+    prompt = PROMPTS[3]
+    token, first, scores = engine.admit_scored(1, prompt, SlotSampling(), score_prompt=True)
+    reference = full(prompt)
+    assert len(scores) == len(prompt) - 1 and scores.top_ids.shape == (len(prompt) - 1, TOP_LOGPROBS)
+    np.testing.assert_allclose(scores.logprob, [reference[j - 1, prompt[j]] for j in range(1, len(prompt))], atol=1e-4)
+    np.testing.assert_array_equal(scores.top_ids[:, 0], reference[:-1].argmax(-1))
+    np.testing.assert_allclose(scores.top_logprobs, -np.sort(-reference[:-1], axis=-1)[:, :TOP_LOGPROBS], atol=1e-4)
+    assert token == reference[-1].argmax() and abs(first.logprob[0] - reference[-1, token]) < 1e-4
+    active, remaining = np.zeros(engine.slots, bool), np.zeros(engine.slots, np.int32)
+    active[1], remaining[1] = True, 1
+    tokens, valid, step = engine.step_scored(active, remaining)
+    reference = full(prompt + [token])[-1]
+    assert valid[0, 1] and tokens[0, 1] == reference.argmax()
+    assert abs(step.logprob[0, 1] - reference.max()) < 1e-4 and step.top_ids[0, 1, 0] == reference.argmax()
+    # unscored calls give the same tokens
+    assert engine.admit(1, prompt, SlotSampling()) == token
+
+
+def test_token_texts_give_each_token_its_string_bytes_and_offset():
+    """A byte-fallback piece past ASCII shows as `bytes:\\xNN` (its character joins the text with the last
+    byte); every token's bytes together are the text's UTF-8; offsets count the text before each token."""
+    from jaxllm.inference.detokenize import TokenTexts
+
+    tok = Tokenizer.load(DATA / "llama2-32k.model")
+    text = "月光😀 ok\n"
+    ids = tok.encode(text)
+    texts = TokenTexts(tok)
+    out = [texts.add(i) for i in ids]
+    assert texts.text == text == tok.decode(ids)
+    assert [s for s, _, _ in out] == ["", "月", "光", "bytes:\\xf0", "bytes:\\x9f", "bytes:\\x98", "bytes:\\x80",
+                                      " ok", "\n"]
+    assert bytes(b for _, bs, _ in out for b in bs) == text.encode()
+    assert [o for _, _, o in out] == [0, 0, 1, 2, 2, 2, 2, 3, 6]
+    assert TokenTexts(tok, context=ids[:3]).string(ids[7]) == " ok"  # an alternative after a context

@@ -4,7 +4,8 @@ thread, so the event loop stays free for clients while the device computes.
 
 Each request gets its text as it is decoded (`Stream`), ending at a stop id, a stop string, its token
 budget, its deadline or its cancellation (a client that went away): the slot is free at the next step.
-Knows nothing of HTTP.
+A request can ask for its tokens' log-probabilities (`logprobs`) and its prompt's (`score_prompt`, then
+max_tokens may be 0: the prompt is only scored). Knows nothing of HTTP.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxllm.inference.detokenize import TextStream
-from jaxllm.inference.engine import Engine, SlotSampling
+from jaxllm.inference.engine import Engine, Scores, SlotSampling
 
 log = logging.getLogger("jaxllm.serve")
 
@@ -30,25 +31,34 @@ class ServerFull(RuntimeError):
 
 @dataclasses.dataclass
 class Request:
-    """prompt: ids; max_tokens: new tokens at most; stop_strings end the text before them; context:
-    ids the text continues (a completion's prompt, for the first word's leading space); timeout: seconds
-    from submission."""
+    """prompt: ids; max_tokens: new tokens at most (0 only with score_prompt); stop_strings end the text
+    before them; context: ids the text continues (a completion's prompt, for the first word's leading
+    space); timeout: seconds from submission; logprobs: each new token's Scores in the events;
+    score_prompt: the prompt's Scores in the first event."""
     prompt: list[int]
     max_tokens: int
     sampling: SlotSampling = SlotSampling()
     stop_strings: tuple[str, ...] = ()
     context: Sequence[int] = ()
     timeout: float | None = None
+    logprobs: bool = False
+    score_prompt: bool = False
 
 
 @dataclasses.dataclass
 class Event:
     """A piece of text; the last event of a stream has `finish_reason` ("stop", "length", "timeout",
-    "cancelled" or "error", with `error` saying what went wrong). `tokens`: new tokens so far."""
+    "cancelled" or "error", with `error` saying what went wrong). `tokens`: new tokens so far. With
+    logprobs: `token_ids` are the new tokens since the last event and `logprobs` their Scores (every
+    generated token once, the stop id included, though the text may not show all of them yet);
+    `prompt` the prompt's Scores (tokens 1 onwards), in the first event of a request that asked."""
     text: str
     tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: Scores | None = None
+    prompt: Scores | None = None
 
 
 class Stream:
@@ -78,11 +88,13 @@ class Stream:
                 return
 
     async def result(self) -> Event:
-        """All the text as one event, with the finish reason."""
-        text = []
-        async for event in self:
-            text.append(event.text)
-        return dataclasses.replace(event, text="".join(text))
+        """All the text (and token ids, Scores) as one event, with the finish reason."""
+        events = [event async for event in self]
+        last, scored = events[-1], [e.logprobs for e in events if e.logprobs is not None]
+        prompt = next((e.prompt for e in events if e.prompt is not None), None)
+        return dataclasses.replace(last, text="".join(e.text for e in events),
+                                   token_ids=[i for e in events for i in e.token_ids],
+                                   logprobs=Scores.concat(scored) if self.request.logprobs else None, prompt=prompt)
 
 
 @dataclasses.dataclass
@@ -91,6 +103,16 @@ class _Running:
     text: TextStream
     remaining: int
     tokens: int = 0
+    ids: list[int] = dataclasses.field(default_factory=list)       # new tokens not yet in an event
+    scores: list[Scores] = dataclasses.field(default_factory=list)  # their Scores
+    prompt: Scores | None = None                                    # the prompt's, until the first event
+
+    def pending(self) -> dict:
+        """The event fields of what was not sent yet (then forgotten)."""
+        logprobs = Scores.concat(self.scores) if self.stream.request.logprobs else None
+        out = {"token_ids": self.ids, "logprobs": logprobs, "prompt": self.prompt}
+        self.ids, self.scores, self.prompt = [], [], None
+        return out
 
 
 class Batcher:
@@ -133,8 +155,8 @@ class Batcher:
         if len(request.prompt) > engine.max_prompt:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens; this server takes at most "
                              f"{engine.max_prompt}")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.max_tokens < (0 if request.score_prompt else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only when scoring the prompt), got {request.max_tokens}")
         if len(request.sampling.stop_ids) > engine.max_stop_ids:
             raise ValueError(f"at most {engine.max_stop_ids} stop ids, got {len(request.sampling.stop_ids)}")
 
@@ -172,17 +194,19 @@ class Batcher:
             remaining = np.zeros(self.engine.slots, np.int32)
             for slot, run in self.running.items():
                 active[slot], remaining[slot] = True, run.remaining
+            scored = any(run.stream.request.logprobs for run in self.running.values())
             try:
-                tokens, valid = await loop.run_in_executor(self._worker, self.engine.step, active, remaining)
+                tokens, valid, scores = await loop.run_in_executor(self._worker, self.engine.step_scored, active,
+                                                                   remaining, scored)
             except Exception as err:  # a device failure: every running request learns of it
                 log.exception("decode step failed")
                 for slot in list(self.running):
                     self._finish(slot, "error", f"decode failed: {err}")
                 continue
-            for step_tokens, step_valid in zip(tokens, valid):
+            for step, (step_tokens, step_valid) in enumerate(zip(tokens, valid)):
                 for slot in np.flatnonzero(step_valid):
                     if int(slot) in self.running:
-                        self._deliver(int(slot), int(step_tokens[slot]))
+                        self._deliver(int(slot), int(step_tokens[slot]), scores[step, slot:slot + 1])
 
     async def _admit(self, loop) -> None:
         free = [s for s in range(self.engine.slots) if s not in self.running]
@@ -196,18 +220,26 @@ class Batcher:
             self.running[slot] = _Running(stream, TextStream(self.decode, request.stop_strings, request.context),
                                           budget)
             try:
-                token = await loop.run_in_executor(self._worker, self.engine.admit, slot, request.prompt,
-                                                   request.sampling)
+                token, first, prompt = await loop.run_in_executor(
+                    self._worker, self.engine.admit_scored, slot, request.prompt, request.sampling,
+                    request.score_prompt)
             except Exception as err:
                 log.exception("prefill failed")
                 self._finish(slot, "error", f"prefill failed: {err}")
                 continue
-            self._deliver(slot, token)
+            self.running[slot].prompt = prompt
+            if budget <= 0:  # the prompt only scored: its first token is not wanted
+                self._finish(slot, "length")
+                continue
+            self._deliver(slot, token, first)
 
-    def _deliver(self, slot: int, token: int) -> None:
+    def _deliver(self, slot: int, token: int, scores: Scores) -> None:
         run = self.running[slot]
         run.tokens += 1
         run.remaining -= 1
+        if run.stream.request.logprobs:
+            run.ids.append(token)
+            run.scores.append(scores)
         if token in run.stream.request.sampling.stop_ids:
             self._finish(slot, "stop")
             return
@@ -216,8 +248,8 @@ class Batcher:
             self._finish(slot, "stop", piece=piece)
         elif run.remaining <= 0:
             self._finish(slot, "length", piece=piece)
-        elif piece:
-            run.stream.events.put_nowait(Event(piece, run.tokens))
+        elif piece or run.ids:
+            run.stream.events.put_nowait(Event(piece, run.tokens, **run.pending()))
 
     def _finish(self, slot: int, reason: str, error: str | None = None, piece: str = "") -> None:
         run = self.running.pop(slot)
@@ -225,7 +257,7 @@ class Batcher:
             piece += run.text.finish()
         run.stream.finished = True
         self.ended[reason] += 1
-        run.stream.events.put_nowait(Event(piece, run.tokens, reason, error))
+        run.stream.events.put_nowait(Event(piece, run.tokens, reason, error, **run.pending()))
 
     def _expired(self, stream: Stream) -> bool:
         return stream.deadline is not None and time.monotonic() > stream.deadline

@@ -10,6 +10,12 @@ step), ahead of time: serving never compiles, and a call that would need a new p
 Sampling settings, seeds and stop ids are per slot, so each request's tokens depend only on its own
 prompt, settings and seed: greedy requests get exactly the tokens they would get alone.
 
+Log-probabilities (`Scores`) come from the programs that serve the request: a prefill asked for them
+scores every prompt token from the same forward that fills the cache, and every token sampled comes with
+its log-probability and the `TOP_LOGPROBS` most likely ids at that position. They are the raw model's
+(log-softmax of the logits, padded vocabulary rows excluded), before repetition penalty, temperature,
+top-k and top-p, as vLLM returns by default; a request's scores depend only on its own tokens.
+
 The engine knows nothing of HTTP or asyncio; `jaxllm.inference.batcher` drives it.
 """
 from __future__ import annotations
@@ -26,8 +32,11 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.inference.generate import bucket, effective_vocab_limit
-from jaxllm.inference.sampling import sample_rows
-from jaxllm.models import decoding_layout, forward, init_kv_cache, is_unrolled, kv_cache_axes
+from jaxllm.inference.sampling import mask_vocab, sample_rows
+from jaxllm.models import Decoder, decoding_layout, forward, init_kv_cache, is_unrolled, kv_cache_axes
+from jaxllm.models.attention import target_platform
+
+TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's largest top_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,52 @@ class SlotSampling:
         """uint32[3]: the seed's low and high words and the subseed (the admit program makes the key)."""
         return np.asarray([self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF, self.subseed & 0xFFFFFFFF],
                           np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Log-probabilities of tokens at consecutive positions: logprob float32[n] of each token, top_ids
+    int32[n, TOP_LOGPROBS] and top_logprobs float32[n, TOP_LOGPROBS] the most likely ids there, best first."""
+    logprob: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.logprob)
+
+    def __getitem__(self, index) -> "Scores":
+        return Scores(self.logprob[index], self.top_ids[index], self.top_logprobs[index])
+
+    @staticmethod
+    def concat(parts: Sequence["Scores"]) -> "Scores":
+        if not parts:
+            return Scores(np.zeros(0, np.float32), np.zeros((0, TOP_LOGPROBS), np.int32),
+                          np.zeros((0, TOP_LOGPROBS), np.float32))
+        return Scores(*(np.concatenate(x) for x in zip(*((p.logprob, p.top_ids, p.top_logprobs) for p in parts))))
+
+
+def score_logits(logits, tokens, vocab_limit: int | None):
+    """(logprob of `tokens`, top ids, their logprobs) from logits float32[..., vocab], tokens int32[...]."""
+    logprobs = jax.nn.log_softmax(mask_vocab(logits.astype(jnp.float32), vocab_limit), axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top_logprobs
+
+
+def _no_scores(shape):
+    return (jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((*shape, TOP_LOGPROBS), jnp.float32))
+
+
+def lm_head(config: ModelConfig, params, hidden):
+    """logits float32[batch, len, vocab] from the final-normed hidden states [batch, len, embed], as
+    `forward` computes them (on CPU one 2-D matmul, as the decoder does)."""
+    w = Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, method=Decoder.output_matrix)
+    if target_platform() == "cpu":
+        lead = hidden.shape[:-1]
+        out = (hidden.reshape(-1, hidden.shape[-1]) @ w).reshape(*lead, w.shape[-1])
+    else:
+        out = jnp.einsum("bte,ev->btv", hidden, w)
+    return out.astype(jnp.float32)
 
 
 def request_key(seed_words):
@@ -79,7 +134,8 @@ class Engine:
     `admit(slot, prompt, sampling)` prefills a prompt into a free slot and returns its first token;
     `step(active, remaining)` advances every active slot by `decode_steps` tokens. The host owns which
     slots are active; the device stops a slot inside a multi-step call at a stop id, at its token budget
-    or at the end of its cache rows, and says which tokens are real (`valid`).
+    or at the end of its cache rows, and says which tokens are real (`valid`). `admit_scored` and
+    `step_scored` do the same and return the tokens' `Scores` too (and the prompt's, when asked).
     """
 
     def __init__(self, config: ModelConfig, params, *, slots: int = 8, max_len: int | None = None, mesh=None,
@@ -186,14 +242,24 @@ class Engine:
     def _compile_admit(self, size: int):
         config, max_len = self.config, self.max_len
 
-        def admit(params, state, slot, tokens, length, settings, seed_words, stop_ids):
-            """Prefill tokens int32[size] (the prompt at the end, `length` real tokens) into `slot`."""
+        vocab_limit = self.vocab_limit
+
+        def admit(params, state, slot, tokens, length, settings, seed_words, stop_ids, score_prompt):
+            """Prefill tokens int32[size] (the prompt at the end, `length` real tokens) into `slot`; with
+            `score_prompt`, the prompt's Scores too (entry j for prompt token j; entry 0 is meaningless)."""
             shift = size - length
             columns = jnp.arange(size)
             segments = (columns >= shift).astype(jnp.int32)[None]
             positions = jnp.maximum(columns - shift, 0)[None]
             cache = init_kv_cache(config, 1, size, per_layer=is_unrolled(params))
-            logits, cache = forward(config, params, tokens[None], positions, segments, cache, last_only=True)
+            hidden, cache = forward(config, params, tokens[None], positions, segments, cache, return_hidden=True)
+            logits = lm_head(config, params, hidden[:, -1:])
+
+            def prompt_scores(hidden):  # column c's logits score the token at column c + 1
+                scores = score_logits(lm_head(config, params, hidden)[0, :-1], tokens[1:], vocab_limit)
+                return tuple(jnp.roll(jnp.concatenate([jnp.zeros_like(x[:1]), x]), -shift, axis=0) for x in scores)
+
+            prompt = jax.lax.cond(score_prompt, prompt_scores, lambda hidden: _no_scores((size,)), hidden)
             big = state["cache"]
 
             def place(whole, prompt):  # the prompt moved to columns [0, length): the slot decodes from `length`
@@ -214,19 +280,20 @@ class Engine:
             token = self._sample(state, logits[:, -1], rows=slot[None])[0]
             state = {**state, "token": state["token"].at[slot].set(token), "count": state["count"].at[slot].set(1),
                      "seen": state["seen"].at[slot, token].set(True)}
-            return state, token
+            return state, (token, score_logits(logits[0, -1], token, vocab_limit), prompt)
 
         i32, f32 = jnp.int32, jnp.float32
         args = (self._spec((), i32), self._spec((size,), i32), self._spec((), i32),
                 (self._spec((), f32), self._spec((), i32), self._spec((), f32), self._spec((), f32)),
-                self._spec((3,), jnp.uint32), self._spec((self.max_stop_ids,), i32))
+                self._spec((3,), jnp.uint32), self._spec((self.max_stop_ids,), i32), self._spec((), bool))
         return self._compile(admit, args, rules=_replicated_batch_rules())
 
     def _compile_decode(self):
-        config, max_len, steps = self.config, self.max_len, self.decode_steps
+        config, max_len, steps, vocab_limit = self.config, self.max_len, self.decode_steps, self.vocab_limit
 
-        def decode(params, state, active, remaining):
-            """`steps` tokens for every active slot: tokens, valid int32/bool[steps, slots]."""
+        def decode(params, state, active, remaining, scored):
+            """`steps` tokens for every active slot: tokens, valid int32/bool[steps, slots], and with
+            `scored` their Scores ([steps, slots, ...])."""
             rows = jnp.arange(active.shape[0])
 
             def one(carry, _):
@@ -242,19 +309,22 @@ class Engine:
                 state = {**state, "token": token, "count": state["count"] + active,
                          "seen": state["seen"].at[rows, token].set(state["seen"][rows, token] | active)}
                 still = active & ~stopped & (remaining > 0) & (new["index"] < max_len)
-                return (state, still, remaining), (token, active)
+                scores = jax.lax.cond(scored, lambda: score_logits(logits[:, -1], token, vocab_limit),
+                                      lambda: _no_scores(token.shape))
+                return (state, still, remaining), (token, active, scores)
 
-            (state, _, _), (tokens, valid) = jax.lax.scan(one, (state, active, remaining), None, length=steps)
-            return state, (tokens, valid)
+            (state, _, _), (tokens, valid, scores) = jax.lax.scan(one, (state, active, remaining), None, length=steps)
+            return state, (tokens, valid, scores)
 
-        return self._compile(decode, (self._spec((self.slots,), bool), self._spec((self.slots,), jnp.int32)))
+        return self._compile(decode, (self._spec((self.slots,), bool), self._spec((self.slots,), jnp.int32),
+                                      self._spec((), bool)))
 
     def _warm_up(self) -> None:
         """Run every program once (slot 0, then left inactive): first runs pay one-off set-up costs that a
         first request should not."""
         for size in self.buckets:
-            self.admit(0, [0] * size, SlotSampling())
-        self.step(np.zeros(self.slots, bool), np.zeros(self.slots, np.int32))
+            self.admit_scored(0, [0] * size, SlotSampling(), score_prompt=True)
+        self.step_scored(np.zeros(self.slots, bool), np.zeros(self.slots, np.int32))
 
     # -- host API --------------------------------------------------------------------------------------
 
@@ -267,6 +337,12 @@ class Engine:
 
     def admit(self, slot: int, prompt: Sequence[int], sampling: SlotSampling) -> int:
         """Prefill `prompt` (ids) into `slot` (whatever it held before) and return the first new token."""
+        return self.admit_scored(slot, prompt, sampling)[0]
+
+    def admit_scored(self, slot: int, prompt: Sequence[int], sampling: SlotSampling, score_prompt: bool = False
+                     ) -> tuple[int, Scores, Scores | None]:
+        """`admit`, and the first token's Scores (length 1); with `score_prompt`, the prompt's too (length
+        len(prompt) - 1: tokens 1 onwards, each given the ones before it)."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is not in [0, {self.slots})")
         if not len(prompt):
@@ -280,17 +356,26 @@ class Engine:
         stop_ids[:len(sampling.stop_ids)] = sampling.stop_ids
         settings = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
                     np.float32(sampling.repetition_penalty))
-        self.state, token = self._admit[size](self.params, self.state, np.int32(slot), tokens,
-                                              np.int32(len(prompt)), settings, sampling.seed_words(), stop_ids)
-        return int(token)
+        self.state, (token, first, scores) = self._admit[size](
+            self.params, self.state, np.int32(slot), tokens, np.int32(len(prompt)), settings, sampling.seed_words(),
+            stop_ids, np.bool_(score_prompt))
+        first = Scores(*(np.asarray(x)[None] for x in first))
+        scores = Scores(*(np.asarray(x)[1:len(prompt)] for x in scores)) if score_prompt else None
+        return int(token), first, scores
 
     def step(self, active: np.ndarray, remaining: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Advance the `active` slots (bool[slots]) by up to `decode_steps` tokens each, at most
         `remaining` (int[slots]) more. Returns tokens int32[decode_steps, slots] and valid
         bool[decode_steps, slots] (a slot's tokens after it stopped are not valid)."""
-        self.state, (tokens, valid) = self._decode(self.params, self.state, np.asarray(active, bool),
-                                                   np.asarray(remaining, np.int32))
-        return np.asarray(tokens), np.asarray(valid)
+        tokens, valid, _ = self.step_scored(active, remaining, scored=False)
+        return tokens, valid
+
+    def step_scored(self, active: np.ndarray, remaining: np.ndarray, scored: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, Scores]:
+        """`step`, and with `scored` the tokens' Scores ([decode_steps, slots, ...]; zeros without)."""
+        self.state, (tokens, valid, scores) = self._decode(self.params, self.state, np.asarray(active, bool),
+                                                           np.asarray(remaining, np.int32), np.bool_(scored))
+        return np.asarray(tokens), np.asarray(valid), Scores(*(np.asarray(x) for x in scores))
 
     def cache_bytes(self) -> int:
         """Bytes of the KV cache over all devices."""

@@ -22,9 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from jaxllm.inference.batcher import Batcher, Event, Request, ServerFull, Stream
+from jaxllm.inference.detokenize import TokenTexts
 from jaxllm.inference.engine import Engine, SlotSampling
 from jaxllm.inference.sampling import FAMILY_DEFAULTS, SamplingParams
-from jaxllm.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_message
+from jaxllm.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs,
+                                   merge_logprobs, validation_message)
 from jaxllm.tokenizer import TokenizerError, get_chat_template, template_for_family
 
 
@@ -117,8 +119,9 @@ class Service:
                 raise APIError(400, f"prompt token {i} is outside the vocabulary [0, {limit})", param="prompt")
         return list(prompt)
 
-    def requests(self, body, prompt: list[int], stop_ids, context=()) -> list[Request]:
-        """One batcher request per choice (n), with the body's settings or the family's defaults."""
+    def requests(self, body, prompt: list[int], stop_ids, context=(), score_prompt: bool = False) -> list[Request]:
+        """One batcher request per choice (n), with the body's settings or the family's defaults; the
+        new tokens' log-probabilities when the body asks for them, the prompt's with `score_prompt`."""
         engine, limits = self.engine, self.limits
         if len(prompt) > engine.max_prompt:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this server takes at most "
@@ -142,7 +145,8 @@ class Service:
             temperature=d.temperature if body.temperature is None else body.temperature, top_k=top_k,
             top_p=d.top_p if body.top_p is None else body.top_p,
             repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
-            seed=seed, subseed=choice, stop_ids=stop_ids), tuple(body.stop or ()), context, limits.request_timeout)
+            seed=seed, subseed=choice, stop_ids=stop_ids), tuple(body.stop or ()), context, limits.request_timeout,
+            logprobs=body.top_n() is not None, score_prompt=score_prompt)
             for choice in range(body.n)]
 
     def submit(self, requests: list[Request]) -> list[Stream]:
@@ -285,42 +289,75 @@ def create_app(service: Service) -> FastAPI:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
         usage = lambda events: {"prompt_tokens": len(prompt), "completion_tokens": sum(e.tokens for e in events),
                                 "total_tokens": len(prompt) + sum(e.tokens for e in events)}
+        top_n = body.top_n()
+        texts = [TokenTexts(service.tok) for _ in streams]  # per choice: its tokens' strings so far
+        logprobs = lambda i, e: None if top_n is None else {"content": chat_logprobs(texts[i], e.token_ids,
+                                                                                     e.logprobs, top_n)}
         if body.stream:
             return _stream(streams, head, "chat.completion.chunk", usage,
                            body.stream_options is not None and body.stream_options.include_usage,
-                           lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None,
-                                            "finish_reason": None},
+                           lambda i, e, first: [{"index": i, "delta": {"content": e.text}, "logprobs": logprobs(i, e),
+                                                 "finish_reason": None}] if e.text or e.token_ids else [],
                            lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None},
                            lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason})
         events = await _collect(http, streams)
         _raise_failure(events)
         return {**head, "object": "chat.completion", "usage": usage(events),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": e.text}, "logprobs": None,
-                             "finish_reason": e.finish_reason} for i, e in enumerate(events)]}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": e.text},
+                             "logprobs": logprobs(i, e), "finish_reason": e.finish_reason}
+                            for i, e in enumerate(events)]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: HTTPRequest):
         service.check_model(body.model)
         body.refuse_unsupported()
         prompts = [service.completion_prompt(p) for p in body.prompts()]
-        requests = [r for p in prompts for r in service.requests(body, p, [service.tok.eos_id], context=p[-8:])]
+        requests = [r for p in prompts for r in service.requests(body, p, [service.tok.eos_id], context=p[-8:],
+                                                                 score_prompt=body.echo)]
         streams = service.submit(requests)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
         prompt_tokens = sum(len(p) for p in prompts)
         usage = lambda events: {"prompt_tokens": prompt_tokens, "completion_tokens": sum(e.tokens for e in events),
                                 "total_tokens": prompt_tokens + sum(e.tokens for e in events)}
+        top_n = body.top_n()
+        # per choice: its tokens' strings so far; offsets count from the echoed prompt, else the new text
+        texts = [TokenTexts(service.tok, () if body.echo else r.context) for r in requests]
+
+        def pieces(i, event: Event, first: bool) -> list[tuple[str, dict | None]]:
+            """(text, logprobs) of the echoed prompt (with the first event) and of the event's tokens."""
+            out = []
+            if first and body.echo:
+                prompt = requests[i].prompt
+                if top_n is None:
+                    for token in prompt:
+                        texts[i].add(token)
+                    out.append((texts[i].text, None))
+                else:
+                    part = completion_logprobs(texts[i], prompt, event.prompt, top_n, first=True)
+                    out.append((texts[i].text, part))
+            if top_n is not None and event.token_ids:
+                out.append((event.text, completion_logprobs(texts[i], event.token_ids, event.logprobs, top_n)))
+            elif event.text:
+                out.append((event.text, None))
+            return out
+
         if body.stream:
             return _stream(streams, head, "text_completion", usage,
                            body.stream_options is not None and body.stream_options.include_usage,
-                           lambda i, text: {"index": i, "text": text, "logprobs": None, "finish_reason": None},
+                           lambda i, e, first: [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}
+                                                for text, lp in pieces(i, e, first)],
                            None,
                            lambda i, reason: {"index": i, "text": "", "logprobs": None, "finish_reason": reason})
         events = await _collect(http, streams)
         _raise_failure(events)
-        return {**head, "object": "text_completion", "usage": usage(events),
-                "choices": [{"index": i, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
-                            for i, e in enumerate(events)]}
+        choices = []
+        for i, e in enumerate(events):
+            parts = pieces(i, e, first=True)
+            logprobs = None if top_n is None else merge_logprobs([lp for _, lp in parts if lp is not None])
+            choices.append({"index": i, "text": "".join(text for text, _ in parts), "logprobs": logprobs,
+                            "finish_reason": e.finish_reason})
+        return {**head, "object": "text_completion", "usage": usage(events), "choices": choices}
 
     return app
 
@@ -332,14 +369,16 @@ def _raise_failure(events: list[Event]) -> None:
             raise error
 
 
-def _stream(streams, head, kind, usage, include_usage, text_choice, first_choice, finish_choice):
-    """Server-sent events: a chunk per piece of text and per finished choice, the usage when asked for,
-    then [DONE]. The client going away cancels every choice (Starlette cancels this generator)."""
+def _stream(streams, head, kind, usage, include_usage, event_choices, first_choice, finish_choice):
+    """Server-sent events: a chunk per choice `event_choices(i, event, first)` gives for an event (a piece
+    of text, its tokens' log-probabilities), one per finished choice, the usage when asked for, then
+    [DONE]. The client going away cancels every choice (Starlette cancels this generator)."""
 
     async def events():
         chunk = lambda choices, **extra: _sse({**head, "object": kind, "choices": choices, **extra,
                                                **({"usage": None} if include_usage and "usage" not in extra else {})})
         finished: list[Event] = [None] * len(streams)
+        started = [False] * len(streams)
         try:
             if first_choice is not None:
                 yield chunk([first_choice(i) for i in range(len(streams))])
@@ -348,8 +387,9 @@ def _stream(streams, head, kind, usage, include_usage, text_choice, first_choice
                 if error is not None:
                     yield _sse(error.body())
                     return
-                if event.text:
-                    yield chunk([text_choice(i, event.text)])
+                for choice in event_choices(i, event, not started[i]):
+                    yield chunk([choice])
+                started[i] = True
                 if event.finish_reason is not None:
                     finished[i] = event
                     yield chunk([finish_choice(i, event.finish_reason)])

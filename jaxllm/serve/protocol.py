@@ -1,8 +1,11 @@
 """The OpenAI request bodies `jaxllm serve` accepts, validated by pydantic, and its error shape.
 
 Unknown fields are refused (as OpenAI does), and so are OpenAI features this server does not implement
-(tools, logprobs, penalties other than repetition_penalty…), each with a message naming it. Extensions
-shared with vLLM: `top_k`, `repetition_penalty`, `ignore_eos`.
+(tools, penalties other than repetition_penalty…), each with a message naming it. Extensions shared with
+vLLM: `top_k`, `repetition_penalty`, `ignore_eos`.
+
+Log-probabilities are shaped here: the legacy completions object (`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`) and chat's `logprobs.content` (`token`, `logprob`, `bytes`, `top_logprobs`).
 """
 from __future__ import annotations
 
@@ -10,9 +13,13 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from jaxllm.inference.detokenize import TokenTexts
+from jaxllm.inference.engine import TOP_LOGPROBS, Scores
+
 # OpenAI parameters that are understood but not implemented: refused when set to anything but off.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-               "top_logprobs", "suffix")
+               "suffix")
+TopN = Annotated[int, Field(ge=0, le=TOP_LOGPROBS)]  # alternatives per position
 
 
 class APIError(Exception):
@@ -72,7 +79,6 @@ class _Sampling(BaseModel):
     function_call: Union[str, dict, None] = None
     parallel_tool_calls: bool | None = None
     logit_bias: dict | None = None
-    top_logprobs: int | None = None
     suffix: str | None = None
 
     @field_validator("stop")
@@ -99,42 +105,91 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
+    top_logprobs: TopN | None = None
     response_format: dict | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def top_n(self) -> int | None:
+        """Alternatives per token, or None without logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, Annotated[list[str], Field(min_length=1)], Annotated[list[StrictInt], Field(min_length=1)],
                   Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 with echo: score the prompt only
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: TopN | None = None
     best_of: int | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        for name in ("echo", "logprobs"):
-            if getattr(self, name) not in (None, False):
-                raise APIError(400, f"'{name}' is not supported by this server", param=name)
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens")
         if self.best_of not in (None, self.n):
             raise APIError(400, "'best_of' other than n is not supported by this server", param="best_of")
 
     def new_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
 
+    def top_n(self) -> int | None:
+        return self.logprobs
+
     def prompts(self) -> list:
         """Each prompt: text, or a list of token ids."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
         return list(self.prompt)
+
+
+def completion_logprobs(texts: TokenTexts, ids, scores: Scores, top_n: int, first: bool = False) -> dict:
+    """The legacy completions `logprobs` of tokens `ids` with their Scores, appended to `texts` (whose
+    offsets are into the returned text). `first`: ids[0] is the prompt's first token, which has no
+    log-probability (null, as OpenAI's echo); `scores` then cover ids[1:]."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, token in enumerate(ids):
+        j, top = k - first, None
+        if j >= 0:  # the top_n most likely, and the token itself (so up to top_n + 1 entries, as OpenAI)
+            top = {}
+            for alt, lp in zip(scores.top_ids[j, :top_n], scores.top_logprobs[j, :top_n]):
+                top.setdefault(texts.string(int(alt)), float(lp))
+        string, _, offset = texts.add(token)
+        if top is not None:
+            top.setdefault(string, float(scores.logprob[j]))
+        out["tokens"].append(string)
+        out["token_logprobs"].append(None if j < 0 else float(scores.logprob[j]))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+    return out
+
+
+def chat_logprobs(texts: TokenTexts, ids, scores: Scores, top_n: int) -> list[dict]:
+    """Chat's `logprobs.content` entries for tokens `ids` with their Scores, appended to `texts`."""
+    content = []
+    for j, token in enumerate(ids):
+        top = []
+        for alt, lp in zip(scores.top_ids[j, :top_n], scores.top_logprobs[j, :top_n]):
+            string = texts.string(int(alt))
+            top.append({"token": string, "logprob": float(lp), "bytes": texts.token_bytes(int(alt), string)})
+        string, token_bytes, _ = texts.add(token)
+        content.append({"token": string, "logprob": float(scores.logprob[j]), "bytes": token_bytes,
+                        "top_logprobs": top})
+    return content
+
+
+def merge_logprobs(parts: list[dict]) -> dict:
+    """One completions `logprobs` object from consecutive ones."""
+    return {key: [x for part in parts for x in part[key]]
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def validation_message(errors) -> tuple[str, str | None]:
