@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", help="write {prompt, completion, tokens} jsonl here")
     parser.add_argument("--chat", action="store_true", help="apply the family's chat template")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the generation to DIR "
+                                                         "(tensorboard --logdir DIR: Profile tab)")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
 
@@ -115,25 +117,30 @@ def main(argv: list[str]) -> int:
         return 2
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     rng = jax.random.key(args.seed)
+    from jaxllm.train.profile import trace
+
     try:
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            rng, key = jax.random.split(rng)
-            result = generate(config, params, encoded[start:start + args.batch_size], sampling, key,
-                              stop_ids=stop_ids, pad_id=tok.pad_id, mesh=mesh, stop_strings=stops,
-                              decode=tok.decode, vocab_limit=tok.vocab_size)
-            for prompt, ids in zip(chunk, result.tokens):
-                text = tok.decode([i for i in ids if i not in stop_ids])
-                cut = find_stop(text, stops)
-                text = text if cut is None else text[:cut]
-                if out:
-                    out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": len(ids)},
-                                         ensure_ascii=False) + "\n")
-                else:
-                    print(f"{prompt}{text}\n")
+        with trace(args.profile):
+            for start in range(0, len(prompts), args.batch_size):
+                chunk = prompts[start:start + args.batch_size]
+                rng, key = jax.random.split(rng)
+                result = generate(config, params, encoded[start:start + args.batch_size], sampling, key,
+                                  stop_ids=stop_ids, pad_id=tok.pad_id, mesh=mesh, stop_strings=stops,
+                                  decode=tok.decode, vocab_limit=tok.vocab_size)
+                for prompt, ids in zip(chunk, result.tokens):
+                    text = tok.decode([i for i in ids if i not in stop_ids])
+                    cut = find_stop(text, stops)
+                    text = text if cut is None else text[:cut]
+                    if out:
+                        out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": len(ids)},
+                                             ensure_ascii=False) + "\n")
+                    else:
+                        print(f"{prompt}{text}\n")
     finally:
         if out:
             out.close()
     if out:
         print(f"wrote {len(prompts)} completions to {args.output}")
+    if args.profile:
+        print(f"profile written to {args.profile} (tensorboard --logdir {args.profile})")
     return 0

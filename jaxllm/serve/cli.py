@@ -50,6 +50,8 @@ def _args(argv):
                         help="require this bearer token (default: $JAXLLM_API_KEY; none: open)")
     parser.add_argument("--decode-steps", type=int, default=1, help="decode steps per device call (more: fewer "
                         "host round trips, later joins)")
+    parser.add_argument("--profile", metavar="DIR", help="trace the server from the opened port to shutdown with "
+                                                         "jax.profiler into DIR (tensorboard --logdir DIR)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser.parse_args(argv)
 
@@ -139,8 +141,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     server = _server_class(uvicorn)(uvicorn.Config(app, log_level=args.log_level, lifespan="on",
                                                    timeout_graceful_shutdown=None))
-    server.run(sockets=[sock])
-    print("jaxllm serve: stopped", flush=True)
+    from jaxllm.train.profile import trace
+    with trace(args.profile):
+        server.run(sockets=[sock])
+    print("jaxllm serve: stopped" + (f"; profile written to {args.profile}" if args.profile else ""), flush=True)
     return 0
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     batch_size: int = 8               # rows per optimizer step, over all hosts
     grad_accum: int = 1               # micro-batches per step (batch_size / grad_accum rows each)
     max_nan_streak: int = 10          # consecutive non-finite losses that stop the run (after a save)
+    profile: str | None = None        # START:STOP: a jax.profiler trace of those steps into RUN/tb (TensorBoard)
 
 
 @dataclass
