@@ -98,6 +98,25 @@ def test_alibi_offsets_are_the_einsum_bias():
                                reference(q, k, v, seg, pos, slopes), **TOL)
 
 
+def test_alibi_flash_in_bfloat16_is_close_to_einsum():
+    """bfloat16 operands (float32 statistics and accumulators in the kernel) stay at bfloat16's precision."""
+    seg, pos = packed_rows(1, 128, [[40, 88]])
+    keys = jax.random.split(jax.random.PRNGKey(9), 4)
+    q = jax.random.normal(keys[0], (1, 128, 4, 32)).astype(jnp.bfloat16)
+    k, v = (jax.random.normal(key, (1, 128, 2, 32)).astype(jnp.bfloat16) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape)
+    slopes = alibi_slopes(4)
+    loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent))
+    fused = lambda q, k, v: alibi_flash.attention(q, k, v, seg, pos, slopes, block=64)
+    ref = lambda q, k, v: reference(q, k, v, seg, pos, slopes)
+    got = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(jax.jit(fused)(q, k, v).astype(np.float32), ref(q, k, v).astype(np.float32), atol=2e-2)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-2 * scale)
+
+
 @pytest.mark.parametrize("preset,remat", [("llama2-tiny", "save_qkv_out"), ("baichuan-13b-tiny", "full")])
 def test_tiny_model_loss_and_grads_match_reference(preset, remat):
     """attention=splash (splash for RoPE, the ALiBi kernel for ALiBi) gives the reference's loss and

@@ -163,42 +163,55 @@ def _params(n_parallel: int):
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
 
-def _q_side(x):
-    """int32[b, s] → [b, 1, s]: tiles (1, block) for the query side (read as columns) and the key side."""
+def _as_rows(x):
+    """int32[b, s] → [b, 1, s]: (1, block) tiles, read as rows on the key side and as columns on the query side."""
     return x[:, None, :]
+
+
+def _query_major_specs(bq, bkv, head_dim, group):
+    """BlockSpecs for a grid (batch, head, q tile i, kv tile j): q-side tiles follow i, k/v-side tiles follow j
+    up to the last one q tile i sees (then repeat it: skipped tiles need no copy). Returns the q tile, the
+    k/v tile, the [segment q, segment kv, position q, position kv] tiles and the per-query statistic tile."""
+    last_kv = lambda i: (i * bq + bq - 1) // bkv
+    q_tile = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, _: (b, h, i, 0))
+    kv_tile = pl.BlockSpec((None, None, bkv, head_dim), lambda b, h, i, j, _: (b, h // group, jnp.minimum(j, last_kv(i)), 0))
+    q_row = pl.BlockSpec((None, 1, bq), lambda b, h, i, j, _: (b, 0, i))
+    kv_row = pl.BlockSpec((None, 1, bkv), lambda b, h, i, j, _: (b, 0, jnp.minimum(j, last_kv(i))))
+    stat = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, _: (b, h, 0, i))
+    return q_tile, kv_tile, [q_row, kv_row, q_row, kv_row], stat
+
+
+def _key_major_specs(bq, bkv, head_dim, group, q_blocks):
+    """The same for a grid (batch, KV head g, kv tile j, t): t runs over (query head of g, q tile), the
+    reduction of dk and dv; q tiles before the first one that sees kv tile j repeat that one."""
+    head = lambda g, t: g * group + t // q_blocks
+    q_index = lambda j, t: jnp.maximum(t % q_blocks, (j * bkv) // bq)
+    q_tile = pl.BlockSpec((None, None, bq, head_dim), lambda b, g, j, t, _: (b, head(g, t), q_index(j, t), 0))
+    kv_tile = pl.BlockSpec((None, None, bkv, head_dim), lambda b, g, j, t, _: (b, g, j, 0))
+    q_row = pl.BlockSpec((None, 1, bq), lambda b, g, j, t, _: (b, 0, q_index(j, t)))
+    kv_row = pl.BlockSpec((None, 1, bkv), lambda b, g, j, t, _: (b, 0, j))
+    stat = pl.BlockSpec((None, None, 1, bq), lambda b, g, j, t, _: (b, head(g, t), 0, q_index(j, t)))
+    return q_tile, kv_tile, [q_row, kv_row, q_row, kv_row], stat
 
 
 def _forward(q, k, v, seg, pos, slopes, interpret, block):
     """q [b, h, s, d], k/v [b, kv, s, d] (kernel layout) → out [b, h, s, d], lse float32[b, h, 1, s]."""
     batch, heads, length, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group, bq = heads // kv_heads, block or block_size(length)
+    group, bq = heads // k.shape[1], block or block_size(length)
     bkv, n = bq, length // bq
-    seg3, pos3 = _q_side(seg), _q_side(pos)
-    last_kv = lambda i: (i * bq + bq - 1) // bkv  # the last kv tile query tile i sees
-    q_map = lambda b, h, i, j, _: (b, h, i, 0)
-    kv_map = lambda b, h, i, j, _: (b, h // group, jnp.minimum(j, last_kv(i)), 0)
-    qrow_map = lambda b, h, i, j, _: (b, 0, i)
-    krow_map = lambda b, h, i, j, _: (b, 0, jnp.minimum(j, last_kv(i)))
-    kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(head_dim), bq=bq, bkv=bkv, kv_blocks=n)
-    out, lse = pl.pallas_call(
-        kernel,
+    q_tile, kv_tile, rows, stat = _query_major_specs(bq, bkv, head_dim, group)
+    seg, pos = _as_rows(seg), _as_rows(pos)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(head_dim), bq=bq, bkv=bkv, kv_blocks=n),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(batch, heads, n, n),
-            in_specs=[pl.BlockSpec((None, None, bq, head_dim), q_map),
-                      pl.BlockSpec((None, None, bkv, head_dim), kv_map),
-                      pl.BlockSpec((None, None, bkv, head_dim), kv_map),
-                      pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, 1, bkv), krow_map),
-                      pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, 1, bkv), krow_map)],
-            out_specs=[pl.BlockSpec((None, None, bq, head_dim), q_map),
-                       pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, _: (b, h, 0, i))],
+            in_specs=[q_tile, kv_tile, kv_tile, *rows], out_specs=[q_tile, stat],
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, head_dim), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, 1, length), jnp.float32)],
         compiler_params=_params(3), interpret=interpret, name="alibi_flash_fwd",
-    )(slopes, q, k, v, seg3, seg3, pos3, pos3)
-    return out, lse
+    )(slopes, q, k, v, seg, seg, pos, pos)
 
 
 def _backward(q, k, v, seg, pos, slopes, out, lse, d_out, interpret, block):
@@ -207,55 +220,30 @@ def _backward(q, k, v, seg, pos, slopes, out, lse, d_out, interpret, block):
     group, bq = heads // kv_heads, block or block_size(length)
     bkv, n = bq, length // bq
     scale = 1.0 / math.sqrt(head_dim)
-    seg3, pos3 = _q_side(seg), _q_side(pos)
+    seg, pos = _as_rows(seg), _as_rows(pos)
     di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]  # [b, h, 1, s]
 
-    last_kv = lambda i: (i * bq + bq - 1) // bkv
-    q_map = lambda b, h, i, j, _: (b, h, i, 0)
-    kv_map = lambda b, h, i, j, _: (b, h // group, jnp.minimum(j, last_kv(i)), 0)
-    qrow_map = lambda b, h, i, j, _: (b, 0, i)
-    krow_map = lambda b, h, i, j, _: (b, 0, jnp.minimum(j, last_kv(i)))
-    stat_map = lambda b, h, i, j, _: (b, h, 0, i)
-    q_tile, kv_tile = pl.BlockSpec((None, None, bq, head_dim), q_map), pl.BlockSpec((None, None, bkv, head_dim), kv_map)
+    q_tile, kv_tile, rows, stat = _query_major_specs(bq, bkv, head_dim, group)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=bq, bkv=bkv, kv_blocks=n),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(batch, heads, n, n),
-            in_specs=[q_tile, kv_tile, kv_tile,
-                      pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, 1, bkv), krow_map),
-                      pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, 1, bkv), krow_map),
-                      pl.BlockSpec((None, None, 1, bq), stat_map), pl.BlockSpec((None, None, 1, bq), stat_map),
-                      q_tile],
-            out_specs=q_tile,
+            in_specs=[q_tile, kv_tile, kv_tile, *rows, stat, stat, q_tile], out_specs=q_tile,
             scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(3), interpret=interpret, name="alibi_flash_dq",
-    )(slopes, q, k, v, seg3, seg3, pos3, pos3, lse, di, d_out)
+    )(slopes, q, k, v, seg, seg, pos, pos, lse, di, d_out)
 
-    # dk, dv: for KV tile j of KV head g, the reduction runs over t = (query head of the group, q tile).
-    first_q = lambda j: (j * bkv) // bq  # the first q tile that sees kv tile j
-    head_of = lambda g, t: g * group + t // n
-    q_tile_of = lambda j, t: jnp.maximum(t % n, first_q(j))
-    dq_map = lambda b, g, j, t, _: (b, head_of(g, t), q_tile_of(j, t), 0)
-    dkv_map = lambda b, g, j, t, _: (b, g, j, 0)
-    qrow = lambda b, g, j, t, _: (b, 0, q_tile_of(j, t))
-    krow = lambda b, g, j, t, _: (b, 0, j)
-    stat = lambda b, g, j, t, _: (b, head_of(g, t), 0, q_tile_of(j, t))
-    q_tile, kv_tile = pl.BlockSpec((None, None, bq, head_dim), dq_map), pl.BlockSpec((None, None, bkv, head_dim), dkv_map)
+    q_tile, kv_tile, rows, stat = _key_major_specs(bq, bkv, head_dim, group, n)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, bq=bq, bkv=bkv, q_blocks=n, group=group),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(batch, kv_heads, n, group * n),
-            in_specs=[q_tile, kv_tile, kv_tile,
-                      pl.BlockSpec((None, 1, bq), qrow), pl.BlockSpec((None, 1, bkv), krow),
-                      pl.BlockSpec((None, 1, bq), qrow), pl.BlockSpec((None, 1, bkv), krow),
-                      pl.BlockSpec((None, None, 1, bq), stat), pl.BlockSpec((None, None, 1, bq), stat),
-                      q_tile],
-            out_specs=[kv_tile, kv_tile],
+            in_specs=[q_tile, kv_tile, kv_tile, *rows, stat, stat, q_tile], out_specs=[kv_tile, kv_tile],
             scratch_shapes=[pltpu.VMEM((bkv, head_dim), jnp.float32), pltpu.VMEM((bkv, head_dim), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(3), interpret=interpret, name="alibi_flash_dkv",
-    )(slopes, q, k, v, seg3, seg3, pos3, pos3, lse, di, d_out)
+    )(slopes, q, k, v, seg, seg, pos, pos, lse, di, d_out)
     return dq, dk, dv
 
 
