@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (fp32 master weights)")
     parser.add_argument("--remat", nargs="+", help="remat policies to try (model.remat)")
     parser.add_argument("--batch", type=int, nargs="+", help="per-device batch sizes to try")
-    parser.add_argument("--attention", default="auto", choices=["auto", "reference", "xla", "cudnn"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "reference", "xla", "cudnn", "splash"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-gb", type=float, help="device memory to plan for (default: the device's)")

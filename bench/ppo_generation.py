@@ -40,7 +40,8 @@ def main() -> None:
     from jaxllm.inference import SamplingParams, generate
     from jaxllm.models import count_params, get_preset, init_params, param_logical_axes
     from jaxllm.rlhf.rollout import generation_params
-    from jaxllm.sharding import make_mesh, param_shardings
+    from jaxllm.models import param_shardings
+    from jaxllm.sharding import make_mesh
 
     devices = jax.devices()
     if args.batch % len(devices):

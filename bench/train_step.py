@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--attention", default="auto", choices=["auto", "reference", "xla", "cudnn"],
+    parser.add_argument("--attention", default="auto", choices=["auto", "reference", "xla", "cudnn", "splash"],
                         help="jaxllm attention implementation")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (e.g. too big)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 POSITIONS = ("rope", "alibi")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
 HEADS = ("lm", "none")
-ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama", "baichuan", "baichuan2", "ctllm", "ziya")
 # LoRA targets, by jaxllm name; "qkv" is one adapter whose A is shared by q, k and v (PEFT's on Baichuan's W_pack).

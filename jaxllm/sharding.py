@@ -103,11 +103,6 @@ def tree_shardings(logical_tree, shape_tree, mesh: Mesh, rules=LOGICAL_RULES):
         logical_tree, shape_tree, is_leaf=lambda s: isinstance(s, P))
 
 
-def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
-    from jaxllm.models import param_logical_axes, param_shapes
-    return tree_shardings(param_logical_axes(config), param_shapes(config), mesh, rules)
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=LOGICAL_RULES) -> NamedSharding:
     """Sharding for a [batch, ...] array: batch over (data, fsdp), the rest replicated."""
     axes = tuple(a for a in (_mesh_axes("batch", rules) or ()) if mesh.shape[a] > 1)

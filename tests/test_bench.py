@@ -149,6 +149,16 @@ def test_ppo_generation_gathered_vs_sharded_table():
     assert gathered == pytest.approx(whole, rel=1e-3) and sharded < gathered / 4
 
 
+def test_attention_memory_table():
+    """The kernels' table on CPU devices (the kernels compile in Pallas' interpreter there; on a TPU topology
+    the same script gives the figures in docs/attention.md)."""
+    out = run_bench("attention_memory.py", "--topology", "cpu-4", "--batch", "4", "--seq-len", "256",
+                    "--heads", "4", "--kv-heads", "2", "--head-dim", "32")
+    rows = table_rows(out, "path")
+    assert set(rows) == {"einsum", "einsum + ALiBi", "splash", "alibi_flash"}
+    assert rows["einsum"][1] == "1.000" and all(float(cells[0]) >= 0 for cells in rows.values())
+
+
 def test_preflight_table():
     """A shipped recipe's pre-flight on the tiny preset (CPU devices; PPO's programs are tested in
     test_preflight.py): a row per recipe that fits; an unknown recipe is a one-line error."""

@@ -610,7 +610,6 @@ def test_converted_checkpoint_is_stored_and_read_one_layer_at_a_time(exported_ll
 
 def test_export_reads_a_training_run_checkpoint(tmp_path):
     """A checkpoint the trainer wrote (jax arrays sharded over a mesh, opt_state, later steps) exports too."""
-    from jaxllm import checkpoint as jckpt
     from jaxllm.checkpoint import restore as jckpt_restore
     from jaxllm.checkpoint.training import RunCheckpoints
 

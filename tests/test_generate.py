@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import sharding
+from jaxllm import models, sharding
 from jaxllm.inference import FAMILY_DEFAULTS, SamplingParams, generate, stream
 from jaxllm.inference.generate import effective_vocab_limit
 from jaxllm.inference.sampling import apply_repetition_penalty, filter_top_k, filter_top_p, sample
@@ -81,7 +81,7 @@ def test_generation_sharded_over_8_devices_equals_one_device(llama):
     prompts = PROMPTS + [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10], [11]]
     single = generate(cfg, params, prompts, GREEDY).tokens
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    sharded = jax.device_put(params, models.param_shardings(cfg, mesh))
     assert generate(cfg, sharded, prompts, GREEDY, mesh=mesh).tokens == single
     # chat's path: one prompt, padded to the 4 batch shards
     assert list(stream(cfg, sharded, prompts[0], GREEDY, mesh=mesh)) == single[0]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import sharding
+from jaxllm import models, sharding
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.convert.mapping import hf_to_params
 from jaxllm.models import (PRESETS, count_params, get_preset, init_kv_cache, init_params, is_unrolled,
@@ -114,7 +114,7 @@ def test_sharded_forward_matches_single_device(name):
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
     single = forward(cfg, params, tokens)
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    shardings = sharding.param_shardings(cfg, mesh)
+    shardings = models.param_shardings(cfg, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         sharded_params = init_params(cfg, jax.random.key(0), shardings)
         out = forward(cfg, sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import cli, sharding
+from jaxllm import cli, models, sharding
 from jaxllm.preflight import topology as topologies
 from jaxllm.preflight.collectives import collectives
 
@@ -162,7 +162,7 @@ def test_dense_layout_follows_the_target_devices():
     def dot_operands(devices):
         mesh = sharding.make_mesh(1, -1, 1, devices)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              param_shapes(config), sharding.param_shardings(config, mesh))
+                              param_shapes(config), models.param_shardings(config, mesh))
         tokens = jax.ShapeDtypeStruct((4, 16), jnp.int32, sharding=sharding.batch_sharding(mesh))
         with jax.set_mesh(mesh), sharding.axis_rules():
             text = jax.jit(lambda p, t: forward(config, p, t)).lower(params, tokens).as_text()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import sharding
+from jaxllm import models, sharding
 from jaxllm.inference import SamplingParams, generate
 from jaxllm.inference.batcher import Batcher, Request, ServerFull
 from jaxllm.inference.detokenize import TextStream
@@ -33,7 +33,7 @@ def llama():
     cfg = get_preset("llama2-tiny")
     params = init_params(cfg, jax.random.key(0))
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
-    engine = Engine(cfg, jax.device_put(params, sharding.param_shardings(cfg, mesh)), slots=4, max_len=64,
+    engine = Engine(cfg, jax.device_put(params, models.param_shardings(cfg, mesh)), slots=4, max_len=64,
                     mesh=mesh, buckets=(4, 8, 16))
     return cfg, params, engine
 

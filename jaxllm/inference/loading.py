@@ -41,7 +41,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
     from jaxllm.checkpoint import (CheckpointError, find_tokenizer, is_checkpoint, load_params, read_model_config,
                                    resolve)
     from jaxllm.convert.core import check_tokenizer_fits
-    from jaxllm.sharding import param_shardings
+    from jaxllm.models import param_shardings
     from jaxllm.tokenizer import Tokenizer
 
     path = Path(path)
@@ -93,7 +93,7 @@ def _with_adapter(config, params, adapter, mesh):
     from jaxllm.lora import files as adapters
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.lora.model import merge
-    from jaxllm.sharding import param_shardings
+    from jaxllm.models import param_shardings
 
     adapted, leaves, record = adapters.load_adapter(adapter, config)
     if record.get("base_digest"):

@@ -8,14 +8,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm import sharding
 from jaxllm.config import ModelConfig
 from jaxllm.models.decoder import Decoder
 from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
 __all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward",
-           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "count_params",
-           "unroll_layers", "is_unrolled", "decoding_layout"]
+           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "param_shardings",
+           "count_params", "unroll_layers", "is_unrolled", "decoding_layout"]
 
 
 def _dummy_tokens():
@@ -37,6 +38,11 @@ def param_shapes(config: ModelConfig):
 def param_logical_axes(config: ModelConfig):
     """Pytree of logical `PartitionSpec`s (e.g. ('layers', 'embed', 'heads', 'head_dim'))."""
     return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def param_shardings(config: ModelConfig, mesh, rules=sharding.LOGICAL_RULES):
+    """Pytree of `NamedSharding`s of the parameters on `mesh`, by the rules table."""
+    return sharding.tree_shardings(param_logical_axes(config), param_shapes(config), mesh, rules)
 
 
 def count_params(config: ModelConfig) -> int:

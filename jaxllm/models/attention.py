@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.models.kernels import alibi_flash, sharded, splash
+
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
     """cos, sin: float32[batch, len, head_dim] for int positions [batch, len] (HF `cat(freqs, freqs)`)."""
@@ -59,8 +61,30 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jax.Array:
 def target_platform() -> str:
     """The platform being traced for: the devices of the mesh in context (`jax.set_mesh`), else JAX's
     default backend. A TPU program compiled on a CPU host (pre-flight) gets the TPU choices."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    return sharded.platform()
+
+
+def choose(impl: str, position: str, dtype, causal: bool, q_len: int, kv_len: int, head_dim: int) -> str:
+    """The attention path for `model.attention = impl`: reference (einsum), xla, cudnn or splash.
+
+    auto: on TPU (the mesh's devices) the fused Pallas kernel, `splash`, for causal self-attention whose
+    length tiles (a multiple of 128); cuDNN flash attention on GPU in half precision; the einsum path
+    elsewhere. A KV cache (decode, cached prefill) always takes the einsum path. `splash` is JAX's splash
+    kernel for RoPE families and jaxllm's ALiBi flash kernel (`kernels/alibi_flash.py`) for ALiBi ones;
+    forced on shapes it cannot tile it raises rather than falling back. (`auto` also keeps the einsum path
+    for splash in bfloat16 under a process-wide float32 matmul precision, which Mosaic refuses there.)
+    """
+    kernel = alibi_flash if position == "alibi" else splash
+    tiles = causal and kernel.supports(q_len, kv_len, head_dim)
+    if impl == "splash" and causal:
+        if not tiles:
+            raise ValueError(f"model.attention=splash: a sequence of {q_len} tokens does not tile in blocks of "
+                             f"128; pad it to a multiple of 128 or use attention=auto")
+        return "splash"
+    if impl == "auto" and tiles and q_len % 128 == 0 and kernel.precision_allows(dtype) \
+            and target_platform() == "tpu":
+        return "splash"
+    return _fused_impl(impl, dtype, causal) or "reference"
 
 
 def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
@@ -78,18 +102,30 @@ def _fused_impl(impl: str, dtype, causal: bool) -> str | None:
 
 
 def attend(q, k, v, mask, *, alibi=None, impl: str = "reference", causal: bool = False,
-           kv_heads_first: bool = False) -> jax.Array:
+           kv_heads_first: bool = False, segment_ids=None, positions=None) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
     kv_heads_first: k and v are [batch, kv_heads, kv_len, head_dim] (the KV cache's layout; einsum path).
 
-    mask: bool[batch, 1, q_len, kv_len]. alibi: (slopes float32[heads], distance float32[batch, q_len,
-    kv_len]) with distance = pos_k - pos_q, so the bias is slope_h * distance (Baichuan's training form;
-    its inference form differs by a per-row constant, which softmax ignores). causal: q and k are the same
-    positions (no cache), so the mask is lower-triangular within segments and cuDNN's causal kernel applies.
+    mask: bool[batch, 1, q_len, kv_len] (None only where `splash` is chosen). alibi: (slopes float32[heads],
+    distance float32[batch, q_len, kv_len] or None) with distance = pos_k - pos_q, so the bias is
+    slope_h * distance (Baichuan's training form; its inference form differs by a per-row constant, which
+    softmax ignores). causal: q and k are the same positions (no cache), so the mask is lower-triangular
+    within segments and the fused kernels apply; they take `segment_ids` and (ALiBi) `positions`,
+    int32[batch, len], instead of the mask and the distance.
     """
     batch, q_len, heads, head_dim = q.shape
-    fused = _fused_impl(impl, q.dtype, causal)
+    kv_len = k.shape[2 if kv_heads_first else 1]
+    path = choose(impl, "alibi" if alibi is not None else "rope", q.dtype, causal, q_len, kv_len, head_dim)
+    if path == "splash":
+        if alibi is not None:
+            return alibi_flash.attention(q, k, v, segment_ids, positions, alibi[0])
+        return splash.attention(q, k, v, segment_ids)
+    fused = None if path == "reference" else path
+    if mask is None:
+        mask = attention_mask(segment_ids, segment_ids, 0)
+    if alibi is not None and alibi[1] is None:
+        alibi = (alibi[0], (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32))
     if fused is not None and kv_heads_first:  # the fused kernels take [batch, kv_len, kv_heads, head_dim]
         k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
     kv_heads = k.shape[1 if kv_heads_first else 2]

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxllm.config import ModelConfig
 from jaxllm.lora import model as lora
 from jaxllm.lora import quant
-from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, rope_cos_sin,
+from jaxllm.models.attention import (alibi_slopes, apply_rope, attend, attention_mask, choose, rope_cos_sin,
                                      target_platform)
 from jaxllm.models.kv_cache import read_layer, write_layer, write_rows
 
@@ -75,8 +75,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, alibi_distance, cache_index, cache):
-        """cache: None, or {"k", "v": the whole cache [layers, batch, kv_heads, max_len, head_dim], "layer":
+    def __call__(self, x, positions, mask, alibi_distance, cache_index, cache, segment_ids=None):
+        """mask, alibi_distance: None where a fused kernel attends (it takes segment_ids and positions).
+        cache: None, or {"k", "v": the whole cache [layers, batch, kv_heads, max_len, head_dim], "layer":
         this layer's index}; the new keys and values are written into it at `cache_index`."""
         cfg = self.config
         dt, pdt = cfg.dtype, cfg.param_dtype
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         if cfg.position == "alibi":
             alibi = (jnp.asarray(alibi_slopes(n)), alibi_distance)
         out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention, causal=cache is None,
-                     kv_heads_first=cache is not None)
+                     kv_heads_first=cache is not None, segment_ids=segment_ids, positions=positions)
         out = checkpoint_name(out, "attn_out")
         return _project(self, "wo", "bthd,hde->bte", out, wo, n_in=2), cache
 
@@ -135,14 +136,14 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, mask, alibi_distance, cache_index):
+    def __call__(self, carry, positions, mask, alibi_distance, cache_index, segment_ids=None):
         """carry: (hidden states, the KV cache or None). The cache is carried through the layer scan, not
         scanned over, so each layer updates it in place instead of the scan rebuilding it every step."""
         cfg = self.config
         x, kv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn_out, kv = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask, alibi_distance,
-                                                   cache_index, kv)
+                                                   cache_index, kv, segment_ids)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
         if kv is not None:
@@ -172,7 +173,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast,) * 5,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
@@ -220,18 +221,21 @@ class Decoder(nn.Module):
                                  "stacked one with stacked parameters")
             # The layer index: a Python int through the unrolled loop (static slices of the cache tuple).
             kv = {"k": kv_cache["k"], "v": kv_cache["v"], "layer": 0 if self.unrolled else jnp.int32(0)}
-        mask = attention_mask(segment_ids, kv_segments, index)
+        # A fused kernel (attention=splash, or auto on TPU) builds its mask and ALiBi bias tile by tile.
+        fused = choose(cfg.attention, cfg.position, cfg.dtype, kv_cache is None, length, length,
+                       cfg.head_dim) == "splash"
+        mask = None if fused else attention_mask(segment_ids, kv_segments, index)
         distance = None
-        if cfg.position == "alibi":
+        if cfg.position == "alibi" and not fused:
             distance = (kv_positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)
 
         x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.unrolled:
             for block in self.blocks:
-                (x, kv), _ = block((x, kv), positions, mask, distance, index)
+                (x, kv), _ = block((x, kv), positions, mask, distance, index, segment_ids)
         else:
-            (x, kv), _ = self.layers((x, kv), positions, mask, distance, index)
+            (x, kv), _ = self.layers((x, kv), positions, mask, distance, index, segment_ids)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

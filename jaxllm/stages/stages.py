@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError
 from jaxllm.models import forward
-from jaxllm.sharding import axis_rules, param_shardings
+from jaxllm.models import param_shardings
+from jaxllm.sharding import axis_rules
 from jaxllm.stages import mixture, reward
 from jaxllm.stages.data import Stats, encode_preferences, encode_sft, pack_examples
 from jaxllm.stages.losses import LLAMA2_MARGINS, dpo_loss, ranking_loss, sequence_logprobs
