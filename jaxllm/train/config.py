@@ -7,11 +7,11 @@ state unless the recipe sets `model.dtype` / `model.param_dtype`.
 
     run_dir: runs/demo          seed: 0          init_from: null (a jaxllm checkpoint to start from)
     model:      {preset: demo, dtype: float32, ...}
-    data:       {sources: [{path, weight, name, format, text_field, text_split}], tokenizer, seq_len, ...}
+    data:       {sources: [{path, weight, name, format, text_field, text_split, holdout}], tokenizer, ...}
     optimizer:  {lr, schedule, warmup_steps, warmup_fraction, decay_steps, min_lr_ratio, b1, b2, eps,
                  weight_decay, clip_norm}
     mesh:       {data, fsdp, tensor}           (-1: the remaining devices)
-    train:      {steps, batch_size, grad_accum, max_nan_streak}
+    train:      {steps, batch_size, grad_accum, max_nan_streak, final_eval}
     checkpoint: {every, keep, async_save}
     log:        {every, progress, tensorboard, plot, peak_tflops}
     lora:       {rank, alpha, dropout, targets, train, base_dtype, init_adapter}   (absent: full fine-tuning)
@@ -67,6 +67,9 @@ class TrainConfig:
     batch_size: int = 8               # rows per optimizer step, over all hosts
     grad_accum: int = 1               # micro-batches per step (batch_size / grad_accum rows each)
     max_nan_streak: int = 10          # consecutive non-finite losses that stop the run (after a save)
+    # `jaxllm train`, after a finished run: {heldout: true (perplexity on the sources' `holdout` slices),
+    # prompts: [greedy samples], max_new_tokens: 48}, printed and written as metrics.jsonl's last record
+    final_eval: dict | None = None
 
 
 @dataclass
@@ -153,6 +156,8 @@ class RunConfig:
         if o.decay_steps is not None and o.decay_steps <= o.warmup_steps and o.schedule != "constant":
             raise ConfigError(f"optimizer.decay_steps={o.decay_steps} (default: train.steps) must exceed "
                               f"optimizer.warmup_steps={o.warmup_steps}; lower the warmup for short runs")
+        if t.final_eval is not None:
+            self._check_final_eval(t.final_eval)
         if self.checkpoint.keep is not None and self.checkpoint.keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {self.checkpoint.keep}")
         check_choice("distributed", self.distributed, DISTRIBUTED)
@@ -169,6 +174,20 @@ class RunConfig:
                                   f"{self.model.max_position_embeddings}")
         return self
 
+    def _check_final_eval(self, spec: dict) -> None:
+        known = ("heldout", "prompts", "max_new_tokens")
+        for key in spec:
+            if key not in known:
+                raise _unknown(f"train.final_eval.{key}", known)
+        if not isinstance(spec.get("heldout", False), bool):
+            raise ConfigError(f"train.final_eval.heldout must be true or false, got {spec['heldout']!r}")
+        prompts = spec.get("prompts", [])
+        if not (isinstance(prompts, list) and all(isinstance(p, str) and p for p in prompts)):
+            raise ConfigError(f"train.final_eval.prompts must be a list of non-empty strings, got {prompts!r}")
+        tokens = spec.get("max_new_tokens", 48)
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1):
+            raise ConfigError(f"train.final_eval.max_new_tokens must be an integer >= 1, got {tokens!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every value (the model section in full, its adapters in `lora`), as written to
         RUN/config.yaml."""
@@ -176,6 +195,11 @@ class RunConfig:
         out["model"].pop("lora", None)
         if out["lora"] is None:
             del out["lora"]  # full fine-tuning: as before LoRA existed, so older run directories resume
+        if out["train"]["final_eval"] is None:  # likewise for the options added since
+            del out["train"]["final_eval"]
+        for source in out["data"]["sources"]:
+            if not source["holdout"]:
+                del source["holdout"]
         return out
 
     def to_yaml(self) -> str:
@@ -443,7 +467,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 # Keys that may change between the segments of one run: cadence, display, parallel layout, run length.
 RESUMABLE_KEYS = ("run_dir", "init_from", "distributed", "train.steps", "train.epochs", "train.max_nan_streak",
-                  "mesh.", "checkpoint.", "log.", "data.prefetch")
+                  "train.final_eval", "train.final_eval.", "mesh.", "checkpoint.", "log.", "data.prefetch")
 
 
 def flatten(data, prefix: str = "") -> dict[str, Any]:
