@@ -4,10 +4,14 @@ Validation happens at construction, with one message naming the field at fault.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
 
 POSITIONS = ("rope", "alibi")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
@@ -179,3 +183,137 @@ class ModelConfig:
             if key not in names:
                 raise ConfigError(f"unknown model field '{key}'" + closest(key, names))
         return cls(**dict(data))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes: YAML files, `key=value` overrides, values checked against their dataclass field types.
+
+def _suggest(key: str, prefix: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def unknown_key(path: str, options) -> ConfigError:
+    prefix, _, key = path.rpartition(".")
+    prefix = prefix + "." if prefix else ""
+    return ConfigError(f"unknown config key '{path}'" + _suggest(key, prefix, options)
+                       + f"; known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(options)}")
+
+
+def _type_names(annotation) -> set[str]:
+    """{'int', 'float', 'None', ...} from a dataclass field annotation (a string under PEP 563)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return {part.strip() for part in text.split("|")}
+
+
+def coerce_field(value, annotation, path: str):
+    """Check (and where unambiguous convert) one leaf value against its field type."""
+    kinds = _type_names(annotation)
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{path} must not be null")
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int) and ("int" in kinds or "float" in kinds):
+        return value if "int" in kinds else float(value)
+    elif isinstance(value, float) and "float" in kinds:
+        return value
+    elif isinstance(value, str):
+        if "str" in kinds:
+            return value
+        text = value.strip().lower()
+        if text in ("null", "none", "~") and "None" in kinds:
+            return None
+        if "int" in kinds:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if "float" in kinds:  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if "bool" in kinds and text in ("true", "false", "yes", "no"):
+            return text in ("true", "yes")
+    elif isinstance(value, list) and "list" in kinds:
+        return value
+    elif isinstance(value, dict) and "dict" in kinds:
+        return value
+    expected = " or ".join(sorted(k for k in kinds if k != "None")) + (" or null" if "None" in kinds else "")
+    raise ConfigError(f"{path} must be {expected}, got {value!r}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` → (['a', 'b', 'c'], YAML-parsed VALUE)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested recipe dict (lists indexed by number: data.sources.0.weight=2).
+
+    Unknown keys are left for `from_dict` to reject, so every mistake gets the same message."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"override '{item}': {where} is not an index of a list of {len(node)}")
+                if isinstance(node[int(key)], str):  # a source given as a bare path
+                    node[int(key)] = {"path": node[int(key)]}
+                node = node[int(key)]
+                continue
+            if key == "sources" and depth == 1 and keys[0] == "data" and key not in node:
+                node[key] = []
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"override '{item}': {where} is a value, not a section")
+            node = child
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override '{item}': {last} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping of sections")
+    return data
+
+
+def flatten(data, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = data
+    return out

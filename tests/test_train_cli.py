@@ -231,8 +231,9 @@ def test_a_plain_install_ships_the_recipes_and_the_demo(tmp_path):
 @pytest.mark.slow
 def test_the_readme_demo_trains_and_its_loss_falls(tmp_path):
     """README command 1, shortened: `jaxllm train` on the shipped corpus; the loss falls visibly."""
-    assert cli.main(["train", f"run_dir={tmp_path / 'demo'}", "train.steps=60", "log.tensorboard=false"]) == 0
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert cli.main(["train", f"run_dir={tmp_path / 'demo'}", "train.steps=80", "log.tensorboard=false"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]  # the last record: the demo's final_eval
     assert losses[-1] < 0.7 * losses[0], losses
 
 

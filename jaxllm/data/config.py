@@ -12,13 +12,16 @@ from jaxllm.data.sources import ERROR_POLICIES
 @dataclass
 class SourceConfig:
     """One source of documents. `path`: a file, a glob, or a list of them; `weight`: its share of the
-    training tokens in a mixture (normalised over sources, e.g. zh 8 : en 3 : code 1 as in CT-LLM)."""
+    training tokens in a mixture (normalised over sources, e.g. zh 8 : en 3 : code 1 as in CT-LLM);
+    `holdout`: its last N records (the end of its last file, paths in sorted order) are never trained on,
+    a fixed held-out slice (`train.final_eval`, `jaxllm.data.heldout_texts`)."""
     path: str | list = ""
     weight: float = 1.0
     name: str | None = None
     format: str = "auto"
     text_field: str = "text"
     text_split: str = "blank_line"
+    holdout: int = 0
 
 
 @dataclass
@@ -52,6 +55,8 @@ class DataConfig:
                 raise ConfigError(f"{where}.weight must be > 0, got {s.weight!r}")
             check_choice(f"{where}.format", s.format, FORMATS)
             check_choice(f"{where}.text_split", s.text_split, TEXT_SPLITS)
+            if not (isinstance(s.holdout, int) and s.holdout >= 0):
+                raise ConfigError(f"{where}.holdout must be an integer >= 0, got {s.holdout!r}")
         check_choice("data.on_error", self.on_error, ERROR_POLICIES)
         if self.seq_len < 1:
             raise ConfigError(f"data.seq_len must be >= 1, got {self.seq_len}")

@@ -44,7 +44,8 @@ def build_dataset(config: DataConfig, tokenizer, *, batch_size: int, seed: int =
             expand_paths(spec.path, f"data.sources.{index}.path"), name=spec.name, fmt=spec.format,
             text_field=spec.text_field, text_split=spec.text_split, shuffle=config.shuffle,
             shuffle_window=config.shuffle_window, seed=seed, shard_index=shard_index,
-            shard_count=shard_count, on_error=config.on_error, num_epochs=config.num_epochs)
+            shard_count=shard_count, on_error=config.on_error, num_epochs=config.num_epochs,
+            holdout=spec.holdout)
         sources.append(source)
         packed[spec.name] = PackedRows(source.map(tokenize), config.seq_len, pad_id)
         weights[spec.name] = float(spec.weight)
@@ -106,6 +107,15 @@ class DataIterator(grain.DatasetIterator):
                 out["skipped"] += count
                 out[f"skipped/{reason}"] = out.get(f"skipped/{reason}", 0) + count
         return out
+
+
+def heldout_texts(config: DataConfig) -> dict[str, list[str]]:
+    """{source name: its held-out documents} for the sources with a `holdout` (the last N records, which
+    training never reads)."""
+    from jaxllm.data.sources import heldout_documents
+    return {spec.name: heldout_documents(expand_paths(spec.path, f"data.sources.{i}.path"), spec.holdout,
+                                         fmt=spec.format, text_field=spec.text_field, text_split=spec.text_split)
+            for i, spec in enumerate(config.resolved_sources()) if spec.holdout}
 
 
 def pretraining_batches(config: DataConfig, tokenizer, *, batch_size: int, seed: int = 0,

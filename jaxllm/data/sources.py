@@ -7,6 +7,9 @@ fewer files, records are dealt round-robin (record k of the epoch goes to host k
 reads its documents in blocks of `shuffle_window` and shuffles within a block. The state is the start of
 the current block plus how much of it was consumed, so a resumed iterator re-reads one block and
 continues with the same documents.
+
+Held out: with `holdout=N`, the source's last N records (the end of its last file(s), in the sorted order
+of its paths) are never read for training; `heldout_documents` returns exactly those, for evaluation.
 """
 from __future__ import annotations
 
@@ -59,13 +62,52 @@ def parse_document(value, fmt: str, text_field: str) -> str:
     return value
 
 
+def _count_records(path: Path, fmt: str, text_split: str, text_field: str) -> int:
+    return sum(1 for _ in read_records(path, fmt, Cursor(), text_split=text_split, text_field=text_field))
+
+
+def training_limits(files: list[Path], formats: list[str], holdout: int, *, text_split: str = "blank_line",
+                    text_field: str = "text") -> list[int | None]:
+    """Per file, how many leading records are training records (None: all) when the last `holdout`
+    records of `files` (in that order) are held out."""
+    limits: list[int | None] = [None] * len(files)
+    left = holdout
+    for k in reversed(range(len(files))):
+        if left <= 0:
+            break
+        count = _count_records(files[k], formats[k], text_split, text_field)
+        limits[k] = max(count - left, 0)
+        left -= count - limits[k]
+    return limits
+
+
+def heldout_documents(files: list[Path], holdout: int, *, fmt: str = "auto", text_field: str = "text",
+                      text_split: str = "blank_line") -> list[str]:
+    """The documents of the last `holdout` records of `files`: what a `DocumentSource` with the same
+    `holdout` never yields (malformed records among them are left out)."""
+    files = [Path(f) for f in files]
+    formats = [detect_format(f) if fmt == "auto" else fmt for f in files]
+    limits = training_limits(files, formats, holdout, text_split=text_split, text_field=text_field)
+    docs = []
+    for path, form, limit in zip(files, formats, limits):
+        if limit is None:
+            continue
+        for rec in read_records(path, form, Cursor(), text_split=text_split, text_field=text_field):
+            if rec.next.record > limit:
+                try:
+                    docs.append(parse_document(rec.value, form, text_field))
+                except Malformed:
+                    pass
+    return docs
+
+
 class DocumentSource(grain.IterDataset):
     """Documents (str) from `files`; infinite unless `num_epochs` is set."""
 
     def __init__(self, files: list[Path], *, name: str = "data", fmt: str = "auto", text_field: str = "text",
                  text_split: str = "blank_line", shuffle: bool = True, shuffle_window: int = 10_000,
                  seed: int = 0, shard_index: int = 0, shard_count: int = 1, on_error: str = "skip",
-                 num_epochs: int | None = None):
+                 num_epochs: int | None = None, holdout: int = 0):
         super().__init__()
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, got {on_error!r}")
@@ -73,6 +115,8 @@ class DocumentSource(grain.IterDataset):
             raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
         if shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
+        if holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {holdout}")
         self.files = [Path(f) for f in files]
         self.formats = [detect_format(f) if fmt == "auto" else fmt for f in self.files]
         self.name, self.text_field, self.text_split = name, text_field, text_split
@@ -80,6 +124,10 @@ class DocumentSource(grain.IterDataset):
         self.seed = (seed, zlib.crc32(name.encode()))
         self.shard_index, self.shard_count, self.num_epochs = shard_index, shard_count, num_epochs
         self.stats = SourceStats()
+        # records of file k past limits[k] are held out: never yielded (not even counted for sharding)
+        self.holdout = holdout
+        self.limits = training_limits(self.files, self.formats, holdout, text_split=text_split,
+                                      text_field=text_field) if holdout else [None] * len(self.files)
 
     @property
     def shard_by_file(self) -> bool:
@@ -121,8 +169,11 @@ class DocumentIterator(grain.DatasetIterator):
         while file_pos < len(order) and len(docs) < src.window:
             k = order[file_pos]
             try:
+                limit, file_done = src.limits[k], True
                 for rec in read_records(src.files[k], src.formats[k], cursor, text_split=src.text_split,
                                         text_field=src.text_field):
+                    if limit is not None and rec.next.record > limit:  # held out from here to the file's end
+                        break
                     seq += 1
                     cursor = rec.next
                     if not src.shard_by_file and (seq - 1) % src.shard_count != src.shard_index:
@@ -135,8 +186,9 @@ class DocumentIterator(grain.DatasetIterator):
                         self._skip(err.reason)
                         continue
                     if len(docs) == src.window:
+                        file_done = False
                         break
-                else:
+                if file_done:
                     file_pos, cursor = file_pos + 1, Cursor()
             except DamagedFile as err:
                 if src.on_error == "raise":

@@ -56,7 +56,20 @@ def main(argv: list[str] | None = None) -> int:
             return finish(preflight_train(config, pretraining_objective, args.target), args, "jaxllm train")
         from jaxllm.train.loop import train
         result = train(config)
+        if config.train.final_eval and result.stop_reason == "done":
+            _final_eval(config, result)
     except (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError) as err:
         print(f"jaxllm train: error: {err}", file=sys.stderr)
         return 2
     return result.exit_code
+
+
+def _final_eval(config, result) -> None:
+    """`train.final_eval` (the demo: held-out perplexity and greedy samples), on one host."""
+    import jax
+
+    if jax.process_count() > 1:
+        print("train.final_eval: skipped (one host only; run `jaxllm eval perplexity` on the checkpoint)")
+        return
+    from jaxllm.train.final_eval import final_eval
+    final_eval(config, result.full_params, result.step, result.run_dir)

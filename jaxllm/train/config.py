@@ -7,11 +7,11 @@ state unless the recipe sets `model.dtype` / `model.param_dtype`.
 
     run_dir: runs/demo          seed: 0          init_from: null (a jaxllm checkpoint to start from)
     model:      {preset: demo, dtype: float32, ...}
-    data:       {sources: [{path, weight, name, format, text_field, text_split}], tokenizer, seq_len, ...}
+    data:       {sources: [{path, weight, name, format, text_field, text_split, holdout}], tokenizer, ...}
     optimizer:  {lr, schedule, warmup_steps, warmup_fraction, decay_steps, min_lr_ratio, b1, b2, eps,
                  weight_decay, clip_norm}
     mesh:       {data, fsdp, tensor}           (-1: the remaining devices)
-    train:      {steps, batch_size, grad_accum, max_nan_streak}
+    train:      {steps, batch_size, grad_accum, max_nan_streak, final_eval, profile}
     checkpoint: {every, keep, async_save}
     log:        {every, progress, tensorboard, plot, peak_tflops}
     lora:       {rank, alpha, dropout, targets, train, base_dtype, init_adapter}   (absent: full fine-tuning)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from jaxllm.config import ConfigError, ModelConfig, check_choice, closest
+from jaxllm.config import (ConfigError, ModelConfig, apply_overrides, check_choice, closest, coerce_field, flatten,
+                           read_yaml, unknown_key)
 from jaxllm.data.config import DataConfig, SourceConfig
 from jaxllm.lora.config import LoraConfig
 
@@ -69,6 +69,9 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per step (batch_size / grad_accum rows each)
     max_nan_streak: int = 10          # consecutive non-finite losses that stop the run (after a save)
     profile: str | None = None        # START:STOP: a jax.profiler trace of those steps into RUN/tb (TensorBoard)
+    # `jaxllm train`, after a finished run: {heldout: true (perplexity on the sources' `holdout` slices),
+    # prompts: [greedy samples], max_new_tokens: 48}, printed and written as metrics.jsonl's last record
+    final_eval: dict | None = None
 
 
 @dataclass
@@ -129,6 +132,9 @@ class RunConfig:
         if o.decay_steps is not None and o.decay_steps <= o.warmup_steps and o.schedule != "constant":
             raise ConfigError(f"optimizer.decay_steps={o.decay_steps} (default: train.steps) must exceed "
                               f"optimizer.warmup_steps={o.warmup_steps}; lower the warmup for short runs")
+        if t.final_eval is not None:
+            self._check_final_eval(t.final_eval)
+        parse_window(t.profile)
         if self.checkpoint.keep is not None and self.checkpoint.keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {self.checkpoint.keep}")
         check_choice("distributed", self.distributed, DISTRIBUTED)
@@ -145,6 +151,20 @@ class RunConfig:
                                   f"{self.model.max_position_embeddings}")
         return self
 
+    def _check_final_eval(self, spec: dict) -> None:
+        known = ("heldout", "prompts", "max_new_tokens")
+        for key in spec:
+            if key not in known:
+                raise unknown_key(f"train.final_eval.{key}", known)
+        if not isinstance(spec.get("heldout", False), bool):
+            raise ConfigError(f"train.final_eval.heldout must be true or false, got {spec['heldout']!r}")
+        prompts = spec.get("prompts", [])
+        if not (isinstance(prompts, list) and all(isinstance(p, str) and p for p in prompts)):
+            raise ConfigError(f"train.final_eval.prompts must be a list of non-empty strings, got {prompts!r}")
+        tokens = spec.get("max_new_tokens", 48)
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1):
+            raise ConfigError(f"train.final_eval.max_new_tokens must be an integer >= 1, got {tokens!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every value (the model section in full, its adapters in `lora`), as written to
         RUN/config.yaml."""
@@ -152,10 +172,29 @@ class RunConfig:
         out["model"].pop("lora", None)
         if out["lora"] is None:
             del out["lora"]  # full fine-tuning: as before LoRA existed, so older run directories resume
+        for key in ("final_eval", "profile"):  # likewise for the options added since
+            if out["train"][key] is None:
+                del out["train"][key]
+        for source in out["data"]["sources"]:
+            if not source["holdout"]:
+                del source["holdout"]
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def parse_window(spec: str | None, name: str = "train.profile") -> tuple[int, int] | None:
+    """(start, stop) from "START:STOP" (0 <= START < STOP), None for no window."""
+    if spec in (None, "", "none", "off"):
+        return None
+    try:
+        start, stop = (int(part) for part in str(spec).split(":"))
+    except ValueError:
+        raise ConfigError(f"{name} must be START:STOP (steps, e.g. 10:15), got {spec!r}") from None
+    if not 0 <= start < stop:
+        raise ConfigError(f"{name} must be START:STOP with 0 <= START < STOP, got {spec!r}")
+    return start, stop
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,64 +203,6 @@ class RunConfig:
 _SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "mesh": MeshConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "log": LogConfig, "lora": LoraConfig}
 _MODEL_KEYS = ["preset"] + [f.name for f in dataclasses.fields(ModelConfig) if f.name != "lora"]
-
-
-def _suggest(key: str, prefix: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
-
-
-def _unknown(path: str, options) -> ConfigError:
-    prefix, _, key = path.rpartition(".")
-    prefix = prefix + "." if prefix else ""
-    return ConfigError(f"unknown config key '{path}'" + _suggest(key, prefix, options)
-                       + f"; known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(options)}")
-
-
-def _type_names(annotation) -> set[str]:
-    """{'int', 'float', 'None', ...} from a dataclass field annotation (a string under PEP 563)."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    return {part.strip() for part in text.split("|")}
-
-
-def coerce_field(value, annotation, path: str):
-    """Check (and where unambiguous convert) one leaf value against its field type."""
-    kinds = _type_names(annotation)
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise ConfigError(f"{path} must not be null")
-    if isinstance(value, bool):
-        if "bool" in kinds:
-            return value
-    elif isinstance(value, int) and ("int" in kinds or "float" in kinds):
-        return value if "int" in kinds else float(value)
-    elif isinstance(value, float) and "float" in kinds:
-        return value
-    elif isinstance(value, str):
-        if "str" in kinds:
-            return value
-        text = value.strip().lower()
-        if text in ("null", "none", "~") and "None" in kinds:
-            return None
-        if "int" in kinds:
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if "float" in kinds:  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if "bool" in kinds and text in ("true", "false", "yes", "no"):
-            return text in ("true", "yes")
-    elif isinstance(value, list) and "list" in kinds:
-        return value
-    elif isinstance(value, dict) and "dict" in kinds:
-        return value
-    expected = " or ".join(sorted(k for k in kinds if k != "None")) + (" or null" if "None" in kinds else "")
-    raise ConfigError(f"{path} must be {expected}, got {value!r}")
 
 
 def build_section(cls, data, path: str):
@@ -233,7 +214,7 @@ def build_section(cls, data, path: str):
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in fields:
-            raise _unknown(full, list(fields))
+            raise unknown_key(full, list(fields))
         if cls is DataConfig and key == "sources":
             kwargs[key] = _build_sources(value, full)
         else:
@@ -264,7 +245,7 @@ def build_model(section: dict | None, path: str = "model") -> ModelConfig:
     section = dict(section or {})
     for key in section:
         if key not in _MODEL_KEYS:
-            raise _unknown(f"{path}.{key}", _MODEL_KEYS)
+            raise unknown_key(f"{path}.{key}", _MODEL_KEYS)
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     for key, value in list(section.items()):
         if key != "preset":
@@ -285,7 +266,7 @@ def from_dict(data: dict) -> RunConfig:
     kwargs = {}
     for key, value in data.items():
         if key not in top:
-            raise _unknown(str(key), list(top))
+            raise unknown_key(str(key), list(top))
         if key == "model":
             kwargs[key] = build_model(value)
         elif key == "lora" and value is None:
@@ -315,53 +296,6 @@ def resolve_epochs(config: RunConfig, rows: int | None) -> None:
     if config.optimizer.decay_steps is None:
         config.optimizer.decay_steps = t.steps
     config.validate()
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=VALUE` → (['a', 'b', 'c'], YAML-parsed VALUE)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override '{item}' is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a nested recipe dict (lists indexed by number: data.sources.0.weight=2).
-
-    Unknown keys are left for `from_dict` to reject, so every mistake gets the same message."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            where = ".".join(keys[: depth + 1])
-            if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise ConfigError(f"override '{item}': {where} is not an index of a list of {len(node)}")
-                if isinstance(node[int(key)], str):  # a source given as a bare path
-                    node[int(key)] = {"path": node[int(key)]}
-                node = node[int(key)]
-                continue
-            if key == "sources" and depth == 1 and keys[0] == "data" and key not in node:
-                node[key] = []
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override '{item}': {where} is a value, not a section")
-            node = child
-        last = keys[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override '{item}': {last} is not an index of a list of {len(node)}")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
 
 
 # The recipes ship inside the package (the repository's top-level configs/ links here), so a plain
@@ -395,19 +329,6 @@ def recipe_and_overrides(words, error, **options) -> tuple[str | None, list[str]
     return (recipes[0] if recipes else None), overrides
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a mapping of sections")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """RunConfig from a YAML file or shipped recipe name (or a `base` dict) plus `key=value` overrides."""
     data = read_yaml(find_recipe(path)) if path is not None else dict(base or {})
@@ -419,20 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 # Keys that may change between the segments of one run: cadence, display, parallel layout, run length.
 RESUMABLE_KEYS = ("run_dir", "init_from", "distributed", "train.steps", "train.epochs", "train.max_nan_streak",
-                  "mesh.", "checkpoint.", "log.", "data.prefetch")
-
-
-def flatten(data, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        for i, value in enumerate(data):
-            out.update(flatten(value, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = data
-    return out
+                  "train.final_eval", "train.final_eval.", "train.profile", "mesh.", "checkpoint.", "log.", "data.prefetch")
 
 
 def config_differences(saved: dict, new: dict, resumable=RESUMABLE_KEYS) -> list[str]:

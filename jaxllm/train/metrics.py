@@ -66,8 +66,8 @@ def _jsonable(value):
 
 
 def last_logged(path: str | Path) -> dict:
-    """The last record of a metrics.jsonl ({} when there is none)."""
-    records = read_metrics(path)
+    """The last record of a metrics.jsonl ({} when there is none), `train.final_eval`'s report aside."""
+    records = [r for r in read_metrics(path) if not r.get("final_eval")]
     return records[-1] if records else {}
 
 

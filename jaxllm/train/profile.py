@@ -12,20 +12,7 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import ConfigError
-
-
-def parse_window(spec: str | None, name: str = "train.profile") -> tuple[int, int] | None:
-    """(start, stop) from "START:STOP" (0 <= START < STOP), None for no window."""
-    if spec in (None, "", "none", "off"):
-        return None
-    try:
-        start, stop = (int(part) for part in str(spec).split(":"))
-    except ValueError:
-        raise ConfigError(f"{name} must be START:STOP (steps, e.g. 10:15), got {spec!r}") from None
-    if not 0 <= start < stop:
-        raise ConfigError(f"{name} must be START:STOP with 0 <= START < STOP, got {spec!r}")
-    return start, stop
+from jaxllm.train.config import parse_window  # noqa: F401  (the window's syntax is checked with the config)
 
 
 def _start(log_dir: str | os.PathLike) -> None:
