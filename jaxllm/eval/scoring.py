@@ -19,21 +19,24 @@ LETTERS = ("A", "B", "C", "D")
 
 
 @functools.lru_cache(maxsize=8)
-def _token_logprobs(config):
+def _token_scores(config):
     from jaxllm.models import forward
 
     @jax.jit
     def fn(params, tokens, segments):
         logits = forward(config, params, tokens, None, segments)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        targets = tokens[:, 1:]
+        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0],
+                jnp.argmax(logits[:, :-1], axis=-1) == targets)
     return fn
 
 
-def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
-    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets). With
-    `mesh`, params should already be sharded on it; the rows are split over its batch axes (on several
-    hosts, every process passes the same sequences and gets every result)."""
+def sequence_token_scores(config, params, sequences, batch_size: int = 8, mesh=None):
+    """(log p(token_t | tokens_<t), whether token_t is the argmax) for t ≥ 1 of each sequence, right-padded
+    into length buckets (float32[len - 1], bool[len - 1] each). With `mesh`, params should already be
+    sharded on it; the rows are split over its batch axes (on several hosts, every process passes the same
+    sequences and gets every result)."""
     from jaxllm.distributed import to_host
     from jaxllm.sharding import batch_sharding
 
@@ -50,8 +53,45 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh
         with on_mesh(mesh):
             if mesh is not None:
                 tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
-            logp = to_host(_token_logprobs(config)(params, tokens, segments))
-        out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
+            logp, greedy = to_host(_token_scores(config)(params, tokens, segments))
+        out += [(logp[i, :len(s) - 1], greedy[i, :len(s) - 1]) for i, s in enumerate(chunk)]
+    return out
+
+
+def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
+    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (see `sequence_token_scores`)."""
+    return [logp for logp, _ in sequence_token_scores(config, params, sequences, batch_size, mesh)]
+
+
+def loglikelihoods(config, params, tokenizer, requests, batch_size: int = 8, mesh=None,
+                   max_length: int | None = None) -> list[tuple[float, bool]]:
+    """For each (context, continuation) pair of strings: (sum of log p over the continuation's tokens, whether
+    greedy decoding gives exactly them). Context and continuation are tokenised together, as a model sees
+    them; the continuation's tokens are those past their common prefix with the context alone. A sequence
+    longer than `max_length` (default: the model's positions) keeps its last tokens. Sequences run longest
+    first, so a batch's rows share a length bucket; results come back in request order."""
+    max_length = max_length or config.max_position_embeddings
+    contexts: dict[str, list[int]] = {}
+    sequences, starts = [], []
+    for context, continuation in requests:
+        if context not in contexts:
+            contexts[context] = tokenizer.encode(context, bos=tokenizer.add_bos)
+        prefix = contexts[context]
+        ids = tokenizer.encode(context + continuation, bos=tokenizer.add_bos)
+        common = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        start = min(common, len(ids) - 1)
+        if start < 1:  # nothing before the continuation: it is predicted from BOS
+            ids, start = [tokenizer.bos_id] + ids, 1
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            ids, start = ids[cut:], max(start - cut, 1)
+        sequences.append(ids)
+        starts.append(start)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    scores = sequence_token_scores(config, params, [sequences[i] for i in order], batch_size, mesh)
+    out: list = [None] * len(sequences)
+    for i, (logp, greedy) in zip(order, scores):
+        out[i] = (float(logp[starts[i] - 1:].sum()), bool(greedy[starts[i] - 1:].all()))
     return out
 
 
