@@ -147,3 +147,21 @@ def write_ceval_task(directory: Path, name: str = "jaxllm_ceval_tiny", dev=CEVAL
     (directory / f"{name}.yaml").write_text(CEVAL_TASK.format(name=name, val=val_file, dev=dev_file,
                                                               subject_zh=subject_zh), encoding="utf-8")
     return directory
+
+
+def write_tiny_checkpoint(directory: Path):
+    """A randomly initialised llama2-tiny with the real Llama 2 tokenizer (32k pieces, 256 positions), as the
+    inference tests use; returns (directory, config, params)."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from jaxllm.checkpoint import save_params
+    from jaxllm.models import get_preset, init_params
+
+    config = get_preset("llama2-tiny", vocab_size=32000, max_position_embeddings=256)
+    params = init_params(config, jax.random.key(0))
+    save_params(directory, jax.tree.map(np.asarray, params), config)
+    shutil.copy(Path(__file__).parent / "data" / "llama2-32k.model", directory / "tokenizer.model")
+    return directory, config, params

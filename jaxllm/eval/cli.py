@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
         try:
             from jaxllm.eval import harness
         except ModuleNotFoundError as err:
-            if err.name != "lm_eval":
+            if (err.name or "").split(".")[0] != "lm_eval":
                 raise
             print("jaxllm eval harness: error: lm-evaluation-harness is not installed; pip install 'jaxllm[eval]'",
                   file=sys.stderr)
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         benchmark = None
         if args.task == "harness":
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-            harness.check_tasks(harness.task_manager(args.include_path), tasks)  # before loading the model
+            harness.task_manager(tasks, args.include_path)  # before loading the model
         elif args.task == "perplexity":
             files = [Path(f) for f in args.files] or [ASSETS / "sample_text.txt"]
             texts = [t for f in files for t in read_texts(f, args.text_field)]

@@ -12,6 +12,8 @@ module without it raises ModuleNotFoundError.
 from __future__ import annotations
 
 import difflib
+import functools
+import re
 
 import jax
 from lm_eval.api.model import LM
@@ -79,19 +81,30 @@ class JaxllmLM(LM):
         return out
 
 
-def task_manager(include_path=None):
+@functools.lru_cache(maxsize=4)
+def _manager(include_path: str | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def check_tasks(manager, tasks: list[str]) -> None:
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's task index for `tasks`: `include_path`'s YAMLs alone when they define every one, else with
+    lm-eval's own ~15k tasks too (indexing those takes seconds; one index per process). A task neither
+    defines is a HarnessError naming it."""
+    if include_path:
+        local = _manager(str(include_path), False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    manager = _manager(str(include_path) if include_path else None, True)
     known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:
-            close = difflib.get_close_matches(task, known, n=3)
+            words = [w for w in re.split(r"[_\-.]", task) if len(w) >= 3]  # difflib over ~15k names is slow
+            close = difflib.get_close_matches(task, [k for k in known if any(w in k for w in words)], n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise HarnessError(f"unknown lm-eval task {task!r}{hint}; --include-path DIR adds task YAMLs")
+    return manager
 
 
 def run(lm: JaxllmLM, tasks: list[str], *, num_fewshot: int | None = None, include_path=None,
@@ -100,8 +113,7 @@ def run(lm: JaxllmLM, tasks: list[str], *, num_fewshot: int | None = None, inclu
     its "results" (metrics per task), "n-shot", and with `log_samples` each request's responses."""
     from lm_eval import simple_evaluate
 
-    manager = task_manager(include_path)
-    check_tasks(manager, tasks)
+    manager = task_manager(tasks, include_path)
     output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                              log_samples=log_samples, bootstrap_iters=0)
     keep = {"results": output["results"], "n-shot": output.get("n-shot", {})}
