@@ -10,7 +10,8 @@ from evalfiles import (CEVAL_DEV, CEVAL_SUBJECT, CEVAL_VAL, write_agieval, write
 from jaxllm.cli import main as cli
 from jaxllm.eval import fewshot
 from jaxllm.eval.benchmarks import BENCHMARKS, BenchmarkError, detect
-from jaxllm.eval.scoring import continuation_logprobs, loglikelihoods
+from jaxllm.eval.scoring import continuation_logprobs, loglikelihoods, next_token_scores
+from jaxllm.models import forward
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -103,10 +104,16 @@ def test_subject_maps_hold_the_released_lists():
 def test_loglikelihoods_equal_the_one_question_scorer(tiny):
     _, config, params, tok = tiny
     prompts = ["TCP 属于哪一层？\nA. 物理层\n答案：", "Find the degree.\nAnswer:"]
-    requests = [(p, c) for p in prompts for c in ("A", " B", "C")]
+    continuations = ["A", " B", "C", "传输层。", " four"]  # one token (one forward per prompt) and several
+    requests = [(p, c) for p in prompts for c in continuations]
     batched = loglikelihoods(config, params, tok, requests, batch_size=4)
-    single = [s for p in prompts for s in continuation_logprobs(config, params, tok, p, ["A", " B", "C"])]
+    single = [s for p in prompts for s in continuation_logprobs(config, params, tok, p, continuations)]
     np.testing.assert_allclose([s for s, _ in batched], single, atol=1e-5)
+    context = tok.encode(prompts[0], bos=True)
+    logits = np.asarray(forward(config, params, np.asarray([context]))[0, -1], np.float64)
+    [(logp, best)] = next_token_scores(config, params, [context], [[319, 350]])
+    assert best == int(np.argmax(logits))
+    np.testing.assert_allclose(logp, (logits - np.logaddexp.reduce(logits))[[319, 350]], atol=1e-5)
 
 
 def test_ceval_five_categories_and_hard_average(tiny, roots, tmp_path, capsys):

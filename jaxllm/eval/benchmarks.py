@@ -1,13 +1,14 @@
 """The benchmarks' own protocols as data: where each keeps its splits, how its reference code writes a
 prompt, which continuation is scored, and how it averages.
 
-| benchmark | files (under the released root) | reference prompt code |
-|---|---|---|
-| ceval   | `dev/{s}_dev.csv`, `val/{s}_val.csv`, `test/{s}_test.csv`; header `id,question,A,B,C,D,answer[,explanation]` | hkust-nlp/ceval `code/evaluator_series/evaluators/llama.py` |
-| mmlu    | `dev/{s}_dev.csv`, `val/{s}_val.csv`, `test/{s}_test.csv` (in `data/`); no header: `question,A,B,C,D,answer` | hendrycks/test `evaluate.py` |
-| cmmlu   | `dev/{s}.csv`, `test/{s}.csv`; header `,Question,A,B,C,D,Answer` | haonan-li/CMMLU `src/mp_utils.py` |
-| agieval | `{s}.jsonl` (`data/v1`): `passage, question, options ["(A)…"], label` | ruixiangcui/AGIEval `src/dataset_loader.py` (zero-shot) |
-| gaokao  | `Data/Objective_Questions/{s}.json`: `{"keywords", "example": [{"question", "answer": [...]}]}` | – (answer-only adaptation) |
+- ceval: `dev/{s}_dev.csv`, `val/{s}_val.csv`, `test/{s}_test.csv`, header `id,question,A,B,C,D,answer`
+  (+`explanation` in dev); hkust-nlp/ceval `code/evaluator_series/evaluators/llama.py`
+- mmlu: `data/dev/{s}_dev.csv`, `data/val/{s}_val.csv`, `data/test/{s}_test.csv`, no header:
+  `question,A,B,C,D,answer`; hendrycks/test `evaluate.py`
+- cmmlu: `dev/{s}.csv`, `test/{s}.csv`, header `,Question,A,B,C,D,Answer`; haonan-li/CMMLU `src/mp_utils.py`
+- agieval: `data/v1/{s}.jsonl` with `passage, question, options ["(A)…"], label`; ruixiangcui/AGIEval
+  `src/dataset_loader.py` (`convert_zero_shot`)
+- gaokao: `Data/Objective_Questions/{s}.json`, `{"keywords", "example": [{"question", "answer": [...]}]}`
 
 Every protocol scores the letter after the prompt by log-likelihood, as MMLU's and CMMLU's code do. C-Eval's
 header names the subject in Chinese (`subject_mapping.json`'s second column, as its tutorial asks).
@@ -17,6 +18,7 @@ generative (chain of thought, answer after 【答案】); here an item is `{ques
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -222,9 +224,8 @@ class Benchmark:
         return {"ceval": CEVAL, "mmlu": MMLU, "cmmlu": CMMLU, "gaokao": GAOKAO}[self.name]
 
     def metadata(self) -> dict:
-        if self.subjects is None:
-            return {"categories": [], "subjects": {}}
-        return json.loads((ASSETS / self.subjects).read_text("utf-8"))
+        """{"categories": [...], "subjects": {handle: {"name", "categories", ...}}[, "hard": [...]]}."""
+        return _metadata(self.subjects)
 
     def subject_name(self, subject: str) -> str:
         """The name the header uses: C-Eval's and CMMLU's Chinese name, MMLU's format_subject."""
@@ -246,6 +247,11 @@ class Benchmark:
         for subject, path in files.items():
             subjects[subject] = self.read(path, subject, skipped)
         return Split({s: items for s, items in subjects.items() if items}, files, skipped)
+
+
+@functools.lru_cache(maxsize=None)
+def _metadata(file: str | None) -> dict:
+    return json.loads((ASSETS / file).read_text("utf-8")) if file else {"categories": [], "subjects": {}}
 
 
 BENCHMARKS = {

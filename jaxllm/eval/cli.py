@@ -108,9 +108,9 @@ def main(argv: list[str]) -> int:
             if len(args.files) != 1:
                 raise ValueError("--benchmark takes one directory: the benchmark's data as released")
             benchmark, root = locate(args.files[0], args.benchmark)
-            if args.shots:
-                fewshot.exemplars(benchmark, root, benchmark.load(root, args.split or benchmark.default_split),
-                                  args.shots)  # --shots beyond the dev split fails before loading the model
+            subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
+            prepared = fewshot.prepare(benchmark, root, split=args.split, shots=args.shots, subjects=subjects,
+                                       limit=args.limit)  # bad files or --shots fail before the model loads
         else:
             if args.shots:
                 raise ValueError("--shots needs a benchmark directory (its dev split holds the exemplars)")
@@ -127,9 +127,8 @@ def main(argv: list[str]) -> int:
         elif args.task == "perplexity":
             result = perplexity(config, params, tok, texts, args.seq_len, args.batch_size, mesh)
         elif benchmark is not None:
-            subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
-            result = fewshot.evaluate(config, params, tok, benchmark, root, split=args.split, shots=args.shots,
-                                      batch_size=args.batch_size, mesh=mesh, subjects=subjects, limit=args.limit)
+            result = fewshot.evaluate(config, params, tok, benchmark, root, batch_size=args.batch_size, mesh=mesh,
+                                      prepared=prepared)
         else:
             result = choice_accuracy(config, params, tok, questions, args.batch_size, mesh)
     except (ValueError, ConfigError, CheckpointError, ConversionError, TokenizerError) as err:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.eval.benchmarks import Benchmark, BenchmarkError, Item, Split
+from jaxllm.eval.benchmarks import LETTERS, Benchmark, BenchmarkError, Item, Split
 from jaxllm.eval.scoring import loglikelihoods
 
 
@@ -76,11 +76,10 @@ def summarize(benchmark: Benchmark, correct: dict[str, list[bool]]) -> dict:
     return result
 
 
-def evaluate(config, params, tokenizer, benchmark: Benchmark, root: str | Path, *, split: str | None = None,
-             shots: int = 0, batch_size: int = 8, mesh=None, subjects=None, limit: int | None = None) -> dict:
-    """Run `benchmark` (the directory `root` in its released layout): every subject of `split` (or those in
-    `subjects`, each cut to its first `limit` questions), `shots` exemplars each. Returns the summary with
-    every item's letter scores under "items"."""
+def prepare(benchmark: Benchmark, root: str | Path, *, split: str | None = None, shots: int = 0, subjects=None,
+            limit: int | None = None) -> tuple[str, Split, dict[str, list[Item]]]:
+    """(split, its questions, each subject's exemplars): every subject of `split` (or those in `subjects`,
+    each cut to its first `limit` questions). Reads and checks everything without a model."""
     root = Path(root)
     split = split or benchmark.default_split
     questions = benchmark.load(root, split)
@@ -91,15 +90,26 @@ def evaluate(config, params, tokenizer, benchmark: Benchmark, root: str | Path, 
         questions.subjects = {s: questions.subjects[s] for s in subjects}
     if limit is not None:
         questions.subjects = {s: items[:limit] for s, items in questions.subjects.items()}
-    built, cropped = prompts(benchmark, questions, exemplars(benchmark, root, questions, shots), tokenizer,
-                             config.max_position_embeddings)
+    return split, questions, exemplars(benchmark, root, questions, shots)
+
+
+def evaluate(config, params, tokenizer, benchmark: Benchmark, root: str | Path, *, split: str | None = None,
+             shots: int = 0, batch_size: int = 8, mesh=None, subjects=None, limit: int | None = None,
+             prepared=None) -> dict:
+    """Run `benchmark` (the directory `root` in its released layout) with `shots` exemplars per question
+    (`prepare`'s arguments, or its result as `prepared`). Returns the summary with every item's letter
+    scores under "items"."""
+    split, questions, shot_items = prepared or prepare(benchmark, root, split=split, shots=shots,
+                                                       subjects=subjects, limit=limit)
+    shots = max((len(v) for v in shot_items.values()), default=0)
+    built, cropped = prompts(benchmark, questions, shot_items, tokenizer, config.max_position_embeddings)
     requests = [(text, choice) for item, text in built for choice in benchmark.protocol(item.subject).choices(item)]
     scores = iter(loglikelihoods(config, params, tokenizer, requests, batch_size, mesh))
     correct: dict[str, list[bool]] = {}
     items = []
     for item, text in built:
         letter_scores = [next(scores)[0] for _ in item.options]
-        prediction = "ABCDEFG"[int(np.argmax(letter_scores))]
+        prediction = LETTERS[int(np.argmax(letter_scores))]
         correct.setdefault(item.subject, []).append(prediction == item.answer)
         items.append({"where": item.where, "subject": item.subject, "answer": item.answer,
                       "prediction": prediction, "scores": letter_scores})

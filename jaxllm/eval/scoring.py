@@ -53,8 +53,48 @@ def sequence_token_scores(config, params, sequences, batch_size: int = 8, mesh=N
         with on_mesh(mesh):
             if mesh is not None:
                 tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
-            logp, greedy = to_host(_token_scores(config)(params, tokens, segments))
+            logp, greedy = map(to_host, _token_scores(config)(params, tokens, segments))
         out += [(logp[i, :len(s) - 1], greedy[i, :len(s) - 1]) for i, s in enumerate(chunk)]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _next_token_scores(config):
+    from jaxllm.models import forward
+
+    @jax.jit
+    def fn(params, tokens, segments, last, candidates):
+        logits = forward(config, params, tokens, None, segments)
+        row = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [rows, vocab] after the context
+        logp = jax.nn.log_softmax(row, axis=-1)
+        return jnp.take_along_axis(logp, candidates, axis=-1), jnp.argmax(row, axis=-1)
+    return fn
+
+
+def next_token_scores(config, params, contexts, candidates, batch_size: int = 8, mesh=None):
+    """For each context (token ids) and its candidate next tokens: (log p(candidate | context) float32[k],
+    the argmax token) from one forward of the context — what MMLU's and CMMLU's code compare for the
+    letters, and 1/k of the work of scoring each candidate's sequence."""
+    from jaxllm.distributed import to_host
+    from jaxllm.sharding import batch_sharding
+
+    rows = batch_size if mesh is None else -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
+    width = max(len(c) for c in candidates)
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        chunk, wanted = contexts[start:start + batch_size], candidates[start:start + batch_size]
+        length = bucket(max(len(c) for c in chunk))
+        tokens = np.zeros((rows, length), np.int32)
+        segments = np.zeros((rows, length), np.int32)
+        last = np.zeros((rows,), np.int32)
+        ids = np.zeros((rows, width), np.int32)
+        for i, (c, k) in enumerate(zip(chunk, wanted)):
+            tokens[i, :len(c)], segments[i, :len(c)], last[i], ids[i, :len(k)] = c, 1, len(c) - 1, k
+        with on_mesh(mesh):
+            if mesh is not None:
+                tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
+            logp, best = map(to_host, _next_token_scores(config)(params, tokens, segments, last, ids))
+        out += [(logp[i, :len(k)], int(best[i])) for i, k in enumerate(wanted)]
     return out
 
 
@@ -68,8 +108,10 @@ def loglikelihoods(config, params, tokenizer, requests, batch_size: int = 8, mes
     """For each (context, continuation) pair of strings: (sum of log p over the continuation's tokens, whether
     greedy decoding gives exactly them). Context and continuation are tokenised together, as a model sees
     them; the continuation's tokens are those past their common prefix with the context alone. A sequence
-    longer than `max_length` (default: the model's positions) keeps its last tokens. Sequences run longest
-    first, so a batch's rows share a length bucket; results come back in request order."""
+    longer than `max_length` (default: the model's positions) keeps its last tokens. Continuations of one
+    token after the same context share one forward (`next_token_scores`); others are whole sequences.
+    Either way they run longest first, so a batch's rows share a length bucket; results come back in
+    request order."""
     max_length = max_length or config.max_position_embeddings
     contexts: dict[str, list[int]] = {}
     sequences, starts = [], []
@@ -87,10 +129,22 @@ def loglikelihoods(config, params, tokenizer, requests, batch_size: int = 8, mes
             ids, start = ids[cut:], max(start - cut, 1)
         sequences.append(ids)
         starts.append(start)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    scores = sequence_token_scores(config, params, [sequences[i] for i in order], batch_size, mesh)
     out: list = [None] * len(sequences)
-    for i, (logp, greedy) in zip(order, scores):
+    # One token after an unchanged context (a letter after a prompt): one forward of the context per
+    # context scores all its candidates; the rest are scored as whole sequences.
+    single: dict[tuple, list[int]] = {}
+    for i, (ids, start) in enumerate(zip(sequences, starts)):
+        if start == len(ids) - 1:
+            single.setdefault(tuple(ids[:-1]), []).append(i)
+    grouped = sorted(single.items(), key=lambda kv: -len(kv[0]))
+    scores = next_token_scores(config, params, [list(c) for c, _ in grouped],
+                               [[sequences[i][-1] for i in members] for _, members in grouped], batch_size, mesh)
+    for (_, members), (logp, best) in zip(grouped, scores):
+        for i, lp in zip(members, logp):
+            out[i] = (float(lp), sequences[i][-1] == best)
+    rest = sorted((i for i in range(len(sequences)) if out[i] is None), key=lambda i: -len(sequences[i]))
+    scores = sequence_token_scores(config, params, [sequences[i] for i in rest], batch_size, mesh) if rest else []
+    for i, (logp, greedy) in zip(rest, scores):
         out[i] = (float(logp[starts[i] - 1:].sum()), bool(greedy[starts[i] - 1:].all()))
     return out
 
