@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.inference.generate import batch_shards, bucket, on_mesh
+from jaxllm.inference.generate import batch_shards, bucket, left_pad, on_mesh
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -63,9 +63,8 @@ def _next_token_scores(config):
     from jaxllm.models import forward
 
     @jax.jit
-    def fn(params, tokens, segments, last, candidates):
-        logits = forward(config, params, tokens, None, segments)
-        row = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [rows, vocab] after the context
+    def fn(params, tokens, positions, segments, candidates):
+        row = forward(config, params, tokens, positions, segments, last_only=True)[:, -1]  # [rows, vocab]
         logp = jax.nn.log_softmax(row, axis=-1)
         return jnp.take_along_axis(logp, candidates, axis=-1), jnp.argmax(row, axis=-1)
     return fn
@@ -73,8 +72,9 @@ def _next_token_scores(config):
 
 def next_token_scores(config, params, contexts, candidates, batch_size: int = 8, mesh=None):
     """For each context (token ids) and its candidate next tokens: (log p(candidate | context) float32[k],
-    the argmax token) from one forward of the context — what MMLU's and CMMLU's code compare for the
-    letters, and 1/k of the work of scoring each candidate's sequence."""
+    the argmax token) from one forward of the context, left-padded so the logits are computed at its last
+    position only — what MMLU's and CMMLU's code compare for the letters, and 1/k of the work of scoring
+    each candidate's sequence."""
     from jaxllm.distributed import to_host
     from jaxllm.sharding import batch_sharding
 
@@ -83,17 +83,14 @@ def next_token_scores(config, params, contexts, candidates, batch_size: int = 8,
     out = []
     for start in range(0, len(contexts), batch_size):
         chunk, wanted = contexts[start:start + batch_size], candidates[start:start + batch_size]
-        length = bucket(max(len(c) for c in chunk))
-        tokens = np.zeros((rows, length), np.int32)
-        segments = np.zeros((rows, length), np.int32)
-        last = np.zeros((rows,), np.int32)
+        padded = left_pad(chunk + [[0]] * (rows - len(chunk)), bucket(max(len(c) for c in chunk)))
         ids = np.zeros((rows, width), np.int32)
-        for i, (c, k) in enumerate(zip(chunk, wanted)):
-            tokens[i, :len(c)], segments[i, :len(c)], last[i], ids[i, :len(k)] = c, 1, len(c) - 1, k
+        for i, k in enumerate(wanted):
+            ids[i, :len(k)] = k
         with on_mesh(mesh):
             if mesh is not None:
-                tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
-            logp, best = map(to_host, _next_token_scores(config)(params, tokens, segments, last, ids))
+                padded = jax.device_put(padded, batch_sharding(mesh))
+            logp, best = map(to_host, _next_token_scores(config)(params, *padded, ids))
         out += [(logp[i, :len(k)], int(best[i])) for i, k in enumerate(wanted)]
     return out
 
