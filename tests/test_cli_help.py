@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBACTIONS = {
     "convert": ["apply-delta"],
     "data": ["gatt", "curriculum"],
-    "eval": ["perplexity", "choice"],
+    "eval": ["perplexity", "choice", "harness"],
     "tokenizer": ["train", "extend", "encode", "decode", "stats"],
 }
 INVOCATIONS = [[name] for name in COMMANDS] + [[name, action] for name, actions in SUBACTIONS.items()

@@ -13,27 +13,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.inference.generate import batch_shards, bucket, on_mesh
+from jaxllm.inference.generate import batch_shards, bucket, left_pad, on_mesh
 
 LETTERS = ("A", "B", "C", "D")
 
 
+def length_bucket(n: int) -> int:
+    """The padded length for `n` tokens: a power of two, or three quarters of one from 48 up (1054 tokens
+    pad to 1536, not 2048), so a batch wastes at most a third of its positions on padding."""
+    full = bucket(n)
+    return full * 3 // 4 if full >= 64 and n <= full * 3 // 4 else full
+
+
 @functools.lru_cache(maxsize=8)
-def _token_logprobs(config):
+def _token_scores(config):
     from jaxllm.models import forward
 
     @jax.jit
     def fn(params, tokens, segments):
         logits = forward(config, params, tokens, None, segments)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        targets = tokens[:, 1:]
+        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0],
+                jnp.argmax(logits[:, :-1], axis=-1) == targets)
     return fn
 
 
-def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
-    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (right-padded into length buckets). With
-    `mesh`, params should already be sharded on it; the rows are split over its batch axes (on several
-    hosts, every process passes the same sequences and gets every result)."""
+def sequence_token_scores(config, params, sequences, batch_size: int = 8, mesh=None):
+    """(log p(token_t | tokens_<t), whether token_t is the argmax) for t ≥ 1 of each sequence, right-padded
+    into length buckets (float32[len - 1], bool[len - 1] each). With `mesh`, params should already be
+    sharded on it; the rows are split over its batch axes (on several hosts, every process passes the same
+    sequences and gets every result)."""
     from jaxllm.distributed import to_host
     from jaxllm.sharding import batch_sharding
 
@@ -41,7 +51,7 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
-        length = bucket(max(len(s) for s in chunk))
+        length = length_bucket(max(len(s) for s in chunk))
         tokens = np.zeros((rows, length), np.int32)
         segments = np.zeros((rows, length), np.int32)
         for i, s in enumerate(chunk):
@@ -50,8 +60,96 @@ def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh
         with on_mesh(mesh):
             if mesh is not None:
                 tokens, segments = jax.device_put((tokens, segments), batch_sharding(mesh))
-            logp = to_host(_token_logprobs(config)(params, tokens, segments))
-        out += [logp[i, :len(s) - 1] for i, s in enumerate(chunk)]
+            logp, greedy = map(to_host, _token_scores(config)(params, tokens, segments))
+        out += [(logp[i, :len(s) - 1], greedy[i, :len(s) - 1]) for i, s in enumerate(chunk)]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _next_token_scores(config):
+    from jaxllm.models import forward
+
+    @jax.jit
+    def fn(params, tokens, positions, segments, candidates):
+        row = forward(config, params, tokens, positions, segments, last_only=True)[:, -1]  # [rows, vocab]
+        logp = jax.nn.log_softmax(row, axis=-1)
+        return jnp.take_along_axis(logp, candidates, axis=-1), jnp.argmax(row, axis=-1)
+    return fn
+
+
+def next_token_scores(config, params, contexts, candidates, batch_size: int = 8, mesh=None):
+    """For each context (token ids) and its candidate next tokens: (log p(candidate | context) float32[k],
+    the argmax token) from one forward of the context, left-padded so the logits are computed at its last
+    position only — what MMLU's and CMMLU's code compare for the letters, and 1/k of the work of scoring
+    each candidate's sequence."""
+    from jaxllm.distributed import to_host
+    from jaxllm.sharding import batch_sharding
+
+    rows = batch_size if mesh is None else -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
+    width = max(len(c) for c in candidates)
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        chunk, wanted = contexts[start:start + batch_size], candidates[start:start + batch_size]
+        padded = left_pad(chunk + [[0]] * (rows - len(chunk)), length_bucket(max(len(c) for c in chunk)))
+        ids = np.zeros((rows, width), np.int32)
+        for i, k in enumerate(wanted):
+            ids[i, :len(k)] = k
+        with on_mesh(mesh):
+            if mesh is not None:
+                padded = jax.device_put(padded, batch_sharding(mesh))
+            logp, best = map(to_host, _next_token_scores(config)(params, *padded, ids))
+        out += [(logp[i, :len(k)], int(best[i])) for i, k in enumerate(wanted)]
+    return out
+
+
+def sequence_token_logprobs(config, params, sequences, batch_size: int = 8, mesh=None):
+    """log p(token_t | tokens_<t) for t ≥ 1 of each sequence (see `sequence_token_scores`)."""
+    return [logp for logp, _ in sequence_token_scores(config, params, sequences, batch_size, mesh)]
+
+
+def loglikelihoods(config, params, tokenizer, requests, batch_size: int = 8, mesh=None,
+                   max_length: int | None = None) -> list[tuple[float, bool]]:
+    """For each (context, continuation) pair of strings: (sum of log p over the continuation's tokens, whether
+    greedy decoding gives exactly them). Context and continuation are tokenised together, as a model sees
+    them; the continuation's tokens are those past their common prefix with the context alone. A sequence
+    longer than `max_length` (default: the model's positions) keeps its last tokens. Continuations of one
+    token after the same context share one forward (`next_token_scores`); others are whole sequences.
+    Either way they run longest first, so a batch's rows share a length bucket; results come back in
+    request order."""
+    max_length = max_length or config.max_position_embeddings
+    contexts: dict[str, list[int]] = {}
+    sequences, starts = [], []
+    for context, continuation in requests:
+        if context not in contexts:
+            contexts[context] = tokenizer.encode(context, bos=tokenizer.add_bos)
+        prefix = contexts[context]
+        ids = tokenizer.encode(context + continuation, bos=tokenizer.add_bos)
+        common = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        start = min(common, len(ids) - 1)
+        if start < 1:  # nothing before the continuation: it is predicted from BOS
+            ids, start = [tokenizer.bos_id] + ids, 1
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            ids, start = ids[cut:], max(start - cut, 1)
+        sequences.append(ids)
+        starts.append(start)
+    out: list = [None] * len(sequences)
+    # One token after an unchanged context (a letter after a prompt): one forward of the context per
+    # context scores all its candidates; the rest are scored as whole sequences.
+    single: dict[tuple, list[int]] = {}
+    for i, (ids, start) in enumerate(zip(sequences, starts)):
+        if start == len(ids) - 1:
+            single.setdefault(tuple(ids[:-1]), []).append(i)
+    grouped = sorted(single.items(), key=lambda kv: -len(kv[0]))
+    scores = next_token_scores(config, params, [list(c) for c, _ in grouped],
+                               [[sequences[i][-1] for i in members] for _, members in grouped], batch_size, mesh)
+    for (_, members), (logp, best) in zip(grouped, scores):
+        for i, lp in zip(members, logp):
+            out[i] = (float(lp), sequences[i][-1] == best)
+    rest = sorted((i for i in range(len(sequences)) if out[i] is None), key=lambda i: -len(sequences[i]))
+    scores = sequence_token_scores(config, params, [sequences[i] for i in rest], batch_size, mesh) if rest else []
+    for i, (logp, greedy) in zip(rest, scores):
+        out[i] = (float(logp[starts[i] - 1:].sum()), bool(greedy[starts[i] - 1:].all()))
     return out
 
 
