@@ -63,16 +63,20 @@ def main(argv: list[str]) -> int:
         lora.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base")
         parser.add_argument("--base", metavar="DIR", help="the jaxllm checkpoint an adapter adapts (default: the "
                             "one the LoRA run recorded)")
+        parser.add_argument("--base-name", metavar="NAME", help="--adapter export: the base's HF directory or hub "
+                            "name for PEFT's base_model_name_or_path (default: the recorded one)")
         args = parser.parse_args(argv)
         from jaxllm.lora import merge
 
         kinds = (args.src_kind, args.dst_kind)
+        if args.base_name and not (args.adapter and kinds == ("jaxllm", "hf")):
+            parser.error("--base-name goes with --from jaxllm --to hf --adapter")
         if args.base and not (args.adapter or args.merge):
             parser.error("--base goes with --adapter or --merge")
         if args.hf_arch != "native" and (args.dst_kind != "hf" or args.adapter or args.merge):
             parser.error("--hf-arch applies to --to hf (a plain export, not --adapter or --merge)")
         if args.adapter and kinds == ("jaxllm", "hf"):
-            action = lambda: merge.export_peft(args.src, args.dst)
+            action = lambda: merge.export_peft(args.src, args.dst, args.base_name)
         elif args.adapter and kinds == ("hf", "jaxllm"):
             action = lambda: merge.import_adapter(args.src, args.dst, args.base)
         elif args.adapter:

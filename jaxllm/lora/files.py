@@ -5,7 +5,8 @@ only what a LoRA run trains:
 
     DIR/model.json      the adapted ModelConfig: the base architecture plus `lora` (rank, alpha, dropout, targets)
     DIR/adapter.json    {"base": path of the base checkpoint, "base_digest": its digest or null,
-                         "train": base weights trained too (embedding, lm_head, norms), "lm_path": [] or ["backbone"]}
+                         "train": base weights trained too (embedding, lm_head, norms), "lm_path": [] or ["backbone"],
+                         "base_name": the base's HF path or name, when known (PEFT's base_model_name_or_path)}
     DIR/<step>/params/  every `*_lora_a` / `*_lora_b` leaf, and the base weights named in `train`
 
 RUN/checkpoints of a LoRA run is one (plus optimizer state and the rest); `jaxllm convert` imports PEFT
@@ -33,11 +34,13 @@ ADAPTER_JSON = "adapter.json"
 # The record and the digest.
 
 def write_record(directory: str | os.PathLike, *, base: str | None, base_digest: str | None, train=(),
-                 lm_path=()) -> None:
+                 lm_path=(), base_name: str | None = None) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     record = {"format": "jaxllm-lora", "base": None if base is None else str(Path(base).absolute()),
               "base_digest": base_digest, "train": list(train), "lm_path": list(lm_path)}
+    if base_name is not None:  # the base's HF path or hub name (PEFT's base_model_name_or_path)
+        record["base_name"] = base_name
     tmp = path / (ADAPTER_JSON + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path / ADAPTER_JSON)
@@ -187,7 +190,9 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
         if base_config is None:
             raise jckpt.CheckpointError(f"{path}: a PEFT adapter needs the base model it adapts")
         config, leaves, train = read_peft(path, base_config)
-        return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": []}
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": [],
+                                "base_name": base_name}
     directory = jckpt.resolve(path)
     record = read_record(directory)
     config = jckpt.read_model_config(directory)
