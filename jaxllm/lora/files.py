@@ -173,7 +173,7 @@ def trained_shapes(config: ModelConfig, train=()):
     return split(shapes, trainable_mask(shapes, train))[0]
 
 
-def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None):
+def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None, *, reward: bool = False):
     """(adapted config, {path: numpy leaf}, record) of a language-model adapter: a jaxllm adapter checkpoint
     (a LoRA run directory or its checkpoints) or a PEFT directory (adapter_config.json + weights; then
     `base_config`, the architecture it adapts, is needed)."""
@@ -199,13 +199,21 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
     if record is None or config.lora is None:
         raise jckpt.CheckpointError(f"{path}: not an adapter (no {ADAPTER_JSON} and adapter_config.json): a LoRA "
                                     f"run directory, its checkpoints, or a PEFT adapter directory is expected")
-    if record.get("lm_path"):
+    if record.get("lm_path") and not reward:
         raise jckpt.CheckpointError(f"{path}: a reward model's adapter ({'/'.join(record['lm_path'])} + head), "
                                     f"not a language model's")
+    if reward and list(record.get("lm_path", ())) != ["backbone"]:
+        raise jckpt.CheckpointError(f"{path}: a language model's adapter, not a reward model's")
     if base_config is not None and not same_shapes(base_config.replace(lora=None), config.replace(lora=None)):
         raise jckpt.CheckpointError(f"{path}: adapts {config.name}, whose architecture differs from the base "
                                     f"{base_config.name}")
-    shapes = trained_shapes(config, record.get("train", ()))
+    if reward:  # jaxllm.stages.reward's layout: {"backbone": decoder without lm_head, "head": {kernel, bias}}
+        f32 = jnp.float32
+        shapes = {"backbone": trained_shapes(config.replace(head="none"), record.get("train", ())),
+                  "head": {"kernel": jax.ShapeDtypeStruct((config.hidden_size,), f32),
+                           "bias": jax.ShapeDtypeStruct((), f32)}}
+    else:
+        shapes = trained_shapes(config, record.get("train", ()))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single), shapes)
     with jckpt.manager(directory) as mngr:
@@ -219,3 +227,11 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
                                         f"{str(err).splitlines()[0][:200]}") from None
     leaves = dict(zip(leaf_paths(restored), (np.asarray(x) for x in jax.tree.leaves(restored))))
     return config, leaves, record
+
+
+def load_reward_adapter(path: str | os.PathLike):
+    """(adapted config, {backbone path: numpy leaf}, {"kernel": [embed], "bias": []}, record) of a reward
+    model's LoRA run (`jaxllm rm` with `lora:`): the backbone's adapters and the scalar head."""
+    config, leaves, record = load_adapter(path, reward=True)
+    head = {p[-1]: v for p, v in leaves.items() if p[0] == "head"}
+    return config, {p[1:]: v for p, v in leaves.items() if p[0] == "backbone"}, head, record

@@ -94,11 +94,20 @@ def export_peft(src, dst, base_name: str | None = None) -> ModelConfig:
 
     if adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: already a PEFT adapter")
+    score = None
     try:
-        config, leaves, record = adapters.load_adapter(src)
+        if (adapters.read_record(src) or {}).get("lm_path"):  # a reward model: PEFT's SEQ_CLS with `score`
+            config, leaves, head, record = adapters.load_reward_adapter(src)
+            if float(head["bias"]) != 0.0:
+                raise ConversionError(f"{src}: the reward head's bias is {float(head['bias'])!r}; "
+                                      f"LlamaForSequenceClassification's score has none")
+            score = head["kernel"]
+        else:
+            config, leaves, record = adapters.load_adapter(src)
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
-    write_peft(dst, config, leaves, record.get("train", ()), base_name or record.get("base_name") or record.get("base"))
+    write_peft(dst, config, leaves, record.get("train", ()), base_name or record.get("base_name") or record.get("base"),
+               score=score)
     return config
 
 

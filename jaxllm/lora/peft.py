@@ -157,9 +157,12 @@ def _peft_config(cfg: ModelConfig, values: dict, train, base_name) -> dict:
             "layers_pattern": None, "revision": None}
 
 
-def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), base_name: str | None = None) -> None:
+def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), base_name: str | None = None,
+               score=None) -> None:
     """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base."""
+    `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base. `score`: a reward
+    model's head [embed]; then the adapter is PEFT's SEQ_CLS one, for `LlamaForSequenceClassification`
+    (num_labels 1), the head in `modules_to_save`."""
     from safetensors.numpy import save_file
 
     from jaxllm.convert.core import check_destination
@@ -168,6 +171,9 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), 
     dst = Path(directory)
     check_destination(dst)
     tensors, config = peft_tensors(cfg, leaves, train, base_name)
+    if score is not None:
+        tensors[PREFIX + "score.weight"] = np.asarray(score, np.float32)[None, :]
+        config = {**config, "task_type": "SEQ_CLS", "modules_to_save": [*(config["modules_to_save"] or []), "score"]}
     staging = staging_dir(dst)
     try:
         save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
