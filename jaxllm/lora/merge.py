@@ -118,11 +118,20 @@ def import_adapter(src, dst, base) -> ModelConfig:
 
     if not adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: no adapter_config.json (a PEFT adapter directory is expected)")
-    config, leaves, record, base_dir = load(src, base)
-    check_destination(Path(dst))
-    save_params(dst, adapters.nest(leaves), config)
-    adapters.write_record(dst, base=str(base_dir), base_digest=None, train=record["train"],
-                          base_name=record.get("base_name"))
+    from jaxllm.storage import staging_dir
+
+    config, leaves, record, base_dir = load(src, base)  # every refusal comes before anything is written
+    dst = Path(dst)
+    check_destination(dst)
+    staging = staging_dir(dst)
+    try:
+        out = staging / "adapter"
+        save_params(out, adapters.nest(leaves), config)
+        adapters.write_record(out, base=str(base_dir), base_digest=None, train=record["train"],
+                              base_name=record.get("base_name"))
+        out.rename(dst)  # whole or absent
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return config
 
 

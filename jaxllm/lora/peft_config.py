@@ -35,6 +35,9 @@ def refuse_unsupported(pc: dict, where) -> None:
     if pc.get("peft_type") != "LORA":
         raise ConversionError(f"{where}: peft_type={pc.get('peft_type')!r} is not supported (only LORA adapters "
                               f"convert)")
+    if pc.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ConversionError(f"{where}: task_type={pc['task_type']!r} is not supported (a language model's "
+                              f"adapter, CAUSAL_LM, imports)")
     for key, plain in _PLAIN.items():
         if pc.get(key) not in plain:
             why = _WHY.get(key, "a LoRA variant jaxllm does not implement")
