@@ -238,3 +238,24 @@ def test_module_matching_is_peft_s_own():
             r = pc.rank_pattern.get(get_pattern_key(pc.rank_pattern.keys(), key), pc.r)
             alpha = pc.alpha_pattern.get(get_pattern_key(pc.alpha_pattern.keys(), key), pc.lora_alpha)
             assert module_rank_alpha(as_json, key) == (r, alpha)
+
+
+def test_bfloat16_adapter_imports_and_exports_back_in_bfloat16(models, tmp_path):
+    """PEFT saves adapters in the model's dtype: a bfloat16 file imports (numpy has no bfloat16) and its export
+    is bfloat16 again, bit-identical."""
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    root, hf_model = models["llama"]
+    _peft_adapter(hf_model(), dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                   rank_pattern={"model.layers.2.mlp.down_proj": 4}), tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    save_torch({k: v.to(torch.bfloat16) for k, v in load_torch(str(path)).items()}, str(path))
+    expected = _logits(peft.PeftModel.from_pretrained(hf_model(), tmp_path / "peft").eval(), TOKENS)
+    assert cli(["convert", "--from", "hf", "--to", "jaxllm", str(tmp_path / "peft"), str(tmp_path / "jx"),
+                "--adapter", "--base", str(root / "base")]) == 0
+    assert rel_err(jax_logits(root / "base", adapter=tmp_path / "jx", tokens=TOKENS), expected) < 1e-4
+    assert cli(["convert", "--from", "jaxllm", "--to", "hf", str(tmp_path / "jx"), str(tmp_path / "back"),
+                "--adapter"]) == 0
+    original, back = (load_torch(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert set(back) == set(original) and all(back[k].dtype == torch.bfloat16 for k in back)
+    assert all(torch.equal(back[k], original[k]) for k in original)

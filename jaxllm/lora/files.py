@@ -34,13 +34,15 @@ ADAPTER_JSON = "adapter.json"
 # The record and the digest.
 
 def write_record(directory: str | os.PathLike, *, base: str | None, base_digest: str | None, train=(),
-                 lm_path=(), base_name: str | None = None) -> None:
+                 lm_path=(), base_name: str | None = None, peft_dtype: str | None = None) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     record = {"format": "jaxllm-lora", "base": None if base is None else str(Path(base).absolute()),
               "base_digest": base_digest, "train": list(train), "lm_path": list(lm_path)}
     if base_name is not None:  # the base's HF path or hub name (PEFT's base_model_name_or_path)
         record["base_name"] = base_name
+    if peft_dtype is not None:  # an imported PEFT adapter's tensor dtype, which its export writes back
+        record["peft_dtype"] = peft_dtype
     tmp = path / (ADAPTER_JSON + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path / ADAPTER_JSON)
@@ -190,9 +192,11 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
         if base_config is None:
             raise jckpt.CheckpointError(f"{path}: a PEFT adapter needs the base model it adapts")
         config, leaves, train = read_peft(path, base_config)
+        from jaxllm.lora.peft import stored_dtype
+
         base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": [],
-                                "base_name": base_name}
+                                "base_name": base_name, "peft_dtype": stored_dtype(path)}
     directory = jckpt.resolve(path)
     record = read_record(directory)
     config = jckpt.read_model_config(directory)

@@ -107,7 +107,7 @@ def export_peft(src, dst, base_name: str | None = None) -> ModelConfig:
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
     write_peft(dst, config, leaves, record.get("train", ()), base_name or record.get("base_name") or record.get("base"),
-               score=score)
+               score=score, dtype=record.get("peft_dtype"))
     return config
 
 
@@ -128,7 +128,7 @@ def import_adapter(src, dst, base) -> ModelConfig:
         out = staging / "adapter"
         save_params(out, adapters.nest(leaves), config)
         adapters.write_record(out, base=str(base_dir), base_digest=None, train=record["train"],
-                              base_name=record.get("base_name"))
+                              base_name=record.get("base_name"), peft_dtype=record.get("peft_dtype"))
         out.rename(dst)  # whole or absent
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -158,11 +158,12 @@ def _peft_config(cfg: ModelConfig, values: dict, train, base_name) -> dict:
 
 
 def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), base_name: str | None = None,
-               score=None) -> None:
+               score=None, dtype: str | None = None) -> None:
     """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base. `score`: a reward
     model's head [embed]; then the adapter is PEFT's SEQ_CLS one, for `LlamaForSequenceClassification`
-    (num_labels 1), the head in `modules_to_save`."""
+    (num_labels 1), the head in `modules_to_save`. `dtype`: the tensors' (default float32; an imported adapter's
+    own, recorded at import, so a round trip is bit-identical)."""
     from safetensors.numpy import save_file
 
     from jaxllm.convert.core import check_destination
@@ -176,7 +177,10 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), 
         config = {**config, "task_type": "SEQ_CLS", "modules_to_save": [*(config["modules_to_save"] or []), "score"]}
     staging = staging_dir(dst)
     try:
-        save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
+        import ml_dtypes
+
+        kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype or "float32")
+        save_file({k: v.astype(kind) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
                   metadata={"format": "pt", META_TARGETS: ",".join(cfg.lora.targets)})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         staging.rename(dst)
@@ -187,14 +191,31 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), 
 # ---------------------------------------------------------------------------------------------------------
 # Import
 
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(directory: str | Path) -> str | None:
+    """The one dtype of a PEFT adapter's safetensors tensors (float32, float16, bfloat16), else None (mixed,
+    unreadable, or a .bin file): what an export writes back."""
+    path = Path(directory) / "adapter_model.safetensors"
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if size < 2**26 else {}
+    except (OSError, ValueError):
+        return None
+    kinds = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return _DTYPES.get(kinds.pop()) if len(kinds) == 1 else None
+
+
 def _read_tensors(directory: Path) -> tuple[dict, dict]:
     st, binary = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if st.is_file():
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(st), "np") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        try:  # numpy has no bfloat16: such files are read through JAX (ml_dtypes), values unchanged
+            with safe_open(str(st), "flax" if stored_dtype(directory) == "bfloat16" else "np") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}, f.metadata() or {}
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types for bad headers
             raise ConversionError(f"{st}: unreadable safetensors file ({str(err).splitlines()[0][:200]})") from None
     if binary.is_file():
