@@ -610,7 +610,7 @@ def test_converted_checkpoint_is_stored_and_read_one_layer_at_a_time(exported_ll
 
 def test_export_reads_a_training_run_checkpoint(tmp_path):
     """A checkpoint the trainer wrote (jax arrays sharded over a mesh, opt_state, later steps) exports too."""
-    from jaxllm import checkpoint as jckpt
+    from jaxllm.checkpoint import restore as jckpt_restore
     from jaxllm.checkpoint.training import RunCheckpoints
 
     cfg = get_preset("llama2-tiny")
@@ -629,7 +629,7 @@ def test_export_reads_a_training_run_checkpoint(tmp_path):
     jaxllm_to_hf(tmp_path / "run", tmp_path / "hf")  # the run directory; its latest step
     # and through orbax's own restore, for layouts tensorstore cannot be pointed at directly
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jckpt, "_open_direct", lambda *a: 1 / 0)
+        patch.setattr(jckpt_restore, "_open_direct", lambda *a: 1 / 0)
         jaxllm_to_hf(tmp_path / "run", tmp_path / "hf_orbax")
     for out in ("hf", "hf_orbax"):
         exported = all_tensors(tmp_path / out)
@@ -677,9 +677,9 @@ def test_conversion_memory_is_bounded_by_a_layer_not_a_stacked_leaf(tmp_path):
 
 def test_without_orbax_streaming_hook_conversion_still_matches(tmp_path, monkeypatch):
     """The per-layer writer relies on an orbax-internal method; an orbax without it gets whole leaves."""
-    import jaxllm.checkpoint as jckpt
+    from jaxllm.checkpoint import save as jckpt_save
     save_llama(tmp_path / "hf", "llama2-tiny")
     assert cli(["convert", "--from", "hf", "--to", "jaxllm", str(tmp_path / "hf"), str(tmp_path / "streamed")]) == 0
-    monkeypatch.setattr(jckpt, "_streaming_supported", lambda: False)
+    monkeypatch.setattr(jckpt_save, "_streaming_supported", lambda: False)
     assert cli(["convert", "--from", "hf", "--to", "jaxllm", str(tmp_path / "hf"), str(tmp_path / "whole")]) == 0
     assert tree_equal(load_params(tmp_path / "streamed")[0], load_params(tmp_path / "whole")[0])

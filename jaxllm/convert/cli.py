@@ -9,7 +9,9 @@ are kept and written back on export. Each such decision is printed. DST must not
 complete or not at all.
 
 LoRA adapters (SRC a LoRA run, a jaxllm adapter or a PEFT adapter directory):
-  --from jaxllm --to hf RUN DST --adapter          a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  --from jaxllm --to hf RUN DST --adapter          a PEFT adapter (adapter_config.json + adapter_model.safetensors;
+                                                   --base-name NAME: its base_model_name_or_path; a reward
+                                                   model's run: a SEQ_CLS adapter with the head as `score`)
   --from hf --to jaxllm PEFT DST --adapter --base B a jaxllm adapter of the jaxllm checkpoint B
   --from jaxllm|hf --to hf|jaxllm SRC DST --merge   the base with the adapter merged in (base: recorded, or --base)"""
 from __future__ import annotations
