@@ -66,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--tensor", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from jaxllm import topology as topologies
+    from jaxllm.preflight import topology as topologies
     topologies.hide_absent_tpu()
     topo = topologies.parse(args.topology)
     devices = topo.devices()

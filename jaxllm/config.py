@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,16 +63,29 @@ def lora_targets(names, key: str = "lora.targets") -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """Low-rank adapters on the decoder's projections, PEFT's LoRA: y = x·W + (alpha/rank)·dropout(x)·A·B,
-    A [in, rank], B [rank, out] (`jaxllm.lora.model` lays them out)."""
+    """Low-rank adapters on the decoder's projections, PEFT's LoRA: y = x·W + scale·dropout(x)·A·B,
+    A [in, rank], B [rank, out] (`jaxllm.lora.model` lays them out), scale = alpha/rank (rsLoRA:
+    alpha/sqrt(rank)).
+
+    Per-layer ranks and alphas (PEFT's rank_pattern / alpha_pattern, layers_to_transform): `layer_ranks` and
+    `layer_alphas` give, per target, one value per layer; the stacked A and B are `rank` (the largest) wide,
+    a layer of rank r < rank holding exact zeros past r (rank 0: no adapter in that layer). A target missing
+    from a table has `rank` / `alpha` in every layer."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    rslora: bool = False
+    layer_ranks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    layer_alphas: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "targets", lora_targets(self.targets))
+        for name in ("layer_ranks", "layer_alphas"):  # model.json gives lists
+            table = self.layer_ranks if name == "layer_ranks" else self.layer_alphas
+            table = table.items() if isinstance(table, Mapping) else table
+            object.__setattr__(self, name, tuple((str(t), tuple(v)) for t, v in table))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
@@ -80,10 +94,29 @@ class LoraSpec:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.targets:
             raise ConfigError("lora.targets is empty: name the projections to adapt (e.g. all, or q_proj, v_proj)")
+        for target, ranks in self.layer_ranks:
+            if target not in self.targets or any(not 0 <= r <= self.rank for r in ranks):
+                raise ConfigError(f"lora.layer_ranks[{target}]: {list(ranks)} (targets {list(self.targets)}, "
+                                  f"ranks 0..{self.rank})")
+
+    def _scale(self, alpha: float, rank: int) -> float:
+        return 0.0 if rank == 0 else alpha / (math.sqrt(rank) if self.rslora else rank)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self._scale(self.alpha, self.rank)
+
+    def ranks(self, target: str, num_layers: int) -> tuple[int, ...]:
+        return dict(self.layer_ranks).get(target, (self.rank,) * num_layers)
+
+    def alphas(self, target: str, num_layers: int) -> tuple[float, ...]:
+        return dict(self.layer_alphas).get(target, (self.alpha,) * num_layers)
+
+    def layer_scales(self, target: str, num_layers: int) -> tuple[float, ...] | None:
+        """The scale of each layer's adapter of `target`, or None when every layer has `scale`."""
+        if target not in dict(self.layer_ranks) and target not in dict(self.layer_alphas):
+            return None
+        return tuple(self._scale(a, r) for a, r in zip(self.alphas(target, num_layers), self.ranks(target, num_layers)))
 
 
 @dataclass(frozen=True)

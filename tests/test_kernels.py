@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxllm import sharding
-from jaxllm import topology as topologies
+from jaxllm.preflight import topology as topologies
 from jaxllm.models import presets
 from jaxllm.models.attention import alibi_slopes, attend, attention_mask, choose
 from jaxllm.models.decoder import Decoder

@@ -245,3 +245,41 @@ def test_adapter_conversions_refuse_bad_input(llama, tmp_path, capsys):
     assert cli(["convert", "--from", "hf", "--to", "jaxllm", str(tmp_path / "peft"), str(tmp_path / "x"),
                 "--adapter", "--base", str(root / "base")]) == 2
     assert "use_dora=True is not supported" in capsys.readouterr().err
+
+
+def test_reward_model_adapter_exports_as_peft_seq_cls(llama, tmp_path):
+    """A reward model's LoRA run (backbone adapters + scalar head) → PEFT's SEQ_CLS adapter with the head as
+    `score` in modules_to_save: PeftModel on LlamaForSequenceClassification gives jaxllm's scores."""
+    from jaxllm.lora.model import merge
+    from jaxllm.stages import reward
+
+    root, base, _ = llama
+    config = base.replace(lora=LoraSpec(rank=2, alpha=4.0, targets="q_proj,v_proj,down_proj"))
+    full = init_params(config, jax.random.key(1))
+    trained, _ = split(full, trainable_mask(full))
+    rng = np.random.default_rng(1)
+    lora_leaves = {p: (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+                   for p, x in zip(leaf_paths(trained), jax.tree.leaves(trained))}
+    head = {"kernel": (rng.standard_normal(config.hidden_size) / 8).astype(np.float32), "bias": np.zeros((), np.float32)}
+    save_params(tmp_path / "rm", {"backbone": adapters.nest(lora_leaves), "head": head}, config)
+    adapters.write_record(tmp_path / "rm", base=str(root / "base"), base_digest=None, lm_path=("backbone",))
+    assert cli(["convert", "--from", "jaxllm", "--to", "hf", str(tmp_path / "rm"), str(tmp_path / "peft"),
+                "--adapter", "--base-name", str(root / "hf")]) == 0
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["task_type"] == "SEQ_CLS" and "score" in written["modules_to_save"]
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(root / "hf", num_labels=1, pad_token_id=0)
+    model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(TOKENS)).logits[:, 0].numpy()
+    base_params, _ = load_params(root / "base")
+    params = {"backbone": merge(adapters.nest(lora_leaves), {k: v for k, v in base_params.items() if k != "lm_head"}),
+              "head": jax.tree.map(jnp.asarray, head)}
+    n, t = TOKENS.shape
+    ours = reward.scores(config, params, jnp.asarray(TOKENS), jnp.broadcast_to(jnp.arange(t), (n, t)),
+                         jnp.ones((n, t), jnp.int32), jnp.full((n,), t - 1))
+    plain = reward.scores(config.replace(lora=None), {**params, "backbone": {k: v for k, v in base_params.items()
+                                                                           if k != "lm_head"}},
+                          jnp.asarray(TOKENS), jnp.broadcast_to(jnp.arange(t), (n, t)), jnp.ones((n, t), jnp.int32),
+                          jnp.full((n,), t - 1))
+    print(f"\n  reward model: jaxllm vs peft SEQ_CLS scores, relative error {rel_err(ours, expected):.1e}")
+    assert rel_err(ours, expected) < 1e-4 and rel_err(plain, expected) > 1e-3

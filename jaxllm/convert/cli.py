@@ -9,7 +9,9 @@ are kept and written back on export. Each such decision is printed. DST must not
 complete or not at all.
 
 LoRA adapters (SRC a LoRA run, a jaxllm adapter or a PEFT adapter directory):
-  --from jaxllm --to hf RUN DST --adapter          a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  --from jaxllm --to hf RUN DST --adapter          a PEFT adapter (adapter_config.json + adapter_model.safetensors;
+                                                   --base-name NAME: its base_model_name_or_path; a reward
+                                                   model's run: a SEQ_CLS adapter with the head as `score`)
   --from hf --to jaxllm PEFT DST --adapter --base B a jaxllm adapter of the jaxllm checkpoint B
   --from jaxllm|hf --to hf|jaxllm SRC DST --merge   the base with the adapter merged in (base: recorded, or --base)"""
 from __future__ import annotations
@@ -63,16 +65,20 @@ def main(argv: list[str]) -> int:
         lora.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base")
         parser.add_argument("--base", metavar="DIR", help="the jaxllm checkpoint an adapter adapts (default: the "
                             "one the LoRA run recorded)")
+        parser.add_argument("--base-name", metavar="NAME", help="--adapter export: the base's HF directory or hub "
+                            "name for PEFT's base_model_name_or_path (default: the recorded one)")
         args = parser.parse_args(argv)
         from jaxllm.lora import merge
 
         kinds = (args.src_kind, args.dst_kind)
+        if args.base_name and not (args.adapter and kinds == ("jaxllm", "hf")):
+            parser.error("--base-name goes with --from jaxllm --to hf --adapter")
         if args.base and not (args.adapter or args.merge):
             parser.error("--base goes with --adapter or --merge")
         if args.hf_arch != "native" and (args.dst_kind != "hf" or args.adapter or args.merge):
             parser.error("--hf-arch applies to --to hf (a plain export, not --adapter or --merge)")
         if args.adapter and kinds == ("jaxllm", "hf"):
-            action = lambda: merge.export_peft(args.src, args.dst)
+            action = lambda: merge.export_peft(args.src, args.dst, args.base_name)
         elif args.adapter and kinds == ("hf", "jaxllm"):
             action = lambda: merge.import_adapter(args.src, args.dst, args.base)
         elif args.adapter:

@@ -5,7 +5,8 @@ only what a LoRA run trains:
 
     DIR/model.json      the adapted ModelConfig: the base architecture plus `lora` (rank, alpha, dropout, targets)
     DIR/adapter.json    {"base": path of the base checkpoint, "base_digest": its digest or null,
-                         "train": base weights trained too (embedding, lm_head, norms), "lm_path": [] or ["backbone"]}
+                         "train": base weights trained too (embedding, lm_head, norms), "lm_path": [] or ["backbone"],
+                         "base_name": the base's HF path or name, when known (PEFT's base_model_name_or_path)}
     DIR/<step>/params/  every `*_lora_a` / `*_lora_b` leaf, and the base weights named in `train`
 
 RUN/checkpoints of a LoRA run is one (plus optimizer state and the rest); `jaxllm convert` imports PEFT
@@ -33,11 +34,15 @@ ADAPTER_JSON = "adapter.json"
 # The record and the digest.
 
 def write_record(directory: str | os.PathLike, *, base: str | None, base_digest: str | None, train=(),
-                 lm_path=()) -> None:
+                 lm_path=(), base_name: str | None = None, peft_dtype: str | None = None) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     record = {"format": "jaxllm-lora", "base": None if base is None else str(Path(base).absolute()),
               "base_digest": base_digest, "train": list(train), "lm_path": list(lm_path)}
+    if base_name is not None:  # the base's HF path or hub name (PEFT's base_model_name_or_path)
+        record["base_name"] = base_name
+    if peft_dtype is not None:  # an imported PEFT adapter's tensor dtype, which its export writes back
+        record["peft_dtype"] = peft_dtype
     tmp = path / (ADAPTER_JSON + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path / ADAPTER_JSON)
@@ -170,7 +175,7 @@ def trained_shapes(config: ModelConfig, train=()):
     return split(shapes, trainable_mask(shapes, train))[0]
 
 
-def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None):
+def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None, *, reward: bool = False):
     """(adapted config, {path: numpy leaf}, record) of a language-model adapter: a jaxllm adapter checkpoint
     (a LoRA run directory or its checkpoints) or a PEFT directory (adapter_config.json + weights; then
     `base_config`, the architecture it adapts, is needed)."""
@@ -187,20 +192,32 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
         if base_config is None:
             raise jckpt.CheckpointError(f"{path}: a PEFT adapter needs the base model it adapts")
         config, leaves, train = read_peft(path, base_config)
-        return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": []}
+        from jaxllm.lora.peft import stored_dtype
+
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return config, leaves, {"base": None, "base_digest": None, "train": train, "lm_path": [],
+                                "base_name": base_name, "peft_dtype": stored_dtype(path)}
     directory = jckpt.resolve(path)
     record = read_record(directory)
     config = jckpt.read_model_config(directory)
     if record is None or config.lora is None:
         raise jckpt.CheckpointError(f"{path}: not an adapter (no {ADAPTER_JSON} and adapter_config.json): a LoRA "
                                     f"run directory, its checkpoints, or a PEFT adapter directory is expected")
-    if record.get("lm_path"):
+    if record.get("lm_path") and not reward:
         raise jckpt.CheckpointError(f"{path}: a reward model's adapter ({'/'.join(record['lm_path'])} + head), "
                                     f"not a language model's")
+    if reward and list(record.get("lm_path", ())) != ["backbone"]:
+        raise jckpt.CheckpointError(f"{path}: a language model's adapter, not a reward model's")
     if base_config is not None and not same_shapes(base_config.replace(lora=None), config.replace(lora=None)):
         raise jckpt.CheckpointError(f"{path}: adapts {config.name}, whose architecture differs from the base "
                                     f"{base_config.name}")
-    shapes = trained_shapes(config, record.get("train", ()))
+    if reward:  # jaxllm.stages.reward's layout: {"backbone": decoder without lm_head, "head": {kernel, bias}}
+        f32 = jnp.float32
+        shapes = {"backbone": trained_shapes(config.replace(head="none"), record.get("train", ())),
+                  "head": {"kernel": jax.ShapeDtypeStruct((config.hidden_size,), f32),
+                           "bias": jax.ShapeDtypeStruct((), f32)}}
+    else:
+        shapes = trained_shapes(config, record.get("train", ()))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single), shapes)
     with jckpt.manager(directory) as mngr:
@@ -214,3 +231,11 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
                                         f"{str(err).splitlines()[0][:200]}") from None
     leaves = dict(zip(leaf_paths(restored), (np.asarray(x) for x in jax.tree.leaves(restored))))
     return config, leaves, record
+
+
+def load_reward_adapter(path: str | os.PathLike):
+    """(adapted config, {backbone path: numpy leaf}, {"kernel": [embed], "bias": []}, record) of a reward
+    model's LoRA run (`jaxllm rm` with `lora:`): the backbone's adapters and the scalar head."""
+    config, leaves, record = load_adapter(path, reward=True)
+    head = {p[-1]: v for p, v in leaves.items() if p[0] == "head"}
+    return config, {p[1:]: v for p, v in leaves.items() if p[0] == "backbone"}, head, record

@@ -20,8 +20,8 @@ class MergedArray:
     """A base leaf read like `checkpoint.StoredArray` (whole or a layer at a time), its adapter added; or a
     base weight the adapter trained, taken from the adapter."""
 
-    def __init__(self, stored, path: tuple, leaves: dict, scale: float):
-        self.stored, self.path, self.scale = stored, path, scale
+    def __init__(self, stored, path: tuple, leaves: dict, config: ModelConfig):
+        self.stored, self.path, self.config = stored, path, config
         self.shape, self.dtype = stored.shape, stored.dtype
         self.trained = leaves.get(path)
         module = path[:-1]
@@ -30,7 +30,11 @@ class MergedArray:
     def layer(self, i: int) -> np.ndarray:
         if self.trained is not None:
             return self.trained[i].astype(self.dtype)
-        return lora.merged_layer(self.path[-1], i, self.stored.layer(i), self.adapters, self.scale)
+        name = self.path[-1]
+        if name not in lora.WEIGHTS:
+            return self.stored.layer(i)
+        scale = lora.layer_scale(self.config.lora, name, i, self.config.num_layers)
+        return lora.merged_layer(name, i, self.stored.layer(i), self.adapters, scale)
 
     def read(self) -> np.ndarray:
         if self.trained is not None:
@@ -49,7 +53,7 @@ def merged_arrays(base_dir, config: ModelConfig, leaves: dict) -> dict:
 
     paths = lora.leaf_paths(param_shapes(config.replace(lora=None)))
     stored = open_arrays(base_dir, paths)
-    return {p: MergedArray(stored[p], p, leaves, config.lora.scale) for p in paths}
+    return {p: MergedArray(stored[p], p, leaves, config) for p in paths}
 
 
 def _base_of(src, base) -> Path:
@@ -83,17 +87,27 @@ def load(src, base=None):
     return config, leaves, record, base_dir
 
 
-def export_peft(src, dst) -> ModelConfig:
-    """jaxllm adapter (a LoRA run) → PEFT directory."""
+def export_peft(src, dst, base_name: str | None = None) -> ModelConfig:
+    """jaxllm adapter (a LoRA run) → PEFT directory; `base_name`: its base_model_name_or_path (the base's HF
+    directory or hub name; default: the one recorded, else the recorded base)."""
     from jaxllm.lora.peft import write_peft
 
     if adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: already a PEFT adapter")
+    score = None
     try:
-        config, leaves, record = adapters.load_adapter(src)
+        if (adapters.read_record(src) or {}).get("lm_path"):  # a reward model: PEFT's SEQ_CLS with `score`
+            config, leaves, head, record = adapters.load_reward_adapter(src)
+            if float(head["bias"]) != 0.0:
+                raise ConversionError(f"{src}: the reward head's bias is {float(head['bias'])!r}; "
+                                      f"LlamaForSequenceClassification's score has none")
+            score = head["kernel"]
+        else:
+            config, leaves, record = adapters.load_adapter(src)
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
-    write_peft(dst, config, leaves, record.get("train", ()))
+    write_peft(dst, config, leaves, record.get("train", ()), base_name or record.get("base_name") or record.get("base"),
+               score=score, dtype=record.get("peft_dtype"))
     return config
 
 
@@ -104,10 +118,20 @@ def import_adapter(src, dst, base) -> ModelConfig:
 
     if not adapters.is_peft_dir(src):
         raise ConversionError(f"{src}: no adapter_config.json (a PEFT adapter directory is expected)")
-    config, leaves, record, base_dir = load(src, base)
-    check_destination(Path(dst))
-    save_params(dst, adapters.nest(leaves), config)
-    adapters.write_record(dst, base=str(base_dir), base_digest=None, train=record["train"])
+    from jaxllm.storage import staging_dir
+
+    config, leaves, record, base_dir = load(src, base)  # every refusal comes before anything is written
+    dst = Path(dst)
+    check_destination(dst)
+    staging = staging_dir(dst)
+    try:
+        out = staging / "adapter"
+        save_params(out, adapters.nest(leaves), config)
+        adapters.write_record(out, base=str(base_dir), base_digest=None, train=record["train"],
+                              base_name=record.get("base_name"), peft_dtype=record.get("peft_dtype"))
+        out.rename(dst)  # whole or absent
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return config
 
 

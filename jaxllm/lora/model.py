@@ -89,9 +89,22 @@ def shared_input(module, x, dense):
     return dense(spec_a, _dropout(module, x), a.astype(module.config.dtype), 1)
 
 
-def adapt(module, name: str, x, out, out_ndim: int, n_in: int, dense, shared=None):
+def adapter_target(spec, name: str) -> str:
+    """The target whose adapter weight `name` (wq, ..., down) gets: its own, or qkv (the shared W_pack A)."""
+    target = WEIGHTS[name][0]
+    return "qkv" if target in ("q", "k", "v") and "qkv" in spec.targets else target
+
+
+def layer_scale(spec, name: str, layer: int, num_layers: int) -> float:
+    """The scale of weight `name`'s adapter in layer `layer`."""
+    scales = spec.layer_scales(adapter_target(spec, name), num_layers)
+    return spec.scale if scales is None else scales[layer]
+
+
+def adapt(module, name: str, x, out, out_ndim: int, n_in: int, dense, shared=None, layer=None):
     """`out` = x·W of weight `name` (x's last `n_in` dims contracted), plus its adapter's
-    (alpha/rank)·(dropout(x)·A)·B when the model has one. `dense(spec, x, w, n_in)`: the decoder's matmul."""
+    scale·(dropout(x)·A)·B when the model has one. `dense(spec, x, w, n_in)`: the decoder's matmul; `layer`:
+    the layer's index (an int or a traced int32), which picks its scale when the spec has per-layer ones."""
     lora = module.config.lora
     if lora is None:
         return out
@@ -108,7 +121,9 @@ def adapt(module, name: str, x, out, out_ndim: int, n_in: int, dense, shared=Non
     b = module.param(name + "_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (RANK_AXIS, *axes_out)),
                      (lora.rank, *out.shape[out.ndim - out_ndim:]), module.config.param_dtype)
     delta = dense(spec_b, low, b.astype(dt), 1)
-    return out + (delta * jnp.asarray(lora.scale, delta.dtype)).astype(out.dtype)
+    scales = lora.layer_scales(adapter_target(lora, name), module.config.num_layers)
+    scale = jnp.asarray(lora.scale, delta.dtype) if scales is None else jnp.asarray(scales, delta.dtype)[layer]
+    return out + (delta * scale).astype(out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

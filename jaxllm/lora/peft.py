@@ -14,8 +14,6 @@ metadata names them); both directions are exact.
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 from jaxllm.config import LoraSpec, ModelConfig
 from jaxllm.convert.mapping import BAICHUAN_FAMILIES
 from jaxllm.convert.readers import ConversionError
+from jaxllm.lora.peft_config import module_rank_alpha, most_common, patterns, refuse_unsupported, targets_module
 
 PREFIX = "base_model.model."
 _LLAMA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -56,64 +55,114 @@ def _module(cfg: ModelConfig, target: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Export
 
-def peft_tensors(cfg: ModelConfig, leaves: dict, train=()) -> tuple[dict, dict]:
+def _layer_key(i: int, module: str) -> str:
+    return f"model.layers.{i}.{module}"
+
+
+def peft_tensors(cfg: ModelConfig, leaves: dict, train=(), base_name: str | None = None) -> tuple[dict, dict]:
     """({PEFT key: array}, adapter_config.json) of a jaxllm adapter: `leaves` maps layer-stacked paths
-    (layers/attn/wq_lora_a, ...) and the `train`ed base weights to numpy arrays."""
-    spec = cfg.lora
-    out, modules, rank_pattern, alpha_pattern = {}, set(), {}, {}
+    (layers/attn/wq_lora_a, ...) and the `train`ed base weights to numpy arrays. Each layer's adapter is
+    written at its own rank (the zero padding of the stacked arrays dropped), its rank and alpha in
+    `rank_pattern` / `alpha_pattern` where they differ from the most common `r` / `lora_alpha`."""
+    spec, n_layers = cfg.lora, cfg.num_layers
+    out, values = {}, {}  # values: {module key: (r, alpha)}
     qkv = [t for t in ("q", "k", "v") if t in spec.targets] or (["q", "k", "v"] if "qkv" in spec.targets else [])
-    for i in range(cfg.num_layers):
-        pre = f"{PREFIX}model.layers.{i}."
+    shared_target = "qkv" in spec.targets
+    baichuan = cfg.family in BAICHUAN_FAMILIES
+    if baichuan and qkv and not shared_target and any(t in dict(spec.layer_ranks) or t in dict(spec.layer_alphas)
+                                                      for t in qkv):
+        raise ConversionError("per-layer ranks or alphas on separate q/k/v adapters do not export to W_pack")
+
+    def put(i, module, a, b, rank, alpha):
+        key = _layer_key(i, module)
+        out[PREFIX + key + ".lora_A.weight"] = _a_to_peft(a[..., :rank])
+        out[PREFIX + key + ".lora_B.weight"] = _b_to_peft(b[:rank])
+        values[key] = (rank, alpha)
+
+    for i in range(n_layers):
         get = lambda t, ab: leaves[("layers", _LEAF[t][0], f"{_LEAF[t][1]}_lora_{ab}")][i]
-        shared = leaves[("layers", "attn", "wqkv_lora_a")][i] if "qkv" in spec.targets else None
+        shared = leaves[("layers", "attn", "wqkv_lora_a")][i] if shared_target else None
         for t in ("q", "k", "v", "o", "gate", "up", "down"):
-            if t in ("q", "k", "v") and cfg.family in BAICHUAN_FAMILIES:
+            if t in ("q", "k", "v") and baichuan:
                 continue
             if t not in spec.targets and not (t in qkv and shared is not None):
                 continue
-            a = shared if t in qkv and shared is not None else get(t, "a")
-            out[pre + _LLAMA_MODULES[t] + ".lora_A.weight"] = _a_to_peft(a)
-            out[pre + _LLAMA_MODULES[t] + ".lora_B.weight"] = _b_to_peft(get(t, "b"))
-            modules.add(_LLAMA_MODULES[t].split(".")[-1])
-        if cfg.family in BAICHUAN_FAMILIES and qkv:
+            owner = "qkv" if t in qkv and shared is not None else t
+            rank, alpha = spec.ranks(owner, n_layers)[i], spec.alphas(owner, n_layers)[i]
+            if rank:
+                put(i, _LLAMA_MODULES[t], shared if owner == "qkv" else get(t, "a"), get(t, "b"), rank, alpha)
+        if baichuan and qkv:
             h = cfg.hidden_size
             if shared is not None:  # PEFT's own W_pack adapter: one A, B stacked q | k | v
-                a_peft = _a_to_peft(shared)
-                b_peft = np.concatenate([_b_to_peft(get(t, "b")) for t in qkv], axis=0)
-            else:  # rank c·r block adapter: A stacked, B block-diagonal (zero blocks for unadapted projections)
-                r = spec.rank
-                a_peft = np.concatenate([_a_to_peft(get(t, "a")) for t in qkv], axis=0)
-                b_peft = np.zeros((3 * h, len(qkv) * r), a_peft.dtype)
-                for j, t in enumerate(qkv):
-                    row = ("q", "k", "v").index(t) * h
-                    b_peft[row:row + h, j * r:(j + 1) * r] = _b_to_peft(get(t, "b"))
-                if len(qkv) > 1:
-                    rank_pattern["W_pack"] = len(qkv) * r
-                    alpha_pattern["W_pack"] = len(qkv) * spec.alpha  # the same alpha/rank
-            out[pre + W_PACK + ".lora_A.weight"] = a_peft
-            out[pre + W_PACK + ".lora_B.weight"] = b_peft
-            modules.add("W_pack")
-    saved = []
+                rank, alpha = spec.ranks("qkv", n_layers)[i], spec.alphas("qkv", n_layers)[i]
+                if rank:
+                    b = np.concatenate([get(t, "b")[:rank].reshape(rank, -1) for t in qkv], axis=1)
+                    put(i, W_PACK, shared, b, rank, alpha)
+                continue
+            # rank c·r block adapter: A stacked, B block-diagonal (zero blocks for unadapted projections)
+            r = spec.rank
+            a_peft = np.concatenate([_a_to_peft(get(t, "a")) for t in qkv], axis=0)
+            b_peft = np.zeros((3 * h, len(qkv) * r), a_peft.dtype)
+            for j, t in enumerate(qkv):
+                row = ("q", "k", "v").index(t) * h
+                b_peft[row:row + h, j * r:(j + 1) * r] = _b_to_peft(get(t, "b"))
+            key = _layer_key(i, W_PACK)
+            out[PREFIX + key + ".lora_A.weight"] = a_peft
+            out[PREFIX + key + ".lora_B.weight"] = b_peft
+            values[key] = (len(qkv) * r, len(qkv) * spec.alpha)  # the same alpha/rank
+    config = _peft_config(cfg, values, train, base_name)
     for group in train:
-        saved += _MODULES_TO_SAVE[group]
         for key, path, transpose in _SAVED[group]:
             out[PREFIX + key] = np.ascontiguousarray(leaves[path].T if transpose else leaves[path])
         if group == "norms":
-            for i in range(cfg.num_layers):
+            for i in range(n_layers):
                 for key, path in _LAYER_NORMS:
                     out[f"{PREFIX}model.layers.{i}.{key}"] = np.ascontiguousarray(leaves[path][i])
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": spec.rank,
-              "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": sorted(modules),
-              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "modules_to_save": saved or None, "layers_to_transform": None,
-              "layers_pattern": None, "revision": None}
     return out, config
 
 
-def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=()) -> None:
+def _short_or_full(values: dict, n_layers: int) -> dict:
+    """{module name (q_proj, W_pack, ...): the same value in all layers} or {module key: value}."""
+    by_name: dict = {}
+    for key, value in values.items():
+        by_name.setdefault(key.split(".")[-1], {})[key] = value
+    out = {}
+    for name, per_key in by_name.items():
+        if len(per_key) == n_layers and len(set(per_key.values())) == 1:
+            out[name] = next(iter(per_key.values()))
+        else:
+            out.update(per_key)
+    return out
+
+
+def _peft_config(cfg: ModelConfig, values: dict, train, base_name) -> dict:
+    spec, n_layers = cfg.lora, cfg.num_layers
+    r = most_common([v[0] for v in values.values()]) if values else spec.rank
+    alpha = most_common([v[1] for v in values.values()]) if values else spec.alpha
+    by_module: dict = {}
+    for key in values:
+        by_module.setdefault(key.split(".")[-1], []).append(key)
+    targets = set()
+    for name, keys in by_module.items():
+        targets.update([name] if len(keys) == n_layers else keys)
+    ranks = _short_or_full({k: v[0] for k, v in values.items()}, n_layers)
+    alphas = _short_or_full({k: v[1] for k, v in values.items()}, n_layers)
+    saved = [m for group in train for m in _MODULES_TO_SAVE[group]]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": r,
+            "lora_alpha": alpha, "lora_dropout": spec.dropout, "target_modules": sorted(set(targets)),
+            "rank_pattern": patterns(ranks, r), "alpha_pattern": patterns(alphas, alpha), "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": spec.rslora, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": saved or None, "layers_to_transform": None,
+            "layers_pattern": None, "revision": None}
+
+
+def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=(), base_name: str | None = None,
+               score=None, dtype: str | None = None) -> None:
     """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base."""
+    `peft.PeftModel.from_pretrained(model, directory)` loads onto the HF export of the base. `score`: a reward
+    model's head [embed]; then the adapter is PEFT's SEQ_CLS one, for `LlamaForSequenceClassification`
+    (num_labels 1), the head in `modules_to_save`. `dtype`: the tensors' (default float32; an imported adapter's
+    own, recorded at import, so a round trip is bit-identical)."""
     from safetensors.numpy import save_file
 
     from jaxllm.convert.core import check_destination
@@ -121,10 +170,16 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=()) 
 
     dst = Path(directory)
     check_destination(dst)
-    tensors, config = peft_tensors(cfg, leaves, train)
+    tensors, config = peft_tensors(cfg, leaves, train, base_name)
+    if score is not None:
+        tensors[PREFIX + "score.weight"] = np.asarray(score, np.float32)[None, :]
+        config = {**config, "task_type": "SEQ_CLS", "modules_to_save": [*(config["modules_to_save"] or []), "score"]}
     staging = staging_dir(dst)
     try:
-        save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
+        import ml_dtypes
+
+        kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype or "float32")
+        save_file({k: v.astype(kind) for k, v in tensors.items()}, str(staging / "adapter_model.safetensors"),
                   metadata={"format": "pt", META_TARGETS: ",".join(cfg.lora.targets)})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         staging.rename(dst)
@@ -135,14 +190,31 @@ def write_peft(directory: str | Path, cfg: ModelConfig, leaves: dict, train=()) 
 # ---------------------------------------------------------------------------------------------------------
 # Import
 
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(directory: str | Path) -> str | None:
+    """The one dtype of a PEFT adapter's safetensors tensors (float32, float16, bfloat16), else None (mixed,
+    unreadable, or a .bin file): what an export writes back."""
+    path = Path(directory) / "adapter_model.safetensors"
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if size < 2**26 else {}
+    except (OSError, ValueError):
+        return None
+    kinds = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return _DTYPES.get(kinds.pop()) if len(kinds) == 1 else None
+
+
 def _read_tensors(directory: Path) -> tuple[dict, dict]:
     st, binary = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if st.is_file():
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(st), "np") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        try:  # numpy has no bfloat16: such files are read through JAX (ml_dtypes), values unchanged
+            with safe_open(str(st), "flax" if stored_dtype(directory) == "bfloat16" else "np") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}, f.metadata() or {}
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types for bad headers
             raise ConversionError(f"{st}: unreadable safetensors file ({str(err).splitlines()[0][:200]})") from None
     if binary.is_file():
@@ -160,113 +232,146 @@ def _strip(key: str) -> str:
         ".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
-def _pattern_value(patterns: dict, module_key: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module_key):
-            return value
-    return default
+def _refuse_tensors(tensors: dict, where) -> None:
+    for key in tensors:
+        if ".lora_embedding_A" in key or ".lora_embedding_B" in key:
+            raise ConversionError(f"{where}: {key}: LoRA on an embedding (lora_embedding_A/B) is not supported")
+        if key.endswith(".lora_B.bias"):
+            raise ConversionError(f"{where}: lora_bias=True is not supported ({key}: a bias on lora_B)")
+        if "lora_magnitude_vector" in key:
+            raise ConversionError(f"{where}: use_dora=True is not supported ({key}: DoRA's magnitude vector)")
+
+
+def _module_table(base: ModelConfig) -> dict:
+    """{PEFT module name: module path in a layer} of the base's adapted Linear layers."""
+    baichuan = base.family in BAICHUAN_FAMILIES
+    modules = {"W_pack": W_PACK} if baichuan else {}
+    modules.update({m.split(".")[-1]: m for t, m in _LLAMA_MODULES.items() if not (baichuan and t in "qkv")})
+    return modules
+
+
+def _targeted(pc: dict, base: ModelConfig, modules: dict, tensors: dict, where) -> dict:
+    """{module name: [layers]} the config targets (as PEFT matches it), checked against the file's tensors."""
+    keys = {_layer_key(i, m): (name, i) for name, m in modules.items() for i in range(base.num_layers)}
+    for other in ("model.embed_tokens", "lm_head"):
+        if targets_module(pc, other, set(keys)):
+            field = "target_modules" if other == "lm_head" else "target_modules (lora_embedding_A/B)"
+            raise ConversionError(f"{where}: {field}={pc.get('target_modules')!r} adapts {other}; LoRA on "
+                                  f"{other.split('.')[-1]} is not supported")
+    found: dict = {}
+    for key, (name, i) in keys.items():
+        present = f"{key}.lora_A.weight" in tensors and f"{key}.lora_B.weight" in tensors
+        wanted = targets_module(pc, key, set(keys))
+        if wanted != present:
+            raise ConversionError(f"{where}: target_modules={pc.get('target_modules')!r} "
+                                  f"{'targets' if wanted else 'does not target'} {key}, but the weights "
+                                  f"{'lack' if wanted else 'hold'} its lora_A/lora_B")
+        if present:
+            found.setdefault(name, []).append(i)
+    return found
 
 
 def read_peft(directory: str | Path, base: ModelConfig) -> tuple[ModelConfig, dict, list]:
     """(adapted config, {jaxllm path: float32 numpy}, trained base weight groups) of a PEFT LoRA adapter
-    for the model `base`. Unsupported variants (DoRA, biases, fan_in_fan_out, other PEFT types) are
-    refused by name."""
+    for the model `base`, each module at the rank and alpha PEFT gives it (`jaxllm.lora.peft_config`).
+    Anything but plain LoRA is refused, by field and value."""
     directory = Path(directory)
     where = directory / "adapter_config.json"
     try:
         pc = json.loads(where.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConversionError(f"{where}: unreadable ({err})") from None
-    if pc.get("peft_type") != "LORA":
-        raise ConversionError(f"{where}: peft_type {pc.get('peft_type')!r}; only LORA adapters convert")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if pc.get(key, ok) not in (ok, None):
-            raise ConversionError(f"{where}: {key}={pc[key]!r} is not supported (jaxllm adapters are plain LoRA "
-                                  f"without biases)")
+    refuse_unsupported(pc, where)
     tensors, metadata = _read_tensors(directory)
     tensors = {_strip(k): v for k, v in tensors.items()}
+    _refuse_tensors(tensors, directory)
     base = base.replace(lora=None)
-    baichuan = base.family in BAICHUAN_FAMILIES
-    modules = {"W_pack": W_PACK} if baichuan else {}
-    modules.update({m.split(".")[-1]: m for t, m in _LLAMA_MODULES.items() if not (baichuan and t in "qkv")})
-    by_target: dict[str, list] = {}
-    for name, module in modules.items():
-        found = [i for i in range(base.num_layers) if f"model.layers.{i}.{module}.lora_A.weight" in tensors]
-        if found:
-            by_target[name] = found
+    n_layers, baichuan = base.num_layers, base.family in BAICHUAN_FAMILIES
+    modules = _module_table(base)
+    by_target = _targeted(pc, base, modules, tensors, where)
     if not by_target:
         raise ConversionError(f"{directory}: no LoRA tensors for the {base.family} modules "
                               f"({', '.join(modules)}); does the adapter belong to this model?")
-    # per module: rank, scale (alpha/r, or alpha/sqrt(r) with rsLoRA), and its layer tensors
-    r0, alpha0 = int(pc.get("r", 8)), float(pc.get("lora_alpha", 8))
+    # per module: per-layer rank and alpha (0 / default where the layer has none), and its layer tensors
+    alpha0 = float(pc.get("lora_alpha", 8))
     pieces = {}
     for name, layers in by_target.items():
         module = modules[name]
-        a = {i: tensors.pop(f"model.layers.{i}.{module}.lora_A.weight").astype(np.float32) for i in layers}
-        b = {i: tensors.pop(f"model.layers.{i}.{module}.lora_B.weight").astype(np.float32) for i in layers}
-        rank = a[layers[0]].shape[0]
-        alpha = float(_pattern_value(pc.get("alpha_pattern"), f"model.layers.{layers[0]}.{module}", alpha0))
-        if _pattern_value(pc.get("rank_pattern"), f"model.layers.{layers[0]}.{module}", r0) != rank:
-            raise ConversionError(f"{directory}: {module} has rank {rank} but the config says "
-                                  f"{_pattern_value(pc.get('rank_pattern'), module, r0)}")
-        scale = alpha / math.sqrt(rank) if pc.get("use_rslora") else alpha / rank
-        pieces[name] = (rank, scale, a, b, alpha)
-    # jaxllm targets with their A [in, r] and B [r, out] per layer
+        a = {i: tensors.pop(f"{_layer_key(i, module)}.lora_A.weight").astype(np.float32) for i in layers}
+        b = {i: tensors.pop(f"{_layer_key(i, module)}.lora_B.weight").astype(np.float32) for i in layers}
+        ranks, alphas = [0] * n_layers, [alpha0] * n_layers
+        for i in layers:
+            r, alpha = module_rank_alpha(pc, _layer_key(i, module))
+            if a[i].shape[0] != r or b[i].shape[1] != r:
+                raise ConversionError(f"{where}: {_layer_key(i, module)} has rank {a[i].shape[0]} but "
+                                      f"r/rank_pattern give it {r}")
+            ranks[i], alphas[i] = r, alpha
+        pieces[name] = (ranks, alphas, a, b)
     h, n, kv, d = base.hidden_size, base.num_heads, base.num_kv_heads, base.head_dim
     outs = {"q": (n, d), "k": (kv, d), "v": (kv, d), "o": (h,), "gate": (base.intermediate_size,),
             "up": (base.intermediate_size,), "down": (h,)}
     ins = {"q": (h,), "k": (h,), "v": (h,), "o": (n, d), "gate": (h,), "up": (h,), "down": (base.intermediate_size,)}
-    adapters = {}  # target -> (rank, scale, {layer: A}, {layer: B}); "qkv" shares A
-    for name, (rank, scale, a, b, _) in pieces.items():
+    adapters = {}  # target -> (ranks, alphas, {layer: A}, {layer: B}); "qkv" shares A
+    for name, (ranks, alphas, a, b) in pieces.items():
         if name != "W_pack":
             target = next(t for t, m in _LLAMA_MODULES.items() if m.endswith(name))
-            adapters[target] = (rank, scale, {i: x.T.reshape(*ins[target], rank) for i, x in a.items()},
-                                {i: x.T.reshape(rank, *outs[target]) for i, x in b.items()})
+            adapters[target] = (ranks, alphas, {i: x.T.reshape(*ins[target], -1) for i, x in a.items()},
+                                {i: x.T.reshape(-1, *outs[target]) for i, x in b.items()})
             continue
         separate = [t for t in metadata.get(META_TARGETS, "").split(",") if t in ("q", "k", "v")]
-        sub = rank // len(separate) if separate and rank % len(separate) == 0 else 0
-        blocks = sub and all(_block_diagonal(x, separate, h, sub) for x in b.values())
+        c = len(separate)
+        blocks = c and not pc.get("use_rslora") and len(set(ranks[i] for i in a)) == 1 and all(
+            ranks[i] % c == 0 and _block_diagonal(x, separate, h, ranks[i] // c) for i, x in b.items())
         if blocks:  # jaxllm's own export of separate adapters: undo the block layout
+            sub = {i: ranks[i] // c for i in a}
             for j, t in enumerate(separate):
                 row = ("q", "k", "v").index(t) * h
-                adapters[t] = (sub, scale, {i: x[j * sub:(j + 1) * sub].T.reshape(h, sub) for i, x in a.items()},
-                               {i: x[row:row + h, j * sub:(j + 1) * sub].T.reshape(sub, n, d) for i, x in b.items()})
+                adapters[t] = ([r // c for r in ranks], [al / c for al in alphas],
+                               {i: x[j * sub[i]:(j + 1) * sub[i]].T.reshape(h, -1) for i, x in a.items()},
+                               {i: x[row:row + h, j * sub[i]:(j + 1) * sub[i]].T.reshape(-1, n, d)
+                                for i, x in b.items()})
         else:
-            adapters["qkv"] = (rank, scale, {i: x.T for i, x in a.items()},
-                               {i: x.T.reshape(rank, 3, n, d) for i, x in b.items()})
-    rank = max(v[0] for v in adapters.values())
-    scale = next(iter(adapters.values()))[1]
-    # alpha as PEFT wrote it when that gives the same scale at this rank (bit-exact), else scale · rank
-    alphas = [alpha for r, _, _, _, alpha in pieces.values() if r == rank]
-    alpha = alphas[0] if alphas and not pc.get("use_rslora") and alphas[0] / rank == scale else scale * rank
+            adapters["qkv"] = (ranks, alphas, {i: x.T for i, x in a.items()},
+                               {i: x.T.reshape(-1, 3, n, d) for i, x in b.items()})
+    rank = max(max(v[0]) for v in adapters.values())
     leaves = {}
-    for target, (r, s, a, b) in adapters.items():
-        # ranks below the largest are padded with zeros and other scales folded into B: the same product
+    for target, (ranks, _, a, b) in adapters.items():
+        # every layer padded with exact zeros to the largest rank; its own scale in the spec's tables
         a_name, b_names = ("wqkv", ("wq", "wk", "wv")) if target == "qkv" else (_LEAF[target][1], (_LEAF[target][1],))
         group = _LEAF["q" if target == "qkv" else target][0]
-        a_in = ins["q" if target == "qkv" else target]
-        stacked_a = np.zeros((base.num_layers, *a_in, rank), np.float32)
+        stacked_a = np.zeros((n_layers, *ins["q" if target == "qkv" else target], rank), np.float32)
         for i, x in a.items():
-            stacked_a[i, ..., :r] = x
+            stacked_a[i, ..., :ranks[i]] = x
         leaves[("layers", group, f"{a_name}_lora_a")] = stacked_a
         for j, b_name in enumerate(b_names):
-            out_shape = outs[b_name[1:] if target == "qkv" else target]
-            stacked_b = np.zeros((base.num_layers, rank, *out_shape), np.float32)
+            stacked_b = np.zeros((n_layers, rank, *outs[b_name[1:] if target == "qkv" else target]), np.float32)
             for i, x in b.items():
-                value = x[:, j] if target == "qkv" else x
-                stacked_b[i, :r] = value if s == scale else value * np.float32(s / scale)
+                stacked_b[i, :ranks[i]] = x[:, j] if target == "qkv" else x
             leaves[("layers", group, f"{b_name}_lora_b")] = stacked_b
     if "qkv" in metadata.get(META_TARGETS, "").split(",") and not baichuan:
         _share_qkv(leaves, adapters)  # jaxllm's shared-A adapter, exported as three copies of A
     train = _modules_to_save(tensors, base, leaves, directory)
-    spec = LoraSpec(rank=rank, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0.0),
-                    targets=tuple(adapters))
+    spec = LoraSpec(rank=rank, alpha=alpha0, dropout=float(pc.get("lora_dropout") or 0.0), targets=tuple(adapters),
+                    rslora=bool(pc.get("use_rslora")), **_tables(adapters, rank, alpha0, n_layers))
     return base.replace(lora=spec), leaves, train
+
+
+def _tables(adapters: dict, rank: int, alpha: float, n_layers: int) -> dict:
+    """LoraSpec's layer_ranks / layer_alphas: the targets whose layers differ from (rank, alpha)."""
+    ranks, alphas = [], []
+    for target, (r, a, _, _) in adapters.items():
+        a = [x if ri else alpha for x, ri in zip(a, r)]
+        if list(r) != [rank] * n_layers:
+            ranks.append((target, tuple(r)))
+        if a != [alpha] * n_layers:
+            alphas.append((target, tuple(a)))
+    return {"layer_ranks": tuple(ranks), "layer_alphas": tuple(alphas)}
 
 
 def _share_qkv(leaves: dict, adapters: dict) -> None:
     keys = [("layers", "attn", f"w{t}_lora_a") for t in "qkv"]
-    if all(k in leaves for k in keys) and all(np.array_equal(leaves[keys[0]], leaves[k]) for k in keys[1:]):
+    same = all(t in adapters and adapters[t][:2] == adapters["q"][:2] for t in "qkv")
+    if same and all(k in leaves for k in keys) and all(np.array_equal(leaves[keys[0]], leaves[k]) for k in keys[1:]):
         leaves[("layers", "attn", "wqkv_lora_a")] = leaves.pop(keys[0])
         for k in keys[1:]:
             del leaves[k]

@@ -123,6 +123,11 @@ def _init_adapter(config: RunConfig, shardings: dict, shapes: dict) -> dict:
         theirs, ours = adapted.lora, config.model.lora
         diff = [f"{f} {getattr(theirs, f)} vs {getattr(ours, f)}" for f in ("rank", "alpha", "dropout", "targets")
                 if getattr(theirs, f) != getattr(ours, f)]
+        if not diff:  # PEFT's rank_pattern / alpha_pattern / use_rslora: a recipe's lora section has no such keys
+            diff = [f"{f} {getattr(theirs, f)!r}" for f in ("layer_ranks", "layer_alphas", "rslora")
+                    if getattr(theirs, f) != getattr(ours, f)]
+            raise ConfigError(f"lora.init_adapter {source} has per-layer ranks, alphas or rsLoRA ({'; '.join(diff)}); "
+                              f"a run continues uniform adapters only (generate, chat and convert take it as it is)")
         raise ConfigError(f"lora.init_adapter {source} is not the adapter this run trains ({'; '.join(diff)}): set "
                           f"the lora section to match it")
     out = {}

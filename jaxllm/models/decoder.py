@@ -47,11 +47,12 @@ def _dense(spec: str, x, w, n_in: int = 1):
     return (x.reshape(-1, size) @ w.reshape(size, -1)).reshape(*lead, *w.shape[n_in:])
 
 
-def _project(module, name: str, spec: str, x, w, n_in: int = 1, shared=None):
+def _project(module, name: str, spec: str, x, w, n_in: int = 1, shared=None, layer=None):
     """`_dense` with weight `name`: cast (or dequantized, for a quantized frozen base) to the compute dtype,
-    plus its LoRA adapter when the config has one (`jaxllm.lora.model`)."""
+    plus its LoRA adapter when the config has one (`jaxllm.lora.model`); `layer`: this layer's index (per-layer
+    adapter scales)."""
     out = _dense(spec, x, quant.dequantize(w, module.config.dtype), n_in)
-    return lora.adapt(module, name, x, out, out.ndim - (x.ndim - n_in), n_in, _dense, shared)
+    return lora.adapt(module, name, x, out, out.ndim - (x.ndim - n_in), n_in, _dense, shared, layer)
 
 
 def _param(module, name, axes, shape, init, dtype):
@@ -75,7 +76,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, alibi_distance, cache_index, cache, segment_ids=None):
+    def __call__(self, x, positions, mask, alibi_distance, cache_index, cache, segment_ids=None, layer=None):
         """mask, alibi_distance: None where a fused kernel attends (it takes segment_ids and positions).
         cache: None, or {"k", "v": the whole cache [layers, batch, kv_heads, max_len, head_dim], "layer":
         this layer's index}; the new keys and values are written into it at `cache_index`."""
@@ -89,9 +90,9 @@ class Attention(nn.Module):
         wo = _param(self, "wo", ("heads", "head_dim", "embed"), (n, d, h), init, pdt)
 
         shared = lora.shared_input(self, x, _dense)  # the W_pack adapter's dropout(x)·A, for q, k and v
-        q = _project(self, "wq", "bte,ehd->bthd", x, wq, shared=shared)
-        k = _project(self, "wk", "bte,ehd->bthd", x, wk, shared=shared)
-        v = _project(self, "wv", "bte,ehd->bthd", x, wv, shared=shared)
+        q = _project(self, "wq", "bte,ehd->bthd", x, wq, shared=shared, layer=layer)
+        k = _project(self, "wk", "bte,ehd->bthd", x, wk, shared=shared, layer=layer)
+        v = _project(self, "wv", "bte,ehd->bthd", x, wv, shared=shared, layer=layer)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
         if cfg.position == "rope":
             cos, sin = rope_cos_sin(positions, d, cfg.rope_theta)
@@ -112,40 +113,41 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask, alibi=alibi, impl=cfg.attention, causal=cache is None,
                      kv_heads_first=cache is not None, segment_ids=segment_ids, positions=positions)
         out = checkpoint_name(out, "attn_out")
-        return _project(self, "wo", "bthd,hde->bte", out, wo, n_in=2), cache
+        return _project(self, "wo", "bthd,hde->bte", out, wo, n_in=2, layer=layer), cache
 
 
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, layer=None):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         shape_in = (cfg.hidden_size, cfg.intermediate_size)
         gate = _param(self, "gate", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
         up = _param(self, "up", ("embed", "mlp"), shape_in, init, cfg.param_dtype)
         down = _param(self, "down", ("mlp", "embed"), shape_in[::-1], init, cfg.param_dtype)
-        gated = nn.silu(_project(self, "gate", "bte,ef->btf", x, gate))
-        hidden = gated * _project(self, "up", "bte,ef->btf", x, up)
+        gated = nn.silu(_project(self, "gate", "bte,ef->btf", x, gate, layer=layer))
+        hidden = gated * _project(self, "up", "bte,ef->btf", x, up, layer=layer)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-        return _project(self, "down", "btf,fe->bte", hidden, down)
+        return _project(self, "down", "btf,fe->bte", hidden, down, layer=layer)
 
 
 class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, mask, alibi_distance, cache_index, segment_ids=None):
+    def __call__(self, carry, positions, mask, alibi_distance, cache_index, segment_ids, layer):
         """carry: (hidden states, the KV cache or None). The cache is carried through the layer scan, not
-        scanned over, so each layer updates it in place instead of the scan rebuilding it every step."""
+        scanned over, so each layer updates it in place instead of the scan rebuilding it every step.
+        layer: this layer's index (scanned over), for per-layer adapter scales."""
         cfg = self.config
         x, kv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn_out, kv = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask, alibi_distance,
-                                                   cache_index, kv, segment_ids)
+                                                   cache_index, kv, segment_ids, layer)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x), layer)
         if kv is not None:
             kv = {**kv, "layer": kv["layer"] + 1}
         return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv), None
@@ -173,7 +175,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
@@ -232,10 +234,11 @@ class Decoder(nn.Module):
         x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.unrolled:
-            for block in self.blocks:
-                (x, kv), _ = block((x, kv), positions, mask, distance, index, segment_ids)
+            for i, block in enumerate(self.blocks):
+                (x, kv), _ = block((x, kv), positions, mask, distance, index, segment_ids, i)
         else:
-            (x, kv), _ = self.layers((x, kv), positions, mask, distance, index, segment_ids)
+            layer = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, kv), _ = self.layers((x, kv), positions, mask, distance, index, segment_ids, layer)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
