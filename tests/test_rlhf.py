@@ -219,15 +219,15 @@ def test_ppo_config_errors():
     from jaxllm.config import ConfigError
     with pytest.raises(ConfigError, match="not a multiple of ppo.minibatch_size"):
         PPOConfig(batch_size=10, minibatch_size=4).validate()
-    from jaxllm.rlhf.ppo import _Layout
+    from jaxllm.rlhf.ppo import Layout
     from jaxllm.sharding import make_mesh
     with pytest.raises(ConfigError, match=r"ppo.minibatch_size=4 rows are not divisible by mesh data×fsdp=8"):
-        _Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=4), make_mesh(1, -1, 1))
+        Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=4), make_mesh(1, -1, 1))
     with pytest.raises(ConfigError, match="ppo.batch_size=16 is not a multiple of ppo.generation_chunks=3"):
         PPOConfig(batch_size=16, minibatch_size=8, generation_chunks=3).validate()
     with pytest.raises(ConfigError, match=r"ppo.batch_size/ppo.generation_chunks=4 rows are not divisible by mesh "
                                           r"data×fsdp=8"):
-        _Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=8, generation_chunks=2), make_mesh(1, -1, 1))
+        Layout.check_batch(PPOConfig(batch_size=8, minibatch_size=8, generation_chunks=2), make_mesh(1, -1, 1))
 
 
 def test_ppo_and_rejection_recipes():

@@ -347,14 +347,15 @@ RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_ever
              "ppo.generation_chunks", "models.")
 
 
-def _claim_run_dir(recipe: RLHFRecipe) -> Path:
-    """Create RUN (or check that RUN/ppo.yaml describes the same run) and write the resolved recipe; every
-    process checks, process 0 writes."""
+def _claim_run_dir(recipe: RLHFRecipe):
+    """(RUN, its lock): create RUN (or check that RUN/ppo.yaml describes the same run), lock it and write the
+    resolved recipe; every process checks, process 0 writes."""
     from jaxllm.config import ConfigError
     from jaxllm.data import resolve_path
     from jaxllm.distributed import is_primary, sync
     from jaxllm.train import rundir
     from jaxllm.train.config import config_differences
+    from jaxllm.train.engine import write_run_file
 
     run_dir = Path(resolve_path(recipe.run_dir))
     path = run_dir / "ppo.yaml"
@@ -367,12 +368,10 @@ def _claim_run_dir(recipe: RLHFRecipe) -> Path:
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"run directory {run_dir} has checkpoints but no ppo.yaml; choose another run_dir=…")
     sync("jaxllm ppo run dir checked")  # no process reads ppo.yaml after process 0 rewrote it
-    rundir.lock(run_dir)  # one writer per run directory (process 0 holds it for all), until the process ends
+    held = rundir.lock(run_dir)  # one writer per run directory (process 0 holds it for all), for the run
     if is_primary():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return run_dir
+        write_run_file(path, text)
+    return run_dir, held
 
 
 def ppo_main(argv: list[str]) -> int:
@@ -386,7 +385,7 @@ def ppo_main(argv: list[str]) -> int:
         loaded = _load(recipe)
         from jaxllm.rlhf.ppo import Layout
         Layout.check_batch(recipe.ppo, loaded.mesh)
-        run_dir = _claim_run_dir(recipe)
+        run_dir, run_lock = _claim_run_dir(recipe)
     except _errors() as err:
         print(f"jaxllm ppo: error: {err}", file=sys.stderr)
         return 2
@@ -403,14 +402,17 @@ def ppo_main(argv: list[str]) -> int:
     # The value model starts from the (helpfulness) reward model when the architectures match, else from
     # the policy.
     value = rm_params if same_shape else None
-    _, _, history = ppo(config, loaded.params, loaded.prompts, loaded.scorer(recipe.ppo.safety_threshold),
-                        recipe.ppo, value=value, mesh=loaded.mesh, run_dir=run_dir, stop_ids=template.stop_ids(tok),
-                        pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety)
+    try:
+        result = ppo(config, loaded.params, loaded.prompts, loaded.scorer(recipe.ppo.safety_threshold), recipe.ppo,
+                     value=value, mesh=loaded.mesh, run_dir=run_dir, stop_ids=template.stop_ids(tok),
+                     pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety, run_lock=run_lock)
+    finally:
+        run_lock.release()
     if is_primary():
-        _plot(history, run_dir / "ppo.png")
-        print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}; "
-              f"plot: {run_dir / 'ppo.png'}")
-    return 0
+        _plot(result[2], run_dir / "ppo.png")
+        print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}, "
+              f"tensorboard {run_dir / 'tb'}; plot: {run_dir / 'ppo.png'}")
+    return result.exit_code
 
 
 def _preflight(recipe: RLHFRecipe, args) -> int:

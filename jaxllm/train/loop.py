@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,15 +24,12 @@ from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
 from jaxllm.lora import plan as adapted
 from jaxllm.train import flops, rundir
-from jaxllm.checkpoint.training import RunCheckpoints
+from jaxllm.train.engine import Run, maybe_initialize_distributed, mesh_context
 from jaxllm.train.config import RunConfig, resolve_epochs
-from jaxllm.train.metrics import MetricsLog, Reporter, last_logged, plot_loss
+from jaxllm.train.metrics import Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
 from jaxllm.train.step import make_train_step
-
-_MULTIHOST_ENV = ("COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -53,57 +48,6 @@ class TrainResult:
         """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
         from jaxllm.lora.model import merge
         return self.params if self.frozen is None else merge(self.params, self.frozen)
-
-
-def maybe_initialize_distributed(mode: str = "auto") -> None:
-    """`jax.distributed.initialize()` for multi-host TPU/GPU when the environment describes a cluster.
-
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed on when set (JAX itself reads
-    only the first); SLURM, Open MPI and Cloud TPU pods are detected by JAX. mode: auto | yes | no.
-    """
-    if mode == "no" or jax.distributed.is_initialized():
-        return
-    env = os.environ
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        if env.get(var):
-            try:
-                kwargs[key] = int(env[var])
-            except ValueError:
-                raise ConfigError(f"{var}={env[var]!r} is not an integer") from None
-    cluster = (bool(kwargs) or any(env.get(k) for k in _MULTIHOST_ENV)
-               or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if mode == "yes" or cluster:
-        jax.distributed.initialize(**kwargs)
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the end of the current step."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, preemption via orbax only
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _batch_putter(mesh, accum: int, global_rows: int):
@@ -292,9 +236,10 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         if stage.tokenizer_path:
             rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
         rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
-        ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save, log=log)
-        cleanup.callback(ckpts.close)
+        run = cleanup.enter_context(Run(run_dir, model_config, keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save, lock=run_lock,
+                                        tensorboard=config.log.tensorboard, log=log))
+        ckpts = run.checkpoints
         if plan.lora is not None:
             adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
         restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
@@ -319,7 +264,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
             if plan.lora is not None:
                 log(adapted.describe(plan))
-        metrics_log = MetricsLog(run_dir, step, tensorboard=config.log.tensorboard, enabled=primary)
+        metrics_log = run.open_metrics(step)
         report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
                           tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
                           num_devices=mesh.devices.size, peak_flops=flops.peak_flops(device.device_kind,
@@ -341,7 +286,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         data_state = data.get_state() if step < total else None
         # Finite data on several hosts: agree every step on whether it ran out (a host sync, so only then).
         can_run_out = jax.process_count() > 1 and getattr(data, "finite", True)
-        with _Signals() as signals, jax.set_mesh(mesh), sharding.axis_rules():
+        with mesh_context(mesh):
             while step < total:
                 local = next(data, None)
                 if (_any_host(local is None) if can_run_out else local is None):
@@ -357,17 +302,16 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 if pending is not None:
                     report(pending[0], jax.device_get(pending[1]))
                 pending = (step, metrics)
-                preempted = jax.process_count() > 1 and ckpts.manager.reached_preemption(step)
+                signalled = run.should_stop(step)
                 too_many_nans = report.nan_streak >= config.train.max_nan_streak
-                stopping = signals.received is not None or preempted or too_many_nans
+                stopping = signalled or too_many_nans
                 if step % config.checkpoint.every == 0 or step == total or stopping:
                     report(step, jax.device_get(metrics))  # the checkpoint's counters include this step
                     pending = None
                     saved_step = save(step, data_state)
                     too_many_nans = report.nan_streak >= config.train.max_nan_streak
-                if signals.received is not None or preempted:
-                    name = signal.Signals(signals.received).name if signals.received else "preemption"
-                    stop_reason, exit_code = f"signal {name}", 128 + (signals.received or signal.SIGTERM)
+                if signalled:
+                    stop_reason, exit_code = run.exit_code()
                     break
                 if too_many_nans:
                     stop_reason, exit_code = "non-finite loss", 1
