@@ -282,8 +282,11 @@ class RunCheckpoints:
         for path in sorted(self.directory.iterdir()):
             if _TMP_MARK in path.name and path.is_dir():
                 removed.append((path, "an interrupted save"))
-        if (self.directory / RETIRED).is_dir():
-            removed.append((self.directory / RETIRED, "steps retired by retention"))
+        retired = self.directory / RETIRED
+        if retired.is_dir() and not any(retired.iterdir()):
+            retired.rmdir()  # emptied as it should be: nothing to report
+        elif retired.is_dir():
+            removed.append((retired, "steps retired by retention"))
         steps = sorted((int(p.name), p) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
         complete = [step for step, path in steps if not _missing(path, self.required)]
         for step, path in steps:
