@@ -229,13 +229,8 @@ def _errors():
 
 def write_sft(path, records) -> None:
     """Write SFT records (one JSON object per line) to `path` atomically: a complete file or the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    from jaxllm import storage
+    storage.write_lines_atomic(path, (json.dumps(record, ensure_ascii=False) for record in records))
 
 
 def sft_record(prompt: str, reply: str, reward: float, **info) -> dict:
@@ -297,8 +292,9 @@ def rejection_main(argv: list[str]) -> int:
 
     from jaxllm.distributed import is_primary
     from jaxllm.inference import SamplingParams
-    from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies
+    from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies, unit_count
     from jaxllm.stages.data import reply_text
+    from jaxllm.train.engine import Shards
 
     rc, tok, template = recipe.rejection, loaded.tok, loaded.template
     scorer = loaded.scorer(rc.safety_threshold)
@@ -308,9 +304,15 @@ def rejection_main(argv: list[str]) -> int:
         reply = reply_text(ids, tok, template)
         return None if reply is None else reply_ids(tok, template, loaded.texts[i], reply)
 
+    # Finished units of sampling beside the output: a killed run resumes, and writes what an uninterrupted
+    # one would (the same recipe and prompts; anything else starts over).
+    output = resolve_path(recipe.output)
+    shards = Shards(f"{output}.parts", {"recipe": yaml.safe_load(to_yaml(recipe)), "prompts": loaded.prompts},
+                    unit_count(len(loaded.prompts), rc.k, rc.batch_size))
     results = best_of_k(loaded.config, loaded.params, loaded.prompts, scorer, rc.k, sampling, jax.random.key(rc.seed),
                         stop_ids=template.stop_ids(tok), pad_id=tok.pad_id, batch_size=rc.batch_size,
-                        mesh=loaded.mesh, vocab_limit=tok.vocab_size, safety=loaded.safety, render=render)
+                        mesh=loaded.mesh, vocab_limit=tok.vocab_size, safety=loaded.safety, render=render,
+                        shards=shards)
     pool_scores = score_replies(scorer, pool_prompts, pool_replies, pad_id=tok.pad_id, batch_size=rc.batch_size,
                                 safety=[loaded.safety[i] for _, i in used], mesh=loaded.mesh)
     kept = keep_best(results, per_prompt, pool_scores)
@@ -329,8 +331,8 @@ def rejection_main(argv: list[str]) -> int:
     skipped = len(kept) - len(records)
     if not is_primary():  # every process holds the same results; one writes them
         return 0
-    output = resolve_path(recipe.output)
     write_sft(output, records)
+    shards.remove()
     print(f"{'k':>3} {'mean max reward':>16} {'mean median reward':>19}")
     for row in reward_vs_k([scores for _, _, scores in results]):
         print(f"{row['k']:>3} {row['max']:>16.4f} {row['median']:>19.4f}")

@@ -186,6 +186,7 @@ class Shards:
 
     def __init__(self, directory: str | Path, fingerprint: dict, count: int, log: Callable = print):
         self.directory, self.count = Path(directory), count
+        fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples are lists)
         record = self.directory / "run.json"
         primary = jax.process_index() == 0
         same = False
