@@ -108,6 +108,10 @@ class RunConfig:
         """The model `init_from` holds: `model` without its adapters."""
         return self.model.replace(lora=None)
 
+    def frozen_split(self):
+        """The trainable / frozen split (`jaxllm.train.split`) of the section that asks for one, or None."""
+        return None if self.lora is None else self.lora.split
+
     def validate(self) -> "RunConfig":
         t, o = self.train, self.optimizer
         for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),

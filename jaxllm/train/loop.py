@@ -22,8 +22,8 @@ from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
-from jaxllm.lora import plan as adapted
 from jaxllm.train import flops, rundir
+from jaxllm.train.split import FrozenPart, merge
 from jaxllm.train.engine import Run, maybe_initialize_distributed, mesh_context
 from jaxllm.train.config import RunConfig, resolve_epochs
 from jaxllm.train.metrics import Reporter, last_logged, plot_loss
@@ -41,12 +41,11 @@ class TrainResult:
     nan_skipped: int
     run_dir: Path
     last_metrics: dict
-    frozen: Any = None        # a LoRA run's frozen base (params are what trained)
+    frozen: Any = None        # the frozen tree of a split run (params are what trained)
 
     @property
     def full_params(self):
-        """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
-        from jaxllm.lora.model import merge
+        """The parameters the model runs with: a split run's trained leaves merged into its frozen tree."""
         return self.params if self.frozen is None else merge(self.params, self.frozen)
 
 
@@ -134,7 +133,7 @@ class RunPlan:
     local_rows: int           # rows this host loads per step
     init_key: jax.Array
     train_key: jax.Array
-    lora: adapted.LoraLayout | None = None  # a LoRA run: params are what trains; step_fn takes the frozen base last
+    frozen: FrozenPart | None = None  # a split run: params are what trains; step_fn takes the frozen tree last
 
     @property
     def replicated(self) -> NamedSharding:
@@ -148,12 +147,12 @@ class RunPlan:
 
     def abstract_args(self, batch_shapes) -> tuple:
         """The step's arguments as sharded shapes, for `step_fn.lower(*args)`: params, optimizer state,
-        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a LoRA run's frozen base."""
+        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a split run's frozen tree."""
         batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sh), batch_shapes)
         args = (self.abstract_params(), self.abstract_opt_state(), batch,
                 jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated),
                 jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated))
-        return args + ((self.lora.abstract_frozen(),) if self.lora is not None else ())
+        return args + ((self.frozen.abstract_frozen(),) if self.frozen is not None else ())
 
 
 def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
@@ -172,9 +171,9 @@ def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
         param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
     else:
         param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
-    lora_layout = None
-    if config.lora is not None:  # only the adapters (and new heads) train; the base is frozen
-        param_axes, shapes, lora_layout = adapted.layout(config, stage.lm_path, param_axes, shapes, mesh)
+    frozen_part, split = None, config.frozen_split()
+    if split is not None:  # only part of the parameters trains (e.g. adapters and new heads); the rest is frozen
+        param_axes, shapes, frozen_part = split(config, stage.lm_path, param_axes, shapes, mesh)
     param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
     optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
     opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
@@ -182,14 +181,14 @@ def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
                                    transform_non_params=lambda _: replicated)
     put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
     in_sh = (param_sh, opt_sh, batch_sh, replicated, replicated)
-    if lora_layout is not None:  # the frozen base: an argument (never a constant), not donated
-        in_sh += (lora_layout.frozen_sh,)
+    if frozen_part is not None:  # the frozen tree: an argument (never a constant), not donated
+        in_sh += (frozen_part.frozen_sh,)
     step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule), in_shardings=in_sh,
                       out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
     return RunPlan(mesh=mesh, param_axes=param_axes, param_shapes=shapes, param_sh=param_sh, optimizer=optimizer,
                    schedule=schedule, opt_shapes=opt_shapes, opt_sh=opt_sh, put_batch=put_batch, batch_sh=batch_sh,
                    step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key,
-                   lora=lora_layout)
+                   frozen=frozen_part)
 
 
 def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
@@ -211,18 +210,17 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     config.stage_name = stage.name
     rundir.check(config.run_dir, config)
     if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
-        # a new run starts from it (DPO: its reference; LoRA: its frozen base)
+        # a new run starts from it (DPO: its reference; a split run: its frozen tree)
         rundir.check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
 
     frozen = initial = None
-    if plan.lora is not None:
-        frozen, initial, base_digest = adapted.start(config, plan, stage.init_params or adapted.lm_init(config), log)
+    if plan.frozen is not None:
+        frozen, initial = plan.frozen.start(config, plan, stage.init_params, log)
     if stage.prepare is not None:
         if frozen is None:
             stage.prepare(mesh)
-        else:  # the starting model is the frozen base plus the initial adapters: no second copy of the weights
-            from jaxllm.lora.model import merge
+        else:  # the starting model is the frozen tree plus the initial trainable one: no second copy
             stage.prepare(mesh, start=merge(initial, frozen))
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
@@ -240,8 +238,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                                         async_save=config.checkpoint.async_save, lock=run_lock,
                                         tensorboard=config.log.tensorboard, log=log))
         ckpts = run.checkpoints
-        if plan.lora is not None:
-            adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
+        if plan.frozen is not None:
+            plan.frozen.record(ckpts.directory, config, resuming=bool(ckpts.steps()))
         restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
         if restored is not None:
             step, params, opt_state, meta = restored
@@ -262,8 +260,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
                 f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
                 f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
-            if plan.lora is not None:
-                log(adapted.describe(plan))
+            if plan.frozen is not None:
+                log(plan.frozen.describe(plan))
         metrics_log = run.open_metrics(step)
         report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
                           tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
