@@ -108,8 +108,7 @@ class RunConfig:
         """The model `init_from` holds: `model` without its adapters."""
         return self.model.replace(lora=None)
 
-    def frozen_split(self):
-        """The trainable / frozen split (`jaxllm.train.split`) of the section that asks for one, or None."""
+    def frozen_split(self):  # the trainable / frozen split (`jaxllm.train.split`) a section asks for, or None
         return None if self.lora is None else self.lora.split
 
     def validate(self) -> "RunConfig":
