@@ -194,7 +194,8 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
         value=None, mesh=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
         vocab_limit: int | None = None, safety=None, on_iteration: Callable | None = None,
         run_lock=None, log: Callable = print) -> "PPOResult":
-    """Run PPO; returns (policy params, value params, list of per-iteration metrics).
+    """Run PPO; returns a `PPOResult`: (policy params, value params, list of per-iteration metrics), with
+    `stop_reason` and `exit_code`.
 
     prompts: token id lists (sampled in order, cycling); safety: one bool per prompt (Llama 2's safety tag,
     rows["safety"] for the scorer). scorer(rows) → float32[batch] scores of the prompt+response rows (see
