@@ -30,8 +30,8 @@ def best_of_k(model_config, params, prompts, scorer, k: int, sampling: SamplingP
     sharded on it).
 
     The prompts go in units of `batch_size // k`; unit u (prompts from u·(batch_size // k)) samples with
-    `fold_in(rng, its first prompt's index)`, so its samples depend on the seed and where its prompts are,
-    never on what ran before. `shards` (`jaxllm.train.engine.Shards`, `unit_count` units): finished units
+    the u-th key of the chain `rng, key = split(rng)`, a function of the seed and u alone: its samples
+    depend on where its prompts are, never on which units ran in this process. `shards` (`jaxllm.train.engine.Shards`, `unit_count` units): finished units
     are read back, the others sampled and committed one by one, so a killed run resumes where it stopped
     and writes what an uninterrupted one would."""
     import jax
@@ -39,12 +39,13 @@ def best_of_k(model_config, params, prompts, scorer, k: int, sampling: SamplingP
     results = []
     per_batch = max(1, batch_size // k)
     for unit, start in enumerate(range(0, len(prompts), per_batch)):
+        rng, key = jax.random.split(rng)  # unit u's key: a function of the seed and u alone
         if shards is not None and shards.done(unit):
             results += [(ids, float(score), scores) for ids, score, scores in shards.load(unit)]
             continue
         chunk = range(start, min(start + per_batch, len(prompts)))
-        done = _best_of_chunk(model_config, params, prompts, chunk, scorer, k, sampling, jax.random.fold_in(rng, start),
-                              stop_ids, pad_id, render, mesh, vocab_limit, safety)
+        done = _best_of_chunk(model_config, params, prompts, chunk, scorer, k, sampling, key, stop_ids, pad_id,
+                              render, mesh, vocab_limit, safety)
         if shards is not None:
             shards.commit(unit, done)
         results += done
