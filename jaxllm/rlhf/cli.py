@@ -195,7 +195,7 @@ def _load(recipe: RLHFRecipe) -> Loaded:
     from jaxllm.sharding import make_mesh
     from jaxllm.stages import reward
     from jaxllm.tokenizer import get_chat_template, template_for_family
-    from jaxllm.train.loop import maybe_initialize_distributed
+    from jaxllm.train.engine import maybe_initialize_distributed
 
     maybe_initialize_distributed(recipe.distributed)  # several processes: before the mesh spans their devices
     try:
