@@ -90,14 +90,14 @@ def test_only_the_adapters_train_and_are_saved(sft_run, start):
 def test_frozen_base_is_stored_quantized_and_sharded(tmp_path, start):
     config = lora_config(tmp_path, "plan", start, lora={"base_dtype": "int8", "train": ["norms"]})
     plan = plan_run(config, sft_stage(config, StageOptions(), log=quiet))
-    frozen = plan.lora.frozen_shapes
+    frozen = plan.frozen.frozen_shapes
     gate = frozen["layers"]["mlp"]["gate"]
     assert isinstance(gate, QuantizedWeight) and gate.qvalue.dtype == jnp.int8
     assert gate.scale.shape == (2, 1, 160)  # one scale per layer and output column
     assert frozen["embedding"].dtype == jnp.float32  # not a matmul: kept in the compute dtype
     assert "attn_norm" in plan.param_shapes["layers"] and "attn_norm" not in frozen["layers"]
     from jax.sharding import PartitionSpec as P
-    gate_sh = plan.lora.frozen_sh["layers"]["mlp"]["gate"]  # sharded by the same rules as the weight
+    gate_sh = plan.frozen.frozen_sh["layers"]["mlp"]["gate"]  # sharded by the same rules as the weight
     assert gate_sh.qvalue.spec == P(None, "fsdp", "tensor") and gate_sh.scale.spec == P(None, None, "tensor")
     assert len(plan.abstract_args({"tokens": jax.ShapeDtypeStruct((1, 8, 96), jnp.int32)})) == 6
 

@@ -142,3 +142,18 @@ def test_nothing_imports_a_cli_module_but_the_command_table():
     bad = sorted(f"{mod} → {target}" for mod, edges in import_graph().items() for target in edges
                  if target.endswith(".cli") and mod != "jaxllm.cli" and not mod.endswith(".cli"))
     assert not bad, bad
+
+
+def test_orbax_is_imported_only_by_the_checkpoint_package():
+    """Every writer goes through `jaxllm.checkpoint` (the format, digests, verified restore); orbax's API is
+    imported nowhere else, function-local imports included."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts[0] == "checkpoint":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} {n}" for n in names
+                          if n == "orbax" or n.startswith("orbax.")]
+    assert offenders == []

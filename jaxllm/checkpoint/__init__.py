@@ -42,6 +42,8 @@ _EXPORTS = {
     "latest_step": "restore",
     "restore_params": "restore",
     "to_numpy": "restore",
+    "restore_tree": "restore",
+    "restore_leaves": "restore",
 }
 __all__ = list(_EXPORTS)
 

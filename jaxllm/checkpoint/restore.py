@@ -237,3 +237,18 @@ def restore_params(directory: Path, target, *, step: int | None = None, kind: st
     return restored["params"]
 def to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def restore_tree(mngr, step: int, target, item: str = "params"):
+    """`item` of `step` in an open manager (`manager(...)`), restored as `target` (a pytree of
+    ShapeDtypeStructs with shardings)."""
+    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+
+
+def restore_leaves(mngr, step: int, target):
+    """Only the leaves in `target` (nested dicts of ShapeDtypeStructs with shardings, in the dtype wanted) of
+    `step`'s params: the rest of the stored tree is not read."""
+    args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype, global_shape=s.shape),
+                        target)
+    return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True)))["params"]

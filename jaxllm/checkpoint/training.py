@@ -1,6 +1,7 @@
 """Training checkpoints: RUN/checkpoints is a jaxllm checkpoint directory (`jaxllm.checkpoint`) whose steps
-hold params, opt_state, meta (step, RNG, counters, the kind of model, digests) and data (this host's
-iterator state, one JSON file per process through grain's orbax handler).
+hold a stage's named array items (train: params, opt_state; PPO: params, value, opt_state), meta (step, RNG,
+counters, the kind of model, digests, whatever the stage records) and data (this host's iterator state, one
+JSON file per process through grain's orbax handler).
 
 Saves are asynchronous (orbax copies the arrays to host memory, then writes in the background) and atomic.
 Each save records a digest of every array (computed where the arrays live, before the copy), of each
@@ -34,8 +35,9 @@ from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data import DataError
 from jaxllm.checkpoint.digests import device_digests
 
-ITEMS = ("params", "opt_state", "meta", "data")
-REQUIRED = ("params", "opt_state", "meta")  # a step without one of them can never restore
+ARRAYS = ("params", "opt_state")  # a training run's array items (a stage may name others)
+ITEMS = ARRAYS + ("meta", "data")
+REQUIRED = ARRAYS + ("meta",)  # a step without one of them can never restore
 RETIRED = ".retired"
 _COMMIT_FILE = "_CHECKPOINT_METADATA"
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -103,9 +105,12 @@ def _per_host(value: str) -> list[str]:
 
 class RunCheckpoints:
     def __init__(self, directory: str | Path, model_config: ModelConfig, *, keep: int | None = 3,
-                 async_save: bool = True, log=print):
-        """Open RUN/checkpoints for the run that holds its lock (the start removes debris of earlier runs)."""
+                 async_save: bool = True, log=print, arrays: tuple[str, ...] = ARRAYS):
+        """Open RUN/checkpoints for the run that holds its lock (the start removes debris of earlier runs).
+        `arrays`: the names of the run's array items ("params" first: the model a checkpoint exports)."""
         self.directory = Path(directory).absolute()
+        self.arrays = tuple(arrays)
+        self.required = self.arrays + ("meta",)
         if jax.process_index() == 0:
             jckpt.write_model_config(self.directory, model_config)
             self._remove_debris(log)
@@ -113,7 +118,7 @@ class RunCheckpoints:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("jaxllm checkpoints opened")
         self.manager = jckpt.manager(self.directory, max_to_keep=keep, async_save=async_save,
-                                     item_names=ITEMS, retire_to=RETIRED)
+                                     item_names=self.arrays + ("meta", "data"), retire_to=RETIRED)
         self._emptying: threading.Thread | None = None
 
     def steps(self) -> list[int]:
@@ -122,15 +127,22 @@ class RunCheckpoints:
     # ------------------------------------------------------------------------------------------- save
 
     def save(self, step: int, params, opt_state, meta: dict, data_state: dict | None) -> None:
-        """Record digests and kind in `meta`, then save asynchronously (the digests are computed on the
-        arrays' devices first: the next step donates them)."""
-        digests = {"params": device_digests(params), "opt_state": device_digests(opt_state)}
+        """A training step's items (see `save_items`)."""
+        self.save_items(step, {"params": params, "opt_state": opt_state}, meta, data_state)
+
+    def save_items(self, step: int, arrays: dict, meta: dict, data_state: dict | None = None) -> None:
+        """Record digests and kind in `meta`, then save `arrays` ({name: pytree}, the names this run opened
+        with) asynchronously (the digests are computed on the arrays' devices first: the next step donates
+        them)."""
+        if set(arrays) != set(self.arrays):
+            raise ValueError(f"checkpoint items {sorted(arrays)}, expected {sorted(self.arrays)}")
+        digests = {name: device_digests(tree) for name, tree in arrays.items()}
         if data_state is not None:
             digests["data"] = _per_host(json_digest(data_state))
-        meta = {**meta, "kind": jckpt.params_kind(params), "digests": digests}
+        meta = {**meta, "kind": jckpt.params_kind(arrays["params"]), "digests": digests}
         meta["checksum"] = json_digest(meta)
-        items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
-                 "meta": ocp.args.JsonSave(meta)}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+        items["meta"] = ocp.args.JsonSave(meta)
         if data_state is not None:
             items["data"] = CheckpointSave(_StateSnapshot(data_state))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -150,8 +162,17 @@ class RunCheckpoints:
     # ------------------------------------------------------------------------------------------- restore
 
     def restore_latest(self, abstract_params, abstract_opt_state, data_iterator=None, log=print):
-        """(step, params, opt_state, meta) of the newest step that restores and verifies, or None when there
-        is no step.
+        """(step, params, opt_state, meta) of a training run (see `restore_items`)."""
+        restored = self.restore_items({"params": abstract_params, "opt_state": abstract_opt_state},
+                                      data_iterator, log=log)
+        if restored is None:
+            return None
+        step, arrays, meta = restored
+        return step, arrays["params"], arrays["opt_state"], meta
+
+    def restore_items(self, abstract: dict, data_iterator=None, log=print):
+        """(step, {name: pytree}, meta) of the newest step that restores and verifies, or None when there
+        is no step. `abstract`: {name: pytree of ShapeDtypeStructs with shardings} for every array item.
 
         `data_iterator` (with set_state) is moved to the saved position. Damaged steps newer than the one
         restored are reported (one line each) and moved to RUN/checkpoints.corrupt/; when no step restores,
@@ -161,7 +182,7 @@ class RunCheckpoints:
         failures = []
         for step in reversed(self.steps()):
             try:
-                restored = self._restore(step, abstract_params, abstract_opt_state, data_iterator)
+                restored = self._restore(step, abstract, data_iterator)
             except (ConfigError, DataError, MemoryError):
                 raise  # the run's set-up is wrong, not the checkpoint
             except Exception as err:  # orbax/tensorstore raise many types for missing or damaged files
@@ -172,7 +193,7 @@ class RunCheckpoints:
                 self._quarantine(bad)
                 log(f"warning: checkpoint step {bad} is damaged ({reason}); moved to "
                     f"{self.directory}.corrupt/{bad}, resuming from step {step}")
-            if "digests" not in restored[3]:
+            if "digests" not in restored[2]:
                 log(f"note: checkpoint step {step} predates digests: restored without verification")
             return restored
         if failures:
@@ -181,7 +202,7 @@ class RunCheckpoints:
                                         f"restored, so the run does not start over ({listing})")
         return None
 
-    def _restore(self, step, abstract_params, abstract_opt_state, data_iterator):
+    def _restore(self, step, abstract: dict, data_iterator):
         step_dir = self.directory / str(step)
         error = None
         try:
@@ -191,19 +212,18 @@ class RunCheckpoints:
                 raise ConfigError(f"{self.directory}: step {step} was written by {hosts} host(s), each with its "
                                   f"own data-iterator state; resume with {hosts} host(s), not {jax.process_count()}")
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state)))
+                **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - decided together below
             error = err
         if not _all_hosts(error is None):  # before the digests: a collective every host must join
             raise error or jckpt.DamagedCheckpoint(f"step {step} is damaged on another host")
-        jckpt.verify_digests(meta, {"params": restored["params"], "opt_state": restored["opt_state"]},
-                             str(step_dir))
+        arrays = {name: restored[name] for name in abstract}
+        jckpt.verify_digests(meta, arrays, str(step_dir))
         if data_iterator is not None:
             self._restore_data(step, meta, data_iterator)
-        return step, restored["params"], restored["opt_state"], meta
+        return step, arrays, meta
 
     def _meta(self, step: int) -> dict:
         path = self.directory / str(step) / "meta" / "metadata"
@@ -262,13 +282,16 @@ class RunCheckpoints:
         for path in sorted(self.directory.iterdir()):
             if _TMP_MARK in path.name and path.is_dir():
                 removed.append((path, "an interrupted save"))
-        if (self.directory / RETIRED).is_dir():
-            removed.append((self.directory / RETIRED, "steps retired by retention"))
+        retired = self.directory / RETIRED
+        if retired.is_dir() and not any(retired.iterdir()):
+            retired.rmdir()  # emptied as it should be: nothing to report
+        elif retired.is_dir():
+            removed.append((retired, "steps retired by retention"))
         steps = sorted((int(p.name), p) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
-        complete = [step for step, path in steps if not _missing(path)]
+        complete = [step for step, path in steps if not _missing(path, self.required)]
         for step, path in steps:
             if complete and step < complete[-1] and step not in complete:
-                removed.append((path, f"incomplete: no {', '.join(_missing(path))}"))
+                removed.append((path, f"incomplete: no {', '.join(_missing(path, self.required))}"))
         for path, why in removed:
             shutil.rmtree(path, ignore_errors=True)
         if removed:
@@ -290,7 +313,7 @@ class RunCheckpoints:
                 self._emptying.join()
 
 
-def _missing(step_dir: Path) -> list[str]:
+def _missing(step_dir: Path, required=REQUIRED) -> list[str]:
     """What a step lacks of orbax's commit metadata and the required items ([] for a finalised step)."""
     return ([] if (step_dir / _COMMIT_FILE).is_file() else [_COMMIT_FILE]) + \
-        [item for item in REQUIRED if not (step_dir / item).is_dir()]
+        [item for item in required if not (step_dir / item).is_dir()]

@@ -24,6 +24,11 @@ class LoraConfig:
     def spec(self) -> LoraSpec:
         return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
 
+    def split(self, config, lm_path, axes, shapes, mesh):
+        """(trainable axes, trainable shapes, the frozen base's layout) (`jaxllm.lora.plan.layout`)."""
+        from jaxllm.lora.plan import layout
+        return layout(config, lm_path, axes, shapes, mesh)
+
     def validate(self) -> None:
         for name in self.train:
             check_choice("lora.train", name, LORA_TRAIN)

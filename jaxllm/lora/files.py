@@ -99,8 +99,6 @@ def read_base(directory: str | os.PathLike, config: ModelConfig, wanted: dict):
 
     wanted: {path: (dtype, sharding, quantize)} with quantize None, "int8" or "int4" (then sharding is the
     quantized value's and the result a `QuantizedWeight`)."""
-    import orbax.checkpoint as ocp
-
     from jaxllm.lora import quant
     from jaxllm.models import param_shapes
     from jaxllm.lora.model import WEIGHTS
@@ -116,12 +114,10 @@ def read_base(directory: str | os.PathLike, config: ModelConfig, wanted: dict):
             node = shapes
             for key in path:
                 node = node[key]
-            item, args = {}, {}
+            item = {}
             _set(item, path, jax.ShapeDtypeStruct(node.shape, jnp.dtype(dtype), sharding=sharding))
-            _set(args, path, ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.dtype(dtype), global_shape=node.shape))
             try:
-                restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-                    item=item, restore_args=args, partial_restore=True)))["params"]
+                restored = jckpt.restore_leaves(mngr, step, item)
             except (ValueError, KeyError, FileNotFoundError) as err:
                 raise jckpt.CheckpointError(f"{directory}: step {step} has no readable parameter {'/'.join(path)} "
                                             f"for {config.name}: {str(err).splitlines()[0][:200]}") from None
@@ -179,8 +175,6 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
     """(adapted config, {path: numpy leaf}, record) of a language-model adapter: a jaxllm adapter checkpoint
     (a LoRA run directory or its checkpoints) or a PEFT directory (adapter_config.json + weights; then
     `base_config`, the architecture it adapts, is needed)."""
-    import orbax.checkpoint as ocp
-
     from jaxllm.lora.model import leaf_paths
 
     path = Path(path)
@@ -225,7 +219,7 @@ def load_adapter(path: str | os.PathLike, base_config: ModelConfig | None = None
         if step is None:
             raise jckpt.CheckpointError(f"{directory}: no saved step")
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            restored = jckpt.restore_tree(mngr, step, target)
         except (ValueError, KeyError, FileNotFoundError) as err:
             raise jckpt.CheckpointError(f"{directory}: step {step} does not hold the adapter of {config.name}: "
                                         f"{str(err).splitlines()[0][:200]}") from None

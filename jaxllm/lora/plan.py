@@ -1,7 +1,9 @@
-"""What a LoRA run adds to the loop's plan: the split of the stage's parameters into what trains (adapters,
-new heads, `lora.train` base weights; float32, with optimizer state and checkpoints) and the frozen base
-(stored in `lora.base_dtype`, bf16 or int8/int4-quantized, sharded by the same rules, passed to the step
-without being donated, differentiated or saved), and reading that base from `init_from`.
+"""What a LoRA run hands the loop: the split of the stage's parameters into what trains (adapters, new
+heads, `lora.train` base weights; float32, with optimizer state and checkpoints) and the frozen base (stored
+in `lora.base_dtype`, bf16 or int8/int4-quantized, sharded by the same rules, passed to the step without
+being donated, differentiated or saved), reading that base from `init_from`, and the record that goes with
+the saved adapters (RUN/checkpoints/adapter.json). `LoraLayout` is a `jaxllm.train.split.FrozenPart`: the
+loop knows no LoRA.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.lora import model as lora
 from jaxllm.lora import quant
-from jaxllm.train.config import RunConfig
 
 
 @dataclasses.dataclass
@@ -29,14 +30,27 @@ class LoraLayout:
     frozen_shapes: Any        # ShapeDtypeStructs (or QuantizedWeights of them) as stored
     frozen_sh: Any            # NamedShardings
     base_dtype: str
+    base_digest: str | None = None  # of the base read by `start`
 
     def abstract_frozen(self):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.frozen_shapes,
                             self.frozen_sh)
 
+    def start(self, config, plan, init_fn, log=print):
+        """(frozen base, initial trainable parameters) (see `start`)."""
+        frozen, initial, self.base_digest = start(config, plan, init_fn or lm_init(config), log)
+        return frozen, initial
 
-def layout(config: RunConfig, lm_path: tuple, full_axes, full_shapes, mesh):
-    """(trainable axes, trainable shapes, LoraLayout) for the stage's full tree (adapters included)."""
+    def record(self, directory: Path, config, resuming: bool) -> None:
+        check_record(directory, config, self.base_digest, self.lm_path, resuming)
+
+    def describe(self, plan) -> str:
+        return describe(plan)
+
+
+def layout(config, lm_path: tuple, full_axes, full_shapes, mesh):
+    """(trainable axes, trainable shapes, LoraLayout) for the stage's full tree (adapters included): the
+    `split` a `lora:` section hands the loop (`RunConfig.frozen_split`)."""
     if not config.init_from:
         raise ConfigError("lora adapts a trained model: set init_from (or --init-from DIR) to the base checkpoint")
     base_dtype = config.lora.base_dtype or config.model.dtype
@@ -62,13 +76,13 @@ def _is_quantized(x) -> bool:
     return isinstance(x, quant.QuantizedWeight)
 
 
-def start(config: RunConfig, plan, init_fn, log=print):
+def start(config, plan, init_fn, log=print):
     """(frozen base, initial trainable parameters, base digest), on the plan's devices.
 
     The frozen leaves and the `lora.train` base weights are read from `init_from` (their digest covers them
     all); adapters start as PEFT does (B = 0: the model is the base) or from `lora.init_adapter`; other new
     leaves (a reward model's head) from the stage's initialiser `init_fn(rng)`."""
-    lay: LoraLayout = plan.lora
+    lay: LoraLayout = plan.frozen
     n = len(lay.lm_path)
     base_config = config.base_model
     _check_base(config.init_from, base_config)
@@ -112,7 +126,7 @@ def _check_base(path: str, base_config) -> None:
                           f"{base_config.name}")
 
 
-def _init_adapter(config: RunConfig, shardings: dict, shapes: dict) -> dict:
+def _init_adapter(config, shardings: dict, shapes: dict) -> dict:
     """The adapter leaves of `lora.init_adapter`, placed like the run's."""
     source = config.lora.init_adapter
     try:
@@ -138,7 +152,7 @@ def _init_adapter(config: RunConfig, shardings: dict, shapes: dict) -> dict:
     return out
 
 
-def check_record(directory: Path, config: RunConfig, digest: str, lm_path, resuming: bool) -> None:
+def check_record(directory: Path, config, digest: str, lm_path, resuming: bool) -> None:
     """Record which base the run adapts (RUN/checkpoints/adapter.json); a resumed run refuses another base."""
     record = adapters.read_record(directory)
     if resuming and record is not None and record.get("base_digest") not in (None, digest):
@@ -149,7 +163,7 @@ def check_record(directory: Path, config: RunConfig, digest: str, lm_path, resum
                               lm_path=lm_path)
 
 
-def lm_init(config: RunConfig):
+def lm_init(config):
     """The adapted language model's random initialiser (its base half is never computed: only the trainable
     leaves leave the jit)."""
     return lambda key: model_init_params(config.model, key)
@@ -157,5 +171,5 @@ def lm_init(config: RunConfig):
 
 def describe(plan) -> str:
     trainable = sum(x.size for x in jax.tree.leaves(plan.param_shapes))
-    return (f"LoRA: {trainable / 1e6:.2f}M trainable parameters on a frozen {plan.lora.base_dtype} base "
-            f"({quant.nbytes(plan.lora.frozen_shapes) / 2**30:.2f} GiB)")
+    return (f"LoRA: {trainable / 1e6:.2f}M trainable parameters on a frozen {plan.frozen.base_dtype} base "
+            f"({quant.nbytes(plan.frozen.frozen_shapes) / 2**30:.2f} GiB)")

@@ -51,7 +51,7 @@ def preflight_train(config, make_stage: Callable, topology: topologies.Topology,
     plan = plan_run(config, stage, devices)
     args = plan.abstract_args(_abstract_batch(stage, config))
     state = {"parameters": device_bytes(args[0]), "optimizer state": device_bytes(args[1])}
-    if plan.lora is not None:  # LoRA: what trains above, the frozen (maybe quantized) base here
+    if plan.frozen is not None:  # LoRA: what trains above, the frozen (maybe quantized) base here
         state["frozen base"] = device_bytes(args[-1])
     log(f"compiling the {stage.name} step of {config.model.name} for {topology.describe()} ...")
     with jax.set_mesh(plan.mesh), sharding.axis_rules():

@@ -195,7 +195,7 @@ def _load(recipe: RLHFRecipe) -> Loaded:
     from jaxllm.sharding import make_mesh
     from jaxllm.stages import reward
     from jaxllm.tokenizer import get_chat_template, template_for_family
-    from jaxllm.train.loop import maybe_initialize_distributed
+    from jaxllm.train.engine import maybe_initialize_distributed
 
     maybe_initialize_distributed(recipe.distributed)  # several processes: before the mesh spans their devices
     try:
@@ -229,13 +229,8 @@ def _errors():
 
 def write_sft(path, records) -> None:
     """Write SFT records (one JSON object per line) to `path` atomically: a complete file or the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    from jaxllm import storage
+    storage.write_lines_atomic(path, (json.dumps(record, ensure_ascii=False) for record in records))
 
 
 def sft_record(prompt: str, reply: str, reward: float, **info) -> dict:
@@ -297,8 +292,9 @@ def rejection_main(argv: list[str]) -> int:
 
     from jaxllm.distributed import is_primary
     from jaxllm.inference import SamplingParams
-    from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies
+    from jaxllm.rlhf.rejection import best_of_k, keep_best, reward_vs_k, score_replies, unit_count
     from jaxllm.stages.data import reply_text
+    from jaxllm.train.engine import Shards
 
     rc, tok, template = recipe.rejection, loaded.tok, loaded.template
     scorer = loaded.scorer(rc.safety_threshold)
@@ -308,9 +304,15 @@ def rejection_main(argv: list[str]) -> int:
         reply = reply_text(ids, tok, template)
         return None if reply is None else reply_ids(tok, template, loaded.texts[i], reply)
 
+    # Finished units of sampling beside the output: a killed run resumes, and writes what an uninterrupted
+    # one would (the same recipe and prompts; anything else starts over).
+    output = resolve_path(recipe.output)
+    shards = Shards(f"{output}.parts", {"recipe": yaml.safe_load(to_yaml(recipe)), "prompts": loaded.prompts},
+                    unit_count(len(loaded.prompts), rc.k, rc.batch_size))
     results = best_of_k(loaded.config, loaded.params, loaded.prompts, scorer, rc.k, sampling, jax.random.key(rc.seed),
                         stop_ids=template.stop_ids(tok), pad_id=tok.pad_id, batch_size=rc.batch_size,
-                        mesh=loaded.mesh, vocab_limit=tok.vocab_size, safety=loaded.safety, render=render)
+                        mesh=loaded.mesh, vocab_limit=tok.vocab_size, safety=loaded.safety, render=render,
+                        shards=shards)
     pool_scores = score_replies(scorer, pool_prompts, pool_replies, pad_id=tok.pad_id, batch_size=rc.batch_size,
                                 safety=[loaded.safety[i] for _, i in used], mesh=loaded.mesh)
     kept = keep_best(results, per_prompt, pool_scores)
@@ -329,8 +331,8 @@ def rejection_main(argv: list[str]) -> int:
     skipped = len(kept) - len(records)
     if not is_primary():  # every process holds the same results; one writes them
         return 0
-    output = resolve_path(recipe.output)
     write_sft(output, records)
+    shards.remove()
     print(f"{'k':>3} {'mean max reward':>16} {'mean median reward':>19}")
     for row in reward_vs_k([scores for _, _, scores in results]):
         print(f"{row['k']:>3} {row['max']:>16.4f} {row['median']:>19.4f}")
@@ -347,14 +349,15 @@ RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_ever
              "ppo.generation_chunks", "models.")
 
 
-def _claim_run_dir(recipe: RLHFRecipe) -> Path:
-    """Create RUN (or check that RUN/ppo.yaml describes the same run) and write the resolved recipe; every
-    process checks, process 0 writes."""
+def _claim_run_dir(recipe: RLHFRecipe):
+    """(RUN, its lock): create RUN (or check that RUN/ppo.yaml describes the same run), lock it and write the
+    resolved recipe; every process checks, process 0 writes."""
     from jaxllm.config import ConfigError
     from jaxllm.data import resolve_path
     from jaxllm.distributed import is_primary, sync
     from jaxllm.train import rundir
     from jaxllm.train.config import config_differences
+    from jaxllm.train.engine import write_run_file
 
     run_dir = Path(resolve_path(recipe.run_dir))
     path = run_dir / "ppo.yaml"
@@ -367,12 +370,10 @@ def _claim_run_dir(recipe: RLHFRecipe) -> Path:
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"run directory {run_dir} has checkpoints but no ppo.yaml; choose another run_dir=…")
     sync("jaxllm ppo run dir checked")  # no process reads ppo.yaml after process 0 rewrote it
-    rundir.lock(run_dir)  # one writer per run directory (process 0 holds it for all), until the process ends
+    held = rundir.lock(run_dir)  # one writer per run directory (process 0 holds it for all), for the run
     if is_primary():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return run_dir
+        write_run_file(path, text)
+    return run_dir, held
 
 
 def ppo_main(argv: list[str]) -> int:
@@ -386,7 +387,7 @@ def ppo_main(argv: list[str]) -> int:
         loaded = _load(recipe)
         from jaxllm.rlhf.ppo import Layout
         Layout.check_batch(recipe.ppo, loaded.mesh)
-        run_dir = _claim_run_dir(recipe)
+        run_dir, run_lock = _claim_run_dir(recipe)
     except _errors() as err:
         print(f"jaxllm ppo: error: {err}", file=sys.stderr)
         return 2
@@ -403,14 +404,17 @@ def ppo_main(argv: list[str]) -> int:
     # The value model starts from the (helpfulness) reward model when the architectures match, else from
     # the policy.
     value = rm_params if same_shape else None
-    _, _, history = ppo(config, loaded.params, loaded.prompts, loaded.scorer(recipe.ppo.safety_threshold),
-                        recipe.ppo, value=value, mesh=loaded.mesh, run_dir=run_dir, stop_ids=template.stop_ids(tok),
-                        pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety)
+    try:
+        result = ppo(config, loaded.params, loaded.prompts, loaded.scorer(recipe.ppo.safety_threshold), recipe.ppo,
+                     value=value, mesh=loaded.mesh, run_dir=run_dir, stop_ids=template.stop_ids(tok),
+                     pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety, run_lock=run_lock)
+    finally:
+        run_lock.release()
     if is_primary():
-        _plot(history, run_dir / "ppo.png")
-        print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}; "
-              f"plot: {run_dir / 'ppo.png'}")
-    return 0
+        _plot(result[2], run_dir / "ppo.png")
+        print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}, "
+              f"tensorboard {run_dir / 'tb'}; plot: {run_dir / 'ppo.png'}")
+    return result.exit_code
 
 
 def _preflight(recipe: RLHFRecipe, args) -> int:

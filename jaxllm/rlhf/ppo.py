@@ -13,8 +13,8 @@ rows and checkpoints are written by all of them together.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,7 @@ from jaxllm.rlhf.config import PPOConfig
 from jaxllm.rlhf.rollout import generation_params, put_rows, response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
+from jaxllm.train.engine import Run, mesh_context
 
 
 def _optimizer(cfg: PPOConfig, axes):
@@ -89,13 +90,7 @@ class Layout:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
     def context(self):
-        import contextlib
-
-        from jaxllm import sharding
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(sharding.axis_rules())
-        return stack
+        return mesh_context(self.mesh)
 
 
 # Jitted functions per (model, mesh, parameter shapes[, the settings they read]): a resumed or repeated run
@@ -198,8 +193,9 @@ def _mean_metrics(scored: dict) -> dict:
 def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Callable, cfg: PPOConfig, *,
         value=None, mesh=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
         vocab_limit: int | None = None, safety=None, on_iteration: Callable | None = None,
-        log: Callable = print):
-    """Run PPO; returns (policy params, value params, list of per-iteration metrics).
+        run_lock=None, log: Callable = print) -> "PPOResult":
+    """Run PPO; returns a `PPOResult`: (policy params, value params, list of per-iteration metrics), with
+    `stop_reason` and `exit_code`.
 
     prompts: token id lists (sampled in order, cycling); safety: one bool per prompt (Llama 2's safety tag,
     rows["safety"] for the scorer). scorer(rows) → float32[batch] scores of the prompt+response rows (see
@@ -208,8 +204,12 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     mesh: the (data, fsdp, tensor) mesh the policy, reference, value model and optimizer state are sharded
     on and the rollouts split over, as in training (default: one device); it may span several processes,
     each calling `ppo` with the same arguments.
-    With `run_dir`, metrics go to RUN/ppo_metrics.jsonl and checkpoints to RUN/checkpoints (resumed; the
-    metrics file is cut back to the checkpoint's iterations, so none is written twice).
+    With `run_dir`, the run engine (`jaxllm.train.engine.Run`) owns the run: RUN/lock (`run_lock`: one the
+    caller already holds), checkpoints in RUN/checkpoints (policy "params", "value", "opt_state" and the
+    history; digests verified on resume, a damaged step quarantined and the one before used), metrics in
+    RUN/ppo_metrics.jsonl and RUN/tb (cut back to the checkpoint's iteration, so none is written twice), and
+    SIGTERM/SIGINT: the iteration in flight finishes, is saved, and the result's `exit_code` is 128 + the
+    signal.
     `on_iteration(metrics)` runs after an iteration's metrics (and checkpoint, if due) are written."""
     cfg.validate()
     if safety is not None and len(safety) != len(prompts):
@@ -230,78 +230,103 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     start, history = 0, []
     primary = distributed.is_primary()
     say = log if primary else (lambda *_: None)
-    manager = metrics_path = None
-    if run_dir is not None:
-        manager, restored = _checkpoints(Path(run_dir), model_config, layout)
-        if restored is not None:
-            start, trainable, opt_state, history = restored
-            say(f"resumed PPO at iteration {start}")
-        metrics_path = Path(run_dir) / "ppo_metrics.jsonl"
-        if primary:
-            _write_lines(metrics_path, history)  # drops lines of iterations after the checkpoint
+    with contextlib.ExitStack() as stack:
+        run = None
+        if run_dir is not None:
+            run = stack.enter_context(Run(run_dir, model_config, arrays=ITEMS, keep=2, lock=run_lock,
+                                          metrics_file="ppo_metrics.jsonl", step_key="iteration", log=say))
+            policy_abstract, value_abstract = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
+            restored = run.restore({"params": policy_abstract, "value": value_abstract,
+                                    "opt_state": layout.abstract(layout.opt_shapes, layout.opt)})
+            if restored is not None:
+                start, items, meta = restored
+                trainable, opt_state, history = (items["params"], items["value"]), items["opt_state"], \
+                    list(meta["history"])
+                say(f"resumed PPO at iteration {start}")
+        result = _iterations(model_config, layout, trainable, opt_state, ref, history, start, prompts, scorer, cfg,
+                             rng, run, stop_ids, pad_id, vocab_limit, safety, on_iteration, say)
+    return result
+
+
+class PPOResult(tuple):
+    """(policy params, value params, per-iteration metrics), and how the run ended: `stop_reason` ("done" or
+    "signal SIGTERM"/"signal SIGINT") and `exit_code` (0, or 128 + the signal)."""
+
+    def __new__(cls, policy, value, history, stop_reason="done", exit_code=0):
+        result = super().__new__(cls, (policy, value, history))
+        result.stop_reason, result.exit_code = stop_reason, exit_code
+        return result
+
+
+def _iterations(model_config, layout, trainable, opt_state, ref, history, start, prompts, scorer, cfg, rng, run,
+                stop_ids, pad_id, vocab_limit, safety, on_iteration, say) -> PPOResult:
+    """PPO's iterations `start` → cfg.iterations; with a `Run`, each iteration's metrics are logged and every
+    `save_every`-th (and the last, and the one a signal interrupted) is saved."""
+    stop_reason, exit_code = "done", 0
+    saved = start
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     length = max(len(p) for p in prompts) + cfg.max_new_tokens
     stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
-    try:
-        for iteration in range(start, cfg.iterations):
-            began = time.perf_counter()
-            key = jax.random.fold_in(rng, iteration)
-            picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]
-            batch_prompts = [prompts[i] for i in picked]
-            weights = generation_params(trainable[0], layout.axes[0], layout.mesh, cfg.generation)
-            responses = []
-            part = cfg.batch_size // cfg.generation_chunks
-            for c in range(cfg.generation_chunks):  # each part's KV cache is freed before the next
-                part_key = key if cfg.generation_chunks == 1 else jax.random.fold_in(key, c)
-                responses += sample_responses(model_config, weights, batch_prompts[c * part:(c + 1) * part],
-                                              sampling, part_key, stop_ids, pad_id, mesh=layout.mesh,
-                                              vocab_limit=vocab_limit)[0]
-            del weights  # a gathered copy is freed before the update needs the memory
-            host_rows = response_rows(batch_prompts, responses, length, pad_id,
-                                      safety=None if safety is None else [safety[i] for i in picked])
-            rows = put_rows(host_rows, layout.mesh)
-            scored = as_scores(scorer(rows))
-            with layout.context():
-                logp, ref_logp, values = stats_fn(trainable[0], trainable[1], ref, {k: rows[k] for k in ROW_KEYS})
-                scores = _place(scored["score"], layout.per_row)  # a scorer may return numpy or any layout
-                advantages, returns, rollout_metrics = advantages_fn(scores, logp, ref_logp, values,
-                                                                     rows["response_mask"])
-                rollout = {**{k: rows[k] for k in (*ROW_KEYS, "response_mask")}, "old_logp": logp,
-                           "old_values": values, "advantages": advantages, "returns": returns}
-                step_metrics = []
-                order_rng = np.random.default_rng([cfg.seed, iteration])
-                for _ in range(cfg.epochs):
-                    order = order_rng.permutation(cfg.batch_size).astype(np.int32)
-                    for s in range(0, cfg.batch_size, cfg.minibatch_size):
-                        trainable, opt_state, m = update(trainable, opt_state, rollout,
-                                                         order[s:s + cfg.minibatch_size])
-                        step_metrics.append(m)
-            step_metrics, rollout_metrics, score_metrics = jax.device_get(
-                (step_metrics, rollout_metrics, _mean_metrics(scored)))
-            metrics = {"iteration": iteration + 1, **{k: float(v) for k, v in rollout_metrics.items()},
-                       **{k: float(v) for k, v in score_metrics.items()},
-                       "response_length": float(np.mean([len(r) for r in responses])),
-                       "seconds": time.perf_counter() - began,
-                       **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}}
-            history.append(metrics)
-            if manager is not None:
-                if primary:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-                    _save(manager, iteration + 1, trainable, opt_state, history)
-            safety_note = (f" R_h {metrics['reward_help']:.3f} R_s {metrics['reward_safety']:.3f} "
-                           f"safety used {metrics['safety_used']:.0%}" if "safety_used" in metrics else "")
-            say(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
-                f"clip {metrics['clip_fraction']:.3f} value_loss {metrics['value_loss']:.4f} "
-                f"length {metrics['response_length']:.1f}{safety_note}")
-            if on_iteration:
-                on_iteration(metrics)
-    finally:
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
-    return trainable[0], trainable[1], history
+    for iteration in range(start, cfg.iterations):
+        began = time.perf_counter()
+        key = jax.random.fold_in(rng, iteration)
+        picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]
+        batch_prompts = [prompts[i] for i in picked]
+        weights = generation_params(trainable[0], layout.axes[0], layout.mesh, cfg.generation)
+        responses = []
+        part = cfg.batch_size // cfg.generation_chunks
+        for c in range(cfg.generation_chunks):  # each part's KV cache is freed before the next
+            part_key = key if cfg.generation_chunks == 1 else jax.random.fold_in(key, c)
+            responses += sample_responses(model_config, weights, batch_prompts[c * part:(c + 1) * part],
+                                          sampling, part_key, stop_ids, pad_id, mesh=layout.mesh,
+                                          vocab_limit=vocab_limit)[0]
+        del weights  # a gathered copy is freed before the update needs the memory
+        host_rows = response_rows(batch_prompts, responses, length, pad_id,
+                                  safety=None if safety is None else [safety[i] for i in picked])
+        rows = put_rows(host_rows, layout.mesh)
+        scored = as_scores(scorer(rows))
+        with layout.context():
+            logp, ref_logp, values = stats_fn(trainable[0], trainable[1], ref, {k: rows[k] for k in ROW_KEYS})
+            scores = _place(scored["score"], layout.per_row)  # a scorer may return numpy or any layout
+            advantages, returns, rollout_metrics = advantages_fn(scores, logp, ref_logp, values,
+                                                                 rows["response_mask"])
+            rollout = {**{k: rows[k] for k in (*ROW_KEYS, "response_mask")}, "old_logp": logp,
+                       "old_values": values, "advantages": advantages, "returns": returns}
+            step_metrics = []
+            order_rng = np.random.default_rng([cfg.seed, iteration])
+            for _ in range(cfg.epochs):
+                order = order_rng.permutation(cfg.batch_size).astype(np.int32)
+                for s in range(0, cfg.batch_size, cfg.minibatch_size):
+                    trainable, opt_state, m = update(trainable, opt_state, rollout,
+                                                     order[s:s + cfg.minibatch_size])
+                    step_metrics.append(m)
+        step_metrics, rollout_metrics, score_metrics = jax.device_get(
+            (step_metrics, rollout_metrics, _mean_metrics(scored)))
+        metrics = {"iteration": iteration + 1, **{k: float(v) for k, v in rollout_metrics.items()},
+                   **{k: float(v) for k, v in score_metrics.items()},
+                   "response_length": float(np.mean([len(r) for r in responses])),
+                   "seconds": time.perf_counter() - began,
+                   **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}}
+        history.append(metrics)
+        if run is not None:
+            run.metrics.write(iteration + 1, metrics)
+            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
+                saved = _save(run, iteration + 1, trainable, opt_state, history)
+        safety_note = (f" R_h {metrics['reward_help']:.3f} R_s {metrics['reward_safety']:.3f} "
+                       f"safety used {metrics['safety_used']:.0%}" if "safety_used" in metrics else "")
+        say(f"ppo {iteration + 1}/{cfg.iterations}: reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
+            f"clip {metrics['clip_fraction']:.3f} value_loss {metrics['value_loss']:.4f} "
+            f"length {metrics['response_length']:.1f}{safety_note}")
+        if on_iteration:
+            on_iteration(metrics)
+        if run is not None and run.should_stop(iteration + 1):  # finish the iteration, save it, stop
+            if saved < iteration + 1:
+                saved = _save(run, iteration + 1, trainable, opt_state, history)
+            stop_reason, exit_code = run.exit_code()
+            say(f"stopped by {stop_reason.split()[-1]} at iteration {iteration + 1}/{cfg.iterations}; saved "
+                f"in {run.run_dir / 'checkpoints'}")
+            break
+    return PPOResult(trainable[0], trainable[1], history, stop_reason, exit_code)
 
 
 def _place(tree, shardings):
@@ -317,40 +342,12 @@ def _copy(tree, shardings):
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def _write_lines(path: Path, history) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    tmp.replace(path)
+ITEMS = ("params", "value", "opt_state")  # a PPO checkpoint's array items: "params" is the policy
 
 
-def _checkpoints(run_dir: Path, model_config, layout: Layout):
-    import orbax.checkpoint as ocp
-
-    from jaxllm import checkpoint as jckpt
-
-    directory = run_dir / "checkpoints"
-    if distributed.is_primary():
-        jckpt.write_model_config(directory, model_config)
-    distributed.sync("jaxllm ppo checkpoints")  # the directory exists before any process opens it
-    manager = jckpt.manager(directory, max_to_keep=2, item_names=("params", "value", "opt_state", "meta"))
-    step = manager.latest_step()
-    if step is None:
-        return manager, None
-    policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(policy), value=ocp.args.StandardRestore(value),
-        opt_state=ocp.args.StandardRestore(layout.abstract(layout.opt_shapes, layout.opt)),
-        meta=ocp.args.JsonRestore()))
-    return manager, (step, (restored["params"], restored["value"]), restored["opt_state"],
-                     list(restored["meta"]["history"]))
-
-
-def _save(manager, step, trainable, opt_state, history):
-    import orbax.checkpoint as ocp
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(trainable[0]), value=ocp.args.StandardSave(trainable[1]),
-        opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave({"step": step, "history": history})),
-        force=True)
+def _save(run, iteration: int, trainable, opt_state, history) -> int:
+    return run.save(iteration, {"params": trainable[0], "value": trainable[1], "opt_state": opt_state},
+                    {"history": history})
 
 
 def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, mesh, prompt_len: int):

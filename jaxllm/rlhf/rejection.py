@@ -18,7 +18,7 @@ from jaxllm.rlhf.rollout import response_rows, sample_responses, score_rows
 
 def best_of_k(model_config, params, prompts, scorer, k: int, sampling: SamplingParams, rng, *, stop_ids=(),
               pad_id: int = 0, batch_size: int = 32, render: Callable | None = None, mesh=None,
-              vocab_limit: int | None = None, safety=None):
+              vocab_limit: int | None = None, safety=None, shards=None):
     """For each prompt: (best response ids, its score, all K scores). Samples are drawn K at a time per
     prompt (the prompt repeated K times in one batch), scored with `scorer(rows)` (see `rewards`; rows carry
     `safety`, one bool per prompt, for Llama 2's combined score).
@@ -27,31 +27,57 @@ def best_of_k(model_config, params, prompts, scorer, k: int, sampling: SamplingP
     conversation the chat template renders from the reply's text, which SFT will train on; None when the
     sample cannot be kept (e.g. a blank reply). Without it the prompt and the sampled ids are scored. A
     prompt none of whose K samples can be kept gets (None, nan, scores). `mesh`: as in `generate` (params
-    sharded on it)."""
+    sharded on it).
+
+    The prompts go in units of `batch_size // k`; unit u (prompts from u·(batch_size // k)) samples with
+    the u-th key of the chain `rng, key = split(rng)`, a function of the seed and u alone: its samples
+    depend on where its prompts are, never on which units ran in this process. `shards` (`jaxllm.train.engine.Shards`, `unit_count` units): finished units
+    are read back, the others sampled and committed one by one, so a killed run resumes where it stopped
+    and writes what an uninterrupted one would."""
     import jax
 
     results = []
     per_batch = max(1, batch_size // k)
-    for start in range(0, len(prompts), per_batch):
+    for unit, start in enumerate(range(0, len(prompts), per_batch)):
+        rng, key = jax.random.split(rng)  # unit u's key: a function of the seed and u alone
+        if shards is not None and shards.done(unit):
+            results += [(ids, float(score), scores) for ids, score, scores in shards.load(unit)]
+            continue
         chunk = range(start, min(start + per_batch, len(prompts)))
-        repeated = [prompts[i] for i in chunk for _ in range(k)]
-        tags = None if safety is None else [safety[i] for i in chunk for _ in range(k)]
-        rng, key = jax.random.split(rng)
-        responses, _ = sample_responses(model_config, params, repeated, sampling, key, stop_ids, pad_id, mesh=mesh,
-                                        vocab_limit=vocab_limit)
-        owners = [i for i in chunk for _ in range(k)]
-        rendered = [(p, r) if render is None else render(i, r) for i, p, r in zip(owners, repeated, responses)]
-        pairs = [pair or (p, r) for pair, p, r in zip(rendered, repeated, responses)]  # refused: scored as sampled
-        scores = score_replies(scorer, [p for p, _ in pairs], [r for _, r in pairs], pad_id=pad_id, safety=tags,
-                               batch_size=len(pairs), mesh=mesh)
-        for n in range(len(chunk)):
-            block = scores[n * k:(n + 1) * k]
-            ok = [rendered[n * k + j] is not None for j in range(k)]
-            if not any(ok):
-                results.append((None, float("nan"), block.tolist()))
-                continue
-            best = max((j for j in range(k) if ok[j]), key=lambda j: block[j])
-            results.append((responses[n * k + best], float(block[best]), block.tolist()))
+        done = _best_of_chunk(model_config, params, prompts, chunk, scorer, k, sampling, key, stop_ids, pad_id,
+                              render, mesh, vocab_limit, safety)
+        if shards is not None:
+            shards.commit(unit, done)
+        results += done
+    return results
+
+
+def unit_count(num_prompts: int, k: int, batch_size: int) -> int:
+    """How many units `best_of_k` splits `num_prompts` prompts into."""
+    per_batch = max(1, batch_size // k)
+    return -(-num_prompts // per_batch)
+
+
+def _best_of_chunk(model_config, params, prompts, chunk, scorer, k, sampling, key, stop_ids, pad_id, render, mesh,
+                   vocab_limit, safety):
+    repeated = [prompts[i] for i in chunk for _ in range(k)]
+    tags = None if safety is None else [safety[i] for i in chunk for _ in range(k)]
+    responses, _ = sample_responses(model_config, params, repeated, sampling, key, stop_ids, pad_id, mesh=mesh,
+                                    vocab_limit=vocab_limit)
+    owners = [i for i in chunk for _ in range(k)]
+    rendered = [(p, r) if render is None else render(i, r) for i, p, r in zip(owners, repeated, responses)]
+    pairs = [pair or (p, r) for pair, p, r in zip(rendered, repeated, responses)]  # refused: scored as sampled
+    scores = score_replies(scorer, [p for p, _ in pairs], [r for _, r in pairs], pad_id=pad_id, safety=tags,
+                           batch_size=len(pairs), mesh=mesh)
+    results = []
+    for n in range(len(chunk)):
+        block = scores[n * k:(n + 1) * k]
+        ok = [rendered[n * k + j] is not None for j in range(k)]
+        if not any(ok):
+            results.append((None, float("nan"), block.tolist()))
+            continue
+        best = max((j for j in range(k) if ok[j]), key=lambda j: block[j])
+        results.append(([int(t) for t in responses[n * k + best]], float(block[best]), block.tolist()))
     return results
 
 

@@ -1,4 +1,5 @@
-"""Training: run config, optimizer, losses, the one train loop, checkpoints, metrics.
+"""Training: the run engine every stage uses, run config, optimizer, losses, the one train loop, checkpoints,
+metrics.
 
 Imported lazily, so `jaxllm train --help` does not pay for JAX:
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "lm_loss": "jaxllm.train.loss", "make_train_step": "jaxllm.train.step",
     "make_optimizer": "jaxllm.train.optim", "make_schedule": "jaxllm.train.optim",
     "flops_per_token": "jaxllm.train.flops",
+    "Run": "jaxllm.train.engine", "Shards": "jaxllm.train.engine",
 }
 __all__ = list(_EXPORTS)
 

@@ -112,6 +112,9 @@ class RunConfig:
         """The model `init_from` holds: `model` without its adapters."""
         return self.model.replace(lora=None)
 
+    def frozen_split(self):  # the trainable / frozen split (`jaxllm.train.split`) a section asks for, or None
+        return None if self.lora is None else self.lora.split
+
     def validate(self) -> "RunConfig":
         t, o = self.train, self.optimizer
         for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,17 +22,14 @@ from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
-from jaxllm.lora import plan as adapted
 from jaxllm.train import flops, rundir
-from jaxllm.checkpoint.training import RunCheckpoints
+from jaxllm.train.split import FrozenPart, merge
+from jaxllm.train.engine import Run, maybe_initialize_distributed, mesh_context
 from jaxllm.train.config import RunConfig, resolve_epochs
-from jaxllm.train.metrics import MetricsLog, Reporter, last_logged, plot_loss
+from jaxllm.train.metrics import Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
 from jaxllm.train.step import make_train_step
-
-_MULTIHOST_ENV = ("COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -46,64 +41,12 @@ class TrainResult:
     nan_skipped: int
     run_dir: Path
     last_metrics: dict
-    frozen: Any = None        # a LoRA run's frozen base (params are what trained)
+    frozen: Any = None        # the frozen tree of a split run (params are what trained)
 
     @property
     def full_params(self):
-        """The parameters the model runs with: a LoRA run's trained leaves merged into its base."""
-        from jaxllm.lora.model import merge
+        """The parameters the model runs with: a split run's trained leaves merged into its frozen tree."""
         return self.params if self.frozen is None else merge(self.params, self.frozen)
-
-
-def maybe_initialize_distributed(mode: str = "auto") -> None:
-    """`jax.distributed.initialize()` for multi-host TPU/GPU when the environment describes a cluster.
-
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed on when set (JAX itself reads
-    only the first); SLURM, Open MPI and Cloud TPU pods are detected by JAX. mode: auto | yes | no.
-    """
-    if mode == "no" or jax.distributed.is_initialized():
-        return
-    env = os.environ
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        if env.get(var):
-            try:
-                kwargs[key] = int(env[var])
-            except ValueError:
-                raise ConfigError(f"{var}={env[var]!r} is not an integer") from None
-    cluster = (bool(kwargs) or any(env.get(k) for k in _MULTIHOST_ENV)
-               or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if mode == "yes" or cluster:
-        jax.distributed.initialize(**kwargs)
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the end of the current step."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, preemption via orbax only
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _batch_putter(mesh, accum: int, global_rows: int):
@@ -190,7 +133,7 @@ class RunPlan:
     local_rows: int           # rows this host loads per step
     init_key: jax.Array
     train_key: jax.Array
-    lora: adapted.LoraLayout | None = None  # a LoRA run: params are what trains; step_fn takes the frozen base last
+    frozen: FrozenPart | None = None  # a split run: params are what trains; step_fn takes the frozen tree last
 
     @property
     def replicated(self) -> NamedSharding:
@@ -204,12 +147,12 @@ class RunPlan:
 
     def abstract_args(self, batch_shapes) -> tuple:
         """The step's arguments as sharded shapes, for `step_fn.lower(*args)`: params, optimizer state,
-        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a LoRA run's frozen base."""
+        batch ([accum, rows, ...] ShapeDtypeStructs), rng, step, and a split run's frozen tree."""
         batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sh), batch_shapes)
         args = (self.abstract_params(), self.abstract_opt_state(), batch,
                 jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated),
                 jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated))
-        return args + ((self.lora.abstract_frozen(),) if self.lora is not None else ())
+        return args + ((self.frozen.abstract_frozen(),) if self.frozen is not None else ())
 
 
 def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
@@ -228,9 +171,9 @@ def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
         param_axes, shapes = stage.param_axes, jax.eval_shape(stage.init_params, init_key)
     else:
         param_axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
-    lora_layout = None
-    if config.lora is not None:  # only the adapters (and new heads) train; the base is frozen
-        param_axes, shapes, lora_layout = adapted.layout(config, stage.lm_path, param_axes, shapes, mesh)
+    frozen_part, split = None, config.frozen_split()
+    if split is not None:  # only part of the parameters trains (e.g. adapters and new heads); the rest is frozen
+        param_axes, shapes, frozen_part = split(config, stage.lm_path, param_axes, shapes, mesh)
     param_sh = sharding.tree_shardings(param_axes, shapes, mesh)
     optimizer, schedule = make_optimizer(config.optimizer, total, param_axes)
     opt_shapes = jax.eval_shape(optimizer.init, _abstract(shapes, param_sh))
@@ -238,14 +181,14 @@ def plan_run(config: RunConfig, stage: Stage, devices=None) -> RunPlan:
                                    transform_non_params=lambda _: replicated)
     put_batch, batch_sh = _batch_putter(mesh, accum, config.train.batch_size)
     in_sh = (param_sh, opt_sh, batch_sh, replicated, replicated)
-    if lora_layout is not None:  # the frozen base: an argument (never a constant), not donated
-        in_sh += (lora_layout.frozen_sh,)
+    if frozen_part is not None:  # the frozen tree: an argument (never a constant), not donated
+        in_sh += (frozen_part.frozen_sh,)
     step_fn = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule), in_shardings=in_sh,
                       out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
     return RunPlan(mesh=mesh, param_axes=param_axes, param_shapes=shapes, param_sh=param_sh, optimizer=optimizer,
                    schedule=schedule, opt_shapes=opt_shapes, opt_sh=opt_sh, put_batch=put_batch, batch_sh=batch_sh,
                    step_fn=step_fn, local_rows=local_rows, init_key=init_key, train_key=train_key,
-                   lora=lora_layout)
+                   frozen=frozen_part)
 
 
 def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_batch: Callable | None = None,
@@ -267,18 +210,17 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     config.stage_name = stage.name
     rundir.check(config.run_dir, config)
     if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
-        # a new run starts from it (DPO: its reference; LoRA: its frozen base)
+        # a new run starts from it (DPO: its reference; a split run: its frozen tree)
         rundir.check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
 
     frozen = initial = None
-    if plan.lora is not None:
-        frozen, initial, base_digest = adapted.start(config, plan, stage.init_params or adapted.lm_init(config), log)
+    if plan.frozen is not None:
+        frozen, initial = plan.frozen.start(config, plan, stage.init_params, log)
     if stage.prepare is not None:
         if frozen is None:
             stage.prepare(mesh)
-        else:  # the starting model is the frozen base plus the initial adapters: no second copy of the weights
-            from jaxllm.lora.model import merge
+        else:  # the starting model is the frozen tree plus the initial trainable one: no second copy
             stage.prepare(mesh, start=merge(initial, frozen))
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
@@ -292,11 +234,12 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         if stage.tokenizer_path:
             rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
         rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
-        ckpts = RunCheckpoints(run_dir / "checkpoints", model_config, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save, log=log)
-        cleanup.callback(ckpts.close)
-        if plan.lora is not None:
-            adapted.check_record(ckpts.directory, config, base_digest, stage.lm_path, resuming=bool(ckpts.steps()))
+        run = cleanup.enter_context(Run(run_dir, model_config, keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save, lock=run_lock,
+                                        tensorboard=config.log.tensorboard, log=log))
+        ckpts = run.checkpoints
+        if plan.frozen is not None:
+            plan.frozen.record(ckpts.directory, config, resuming=bool(ckpts.steps()))
         restored = ckpts.restore_latest(plan.abstract_params(), plan.abstract_opt_state(), data, log=log)
         if restored is not None:
             step, params, opt_state, meta = restored
@@ -317,9 +260,9 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 f"compute) on {mesh.devices.size} {device.platform} device(s), mesh data={mesh.shape['data']} "
                 f"fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; {tokens_per_step} tokens/step in "
                 f"{accum} micro-batch(es); steps {step} → {total}; run dir {run_dir}")
-            if plan.lora is not None:
-                log(adapted.describe(plan))
-        metrics_log = MetricsLog(run_dir, step, tensorboard=config.log.tensorboard, enabled=primary)
+            if plan.frozen is not None:
+                log(plan.frozen.describe(plan))
+        metrics_log = run.open_metrics(step)
         report = Reporter(metrics_log, every=config.log.every, total=total, start_step=step,
                           tokens_per_step=tokens_per_step, flops_per_token=flops.flops_per_token(model_config, seq_len),
                           num_devices=mesh.devices.size, peak_flops=flops.peak_flops(device.device_kind,
@@ -341,7 +284,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         data_state = data.get_state() if step < total else None
         # Finite data on several hosts: agree every step on whether it ran out (a host sync, so only then).
         can_run_out = jax.process_count() > 1 and getattr(data, "finite", True)
-        with _Signals() as signals, jax.set_mesh(mesh), sharding.axis_rules():
+        with mesh_context(mesh):
             while step < total:
                 local = next(data, None)
                 if (_any_host(local is None) if can_run_out else local is None):
@@ -357,17 +300,16 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 if pending is not None:
                     report(pending[0], jax.device_get(pending[1]))
                 pending = (step, metrics)
-                preempted = jax.process_count() > 1 and ckpts.manager.reached_preemption(step)
+                signalled = run.should_stop(step)
                 too_many_nans = report.nan_streak >= config.train.max_nan_streak
-                stopping = signals.received is not None or preempted or too_many_nans
+                stopping = signalled or too_many_nans
                 if step % config.checkpoint.every == 0 or step == total or stopping:
                     report(step, jax.device_get(metrics))  # the checkpoint's counters include this step
                     pending = None
                     saved_step = save(step, data_state)
                     too_many_nans = report.nan_streak >= config.train.max_nan_streak
-                if signals.received is not None or preempted:
-                    name = signal.Signals(signals.received).name if signals.received else "preemption"
-                    stop_reason, exit_code = f"signal {name}", 128 + (signals.received or signal.SIGTERM)
+                if signalled:
+                    stop_reason, exit_code = run.exit_code()
                     break
                 if too_many_nans:
                     stop_reason, exit_code = "non-finite loss", 1

@@ -12,9 +12,9 @@ class MetricsLog:
     recomputed) so the file and TensorBoard hold one value per step."""
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True,
-                 enabled: bool = True):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+                 enabled: bool = True, filename: str = "metrics.jsonl", step_key: str = "step"):
+        self.enabled, self.step_key = enabled, step_key
+        self.path = Path(run_dir) / filename
         self.tb_dir = Path(run_dir) / "tb"
         self._writer = None
         if not enabled:
@@ -29,13 +29,13 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _step_of(line) <= step]
+                if line.strip() and _step_of(line, self.step_key) <= step]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3)}
+        record = {self.step_key: step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -45,16 +45,17 @@ class MetricsLog:
                     self._writer.add_scalar(key, value, step)
 
     def close(self) -> None:
-        if not self.enabled:
+        """Idempotent: the reporter and the run engine may both close it."""
+        if not self.enabled or self._file.closed:
             return
         self._file.close()
         if self._writer is not None:
             self._writer.close()
 
 
-def _step_of(line: str) -> int:
+def _step_of(line: str, key: str = "step") -> int:
     try:
-        return int(json.loads(line)["step"])
+        return int(json.loads(line)[key])
     except (ValueError, KeyError, TypeError):
         return 1 << 62  # unreadable trailing line of a killed run: drop it
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.lora.model import merge
+from jaxllm.train.split import merge
 
 
 def _weighted_grads(loss_fn, params, batch, rng, frozen=None):
@@ -31,8 +31,8 @@ def _schedule_count(opt_state, default):
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, schedule=None):
     """step(params, opt_state, batch, rng, step[, frozen]) → (params, opt_state, metrics).
 
-    frozen: parameters the loss sees next to `params` (nested dicts merged: a LoRA run's base) that get no
-    gradient, optimizer state or update.
+    frozen: parameters the loss sees next to `params` (nested dicts merged, `jaxllm.train.split`: e.g. a
+    frozen base under adapters) that get no gradient, optimizer state or update.
 
     batch: pytree of [accum, micro_batch, ...] arrays; the accum micro-batches run in a `scan` and their
     gradients are averaged with the loss's `weight`s. When the objective or the gradient norm is NaN/Inf the
