@@ -128,3 +128,14 @@ def test_a_damaged_ppo_checkpoint_is_quarantined_in_one_line_and_the_one_before_
                                                                          "never retrieved", "TensorStore({"))]
     assert noise == []
     assert_identical(resumed, straight[1])
+
+
+def test_ppo_profile_window_writes_a_trace(policy, tmp_path):
+    from test_profile import check_trace
+
+    cfg, params = policy
+    run_dir = tmp_path / "run"
+    result = ppo(cfg, params, PROMPTS, count_five, settings(iterations=3, profile="1:2"), run_dir=run_dir,
+                 log=lambda *_: None)
+    assert result.exit_code == 0
+    check_trace(run_dir / "tb", "jit")

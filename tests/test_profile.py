@@ -1,5 +1,5 @@
 """The profiler: a window of training steps, and `generate --profile`, leave traces TensorBoard's profile tab
-lists (RUN/tb/plugins/profile/<run>/*.xplane.pb) and that parse."""
+lists (RUN/tb/plugins/profile/<run>/*.xplane.pb) and that parse; PPO's in tests/test_ppo_engine.py."""
 import gzip
 import json
 import shutil
@@ -46,3 +46,16 @@ def test_generate_profile(tmp_path, capsys):
                 "--temperature", "0", "--mesh", "none", "--profile", str(tmp_path / "prof")]) == 0
     assert f"profile written to {tmp_path / 'prof'}" in capsys.readouterr().out
     check_trace(tmp_path / "prof", "prefill")
+
+
+def test_train_profile_window(tmp_path):
+    from test_train_loop import tiny_config
+
+    from jaxllm.train.loop import train
+
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(run_dir, train={"steps": 4, "profile": "1:3"}), log=lambda *_: None)
+    assert result.step == 4 and result.exit_code == 0
+    check_trace(run_dir / "tb", "jit")
+    # the window is part of the recorded config, and a later segment may change it
+    assert "profile: '1:3'" in (run_dir / "config.yaml").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllm.config import ConfigError, check_choice
+from jaxllm.train.config import parse_window
 
 # Where the policy's weights are during generation: "gathered" lays a copy out with the FSDP axis unused
 # (weights whole on each device, still split over `tensor`) and frees it after; "sharded" decodes with the
@@ -33,6 +34,7 @@ class PPOConfig:
     safety_threshold: float = 0.15  # with two reward models: R_s below this picks the safety score
     generation: str = "gathered"    # policy weights while sampling: gathered (whole per device) | sharded
     generation_chunks: int = 1      # rollouts sampled in this many sequential parts (prefill memory / chunks)
+    profile: str | None = None      # START:STOP: a jax.profiler trace of those iterations into RUN/tb
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -40,6 +42,7 @@ class PPOConfig:
     save_every: int = 20
 
     def validate(self) -> None:
+        parse_window(self.profile, "ppo.profile")
         if self.batch_size % self.minibatch_size:
             raise ConfigError(f"ppo.batch_size={self.batch_size} is not a multiple of "
                               f"ppo.minibatch_size={self.minibatch_size}")

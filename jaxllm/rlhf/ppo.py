@@ -31,6 +31,7 @@ from jaxllm.models import forward
 from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value_loss, whiten, whiten_scores
 from jaxllm.rlhf.rewards import as_scores, reward_model_scorer  # noqa: F401  (reward_model_scorer: re-export)
 from jaxllm.rlhf.config import PPOConfig
+from jaxllm.train.config import parse_window
 from jaxllm.rlhf.rollout import generation_params, put_rows, response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
@@ -234,7 +235,8 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
         run = None
         if run_dir is not None:
             run = stack.enter_context(Run(run_dir, model_config, arrays=ITEMS, keep=2, lock=run_lock,
-                                          metrics_file="ppo_metrics.jsonl", step_key="iteration", log=say))
+                                          metrics_file="ppo_metrics.jsonl", step_key="iteration", log=say,
+                                          profile=parse_window(cfg.profile, "ppo.profile")))
             policy_abstract, value_abstract = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
             restored = run.restore({"params": policy_abstract, "value": value_abstract,
                                     "opt_state": layout.abstract(layout.opt_shapes, layout.opt)})
@@ -268,6 +270,8 @@ def _iterations(model_config, layout, trainable, opt_state, ref, history, start,
     length = max(len(p) for p in prompts) + cfg.max_new_tokens
     stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
     for iteration in range(start, cfg.iterations):
+        if run is not None:
+            run.at_step(iteration, trainable)
         began = time.perf_counter()
         key = jax.random.fold_in(rng, iteration)
         picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]

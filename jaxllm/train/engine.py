@@ -30,6 +30,7 @@ from jaxllm import sharding, storage
 from jaxllm.checkpoint.training import RunCheckpoints
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.train import rundir
+from jaxllm.train.profile import ProfileWindow
 from jaxllm.train.metrics import MetricsLog
 
 _MULTIHOST_ENV = ("COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -108,7 +109,7 @@ class Run:
     def __init__(self, run_dir: str | Path, model_config: ModelConfig, *, arrays=("params", "opt_state"),
                  keep: int | None = 3, async_save: bool = True, lock: rundir.RunLock | None = None,
                  metrics_file: str = "metrics.jsonl", step_key: str = "step", tensorboard: bool = True,
-                 log: Callable = print):
+                 profile: tuple[int, int] | None = None, log: Callable = print):
         self.run_dir, self.model_config, self.arrays = Path(run_dir), model_config, tuple(arrays)
         self.keep, self.async_save, self.log = keep, async_save, log
         self._lock, self._own_lock = lock, lock is None
@@ -117,6 +118,7 @@ class Run:
         self.metrics: MetricsLog | None = None
         self.signals = Signals()
         self.preempted = False
+        self.profile = ProfileWindow(profile, self.run_dir / "tb")
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Run":
@@ -128,6 +130,7 @@ class Run:
                                               async_save=self.async_save, log=self.log, arrays=self.arrays)
             self._stack.callback(self.checkpoints.close)
             self._stack.enter_context(self.signals)
+            self._stack.callback(self.profile.close)
         except BaseException:
             self._stack.close()
             raise
@@ -153,6 +156,11 @@ class Run:
         return self.checkpoints.steps()
 
     # -------------------------------------------------------------------------------- stopping
+
+    def at_step(self, done: int, sync=None) -> None:
+        """Between steps (`done` finished): opens or closes the profile window. `sync`: the last step's
+        outputs, waited on before a trace stops."""
+        self.profile.step(done, sync)
 
     def should_stop(self, step: int) -> bool:
         """A signal came, or (several hosts) the cluster announced a preemption at `step`."""

@@ -25,7 +25,7 @@ from jaxllm.models import param_logical_axes, param_shapes
 from jaxllm.train import flops, rundir
 from jaxllm.train.split import FrozenPart, merge
 from jaxllm.train.engine import Run, maybe_initialize_distributed, mesh_context
-from jaxllm.train.config import RunConfig, resolve_epochs
+from jaxllm.train.config import RunConfig, parse_window, resolve_epochs
 from jaxllm.train.metrics import Reporter, last_logged, plot_loss
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.stage import Stage, pretraining_stage
@@ -236,7 +236,8 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)
         run = cleanup.enter_context(Run(run_dir, model_config, keep=config.checkpoint.keep,
                                         async_save=config.checkpoint.async_save, lock=run_lock,
-                                        tensorboard=config.log.tensorboard, log=log))
+                                        tensorboard=config.log.tensorboard, log=log,
+                                        profile=parse_window(config.train.profile)))
         ckpts = run.checkpoints
         if plan.frozen is not None:
             plan.frozen.record(ckpts.directory, config, resuming=bool(ckpts.steps()))
@@ -285,6 +286,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         # Finite data on several hosts: agree every step on whether it ran out (a host sync, so only then).
         can_run_out = jax.process_count() > 1 and getattr(data, "finite", True)
         with mesh_context(mesh):
+            run.at_step(step)
             while step < total:
                 local = next(data, None)
                 if (_any_host(local is None) if can_run_out else local is None):
@@ -300,6 +302,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
                 if pending is not None:
                     report(pending[0], jax.device_get(pending[1]))
                 pending = (step, metrics)
+                run.at_step(step, metrics)
                 signalled = run.should_stop(step)
                 too_many_nans = report.nan_streak >= config.train.max_nan_streak
                 stopping = signalled or too_many_nans

@@ -1,7 +1,7 @@
 """A `jax.profiler` trace of a window of steps, written where TensorBoard's profile tab looks for it.
 
-`train.profile=START:STOP` traces the steps after step START up to and including step STOP (steps counted as
-in metrics.jsonl) into `RUN/tb/plugins/profile/<timestamp>/`: `tensorboard --logdir RUN/tb` lists it under
+`train.profile=START:STOP` (PPO: `ppo.profile`, in iterations) traces the steps after step START up to and
+including step STOP (counted as in metrics.jsonl) into `RUN/tb/plugins/profile/<timestamp>/`: `tensorboard --logdir RUN/tb` lists it under
 Profile, and the `*.trace.json.gz` beside it opens in Perfetto. `generate` and `serve` take `--profile DIR`.
 """
 from __future__ import annotations
