@@ -248,13 +248,12 @@ def dpo_stage(config, options: StageOptions, log=print) -> Stage:
     sources = [mixture.pair_source(name, pairs, weight) for name, pairs, weight in parts]
     model_config = config.model
 
-    def prepare(mesh, start=None):  # the frozen reference, read straight onto the run's mesh, scores every pair once
-        # With LoRA the loop passes the starting model: its frozen base plus the adapters as they start (B = 0:
-        # the base with adapters off, or `lora.init_adapter`), so the reference is no second copy of the weights.
-        if start is None:
-            start = _load_start(config, "dpo", param_shardings(model_config, mesh))
+    def prepare(mesh, start):  # the frozen reference on the run's mesh (`train.split.StartingModel`: with
+        # LoRA the split's frozen base under the adapters as they start, no second copy; else `init_from`)
+        # scores every pair once, so the step reads only the log-probs it left in the rows
+        reference = start.params()
         for source in sources:
-            source.rows["ref_logps"] = _reference_logprobs(model_config, start, source.rows, mesh)
+            source.rows["ref_logps"] = _reference_logprobs(model_config, reference, source.rows, mesh)
 
     return dataclasses.replace(dpo_objective(config, options), tokenizer_path=tok_path, prepare=prepare,
                                make_data=_data_maker(sources, options, stats, log, "dpo"),

@@ -23,7 +23,7 @@ from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
 from jaxllm.train import flops, rundir
-from jaxllm.train.split import FrozenPart, merge
+from jaxllm.train.split import FrozenPart, StartingModel, merge
 from jaxllm.train.engine import Run, maybe_initialize_distributed, mesh_context
 from jaxllm.train.config import RunConfig, parse_window, resolve_epochs
 from jaxllm.train.metrics import Reporter, last_logged, plot_loss
@@ -210,18 +210,16 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
     config.stage_name = stage.name
     rundir.check(config.run_dir, config)
     if config.init_from and (stage.prepare is not None or not rundir.has_checkpoints(config.run_dir)):
-        # a new run starts from it (DPO: its reference; a split run: its frozen tree)
+        # a new run starts from it (a stage that prepares reads it too; a split run: its frozen tree)
         rundir.check_init_from(config.init_from, config.base_model)
     primary = jax.process_index() == 0
 
     frozen = initial = None
     if plan.frozen is not None:
         frozen, initial = plan.frozen.start(config, plan, stage.init_params, log)
-    if stage.prepare is not None:
-        if frozen is None:
-            stage.prepare(mesh)
-        else:  # the starting model is the frozen tree plus the initial trainable one: no second copy
-            stage.prepare(mesh, start=merge(initial, frozen))
+    if stage.prepare is not None:  # the stage reads the model the run starts from, as a frozen tree
+        stage.prepare(mesh, StartingModel(frozen, initial,
+                                          load=lambda: _initial_params(config, stage, plan.init_key, plan.param_sh)))
     with contextlib.ExitStack() as cleanup:
         data = stage.make_data(plan.local_rows, config.seed, jax.process_index(), jax.process_count())
         if hasattr(data, "close"):

@@ -36,8 +36,8 @@ class Stage:
     # A new run's parameters read from a checkpoint, laid out on the given shardings (rng, shardings) ->
     # params. Called outside jit: a jitted closure over loaded weights would embed them as constants.
     load_params: Callable | None = None
-    prepare: Callable | None = None        # mesh -> None: work on the mesh before the data is made; a LoRA
-                                           # run also passes start=(the starting parameters: base + adapters)
+    prepare: Callable | None = None        # (mesh, StartingModel) -> None: work on the mesh before the data
+                                           # is made, reading the frozen starting model (`train.split`)
     lm_path: tuple = ()                    # where the language model sits in the params (RM: ("backbone",))
     tokens_per_row: int | None = None      # for tokens/s and MFU (default: data.seq_len)
     num_rows: int | None = None            # training rows over all hosts, when known (train.epochs)
