@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # a pipe written to some other way: not a success
         return 128 + 13  # as if killed by SIGPIPE
+    except Exception as err:  # a directory another process holds (`train.rundir.lock`): one line, any command
+        from jaxllm.train.rundir import RunDirLocked
+        if not isinstance(err, RunDirLocked):
+            raise
+        print(f"jaxllm {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_a_sigkilled_rejection_sample_run_again_writes_the_same_bytes(tmp_path, 
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not resumed.exists()
     parts = sorted(p.name for p in Path(f"{resumed}.parts").iterdir())
-    assert parts == ["0.json", "1.json", "run.json"]
+    assert parts == ["0.json", "1.json", "lock", "run.json"]  # the killed run's lock, taken over by the rerun
     capsys.readouterr()
     from jaxllm.train import engine
     committed, commit = [], engine.Shards.commit

@@ -12,7 +12,8 @@
 
 What a stage hands it differs: a loss (pretrain / SFT / DPO / RM: `jaxllm.train.loop.train`), an iteration
 (PPO: policy, value model and optimizer state as named items, the history in the meta record) or units of
-sampling work (`Shards`: rejection sampling's prompt batches, each committed atomically once done).
+sampling work (`Shards`: rejection sampling's prompt batches, each committed atomically once done, in a
+directory locked like a run's).
 """
 from __future__ import annotations
 
@@ -190,10 +191,14 @@ class Shards:
 
     DIR/run.json records what the units belong to (`fingerprint`, e.g. the recipe and the prompts); units of
     another run are discarded with one line. Process 0 writes; every process reads the same files, and
-    `done` agrees across processes on which units are finished."""
+    `done` agrees across processes on which units are finished.
+
+    DIR is locked like a run directory (`rundir.lock`: DIR/lock, RunDirLocked in one line while another
+    process samples into it) until `remove()` or the end of the process."""
 
     def __init__(self, directory: str | Path, fingerprint: dict, count: int, log: Callable = print):
         self.directory, self.count = Path(directory), count
+        self.lock = rundir.lock(self.directory, log=log)  # one writer of these units (and of their output)
         fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples are lists)
         record = self.directory / "run.json"
         primary = jax.process_index() == 0
@@ -235,6 +240,7 @@ class Shards:
         if jax.process_index() == 0:
             for path in self.directory.glob("*.json"):
                 path.unlink()
+            self.lock.release()
             with contextlib.suppress(OSError):
                 self.directory.rmdir()
 
