@@ -68,6 +68,7 @@ class RLHFRecipe:
     # Architectures for `jaxllm ppo --compile-only` where the checkpoints are not on this machine:
     # {policy: {preset: NAME, ...}, reward_model: ...} (the reward model defaults to the policy's).
     models: dict | None = None
+    lora: object = None             # PPO: adapters on the policy's frozen base (jaxllm/rlhf/ppo_lora.py)
 
 
 def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
@@ -81,7 +82,7 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
     data = apply_overrides(read_yaml(path), list(overrides))
     section = "ppo" if kind == "ppo" else "rejection"
     other = "rejection" if kind == "ppo" else "ppo"
-    excluded = (other, "output", "pool") if kind == "ppo" else (other, "run_dir", "models")
+    excluded = (other, "output", "pool") if kind == "ppo" else (other, "run_dir", "models", "lora")
     allowed = {f.name: f for f in dataclasses.fields(RLHFRecipe) if f.name not in excluded}
     values = {}
     for key, value in data.items():
@@ -90,6 +91,9 @@ def load_recipe(kind: str, recipe: str, overrides=()) -> RLHFRecipe:
                               + closest(str(key), allowed) + f"; known: {', '.join(allowed)}")
         if key == "mesh":
             values[key] = build_section(MeshConfig, value or {}, "mesh")
+        elif key == "lora":
+            from jaxllm.lora.config import LoraConfig
+            values[key] = build_section(LoraConfig, value or {}, "lora")
         elif key == section:
             values[key] = build_section(PPOConfig if kind == "ppo" else RejectionConfig, value or {}, key)
         else:
@@ -204,7 +208,11 @@ def _load(recipe: RLHFRecipe) -> Loaded:
         raise ConfigError(str(err)) from None
     texts, safety = read_prompts(resolve_path(recipe.prompts))
     tokenizer = resolve_path(recipe.tokenizer) if recipe.tokenizer else None
-    config, params, tok = load_model(resolve_path(recipe.policy), tokenizer=tokenizer, mesh=mesh)
+    if getattr(recipe, "lora", None) is not None:  # PPO reads the base itself, quantized (`ppo_lora`)
+        from jaxllm.rlhf.ppo_lora import base_config
+        (config, tok), params = base_config(resolve_path(recipe.policy), tokenizer), None
+    else:
+        config, params, tok = load_model(resolve_path(recipe.policy), tokenizer=tokenizer, mesh=mesh)
     if tok is None:
         raise ValueError(f"{recipe.policy}: no tokenizer.model stored with it; set tokenizer=…")
     reward_models = []
@@ -386,7 +394,11 @@ def ppo_main(argv: list[str]) -> int:
             return _preflight(recipe, args)
         loaded = _load(recipe)
         from jaxllm.rlhf.ppo import Layout
+        from jaxllm.rlhf.ppo_lora import LoraPolicy
+        from jaxllm.data import resolve_path
         Layout.check_batch(recipe.ppo, loaded.mesh)
+        parts = recipe.lora and LoraPolicy(loaded.config, resolve_path(recipe.policy), recipe.lora, loaded.mesh,
+                                           recipe.ppo.seed)
         run_dir, run_lock = _claim_run_dir(recipe)
     except _errors() as err:
         print(f"jaxllm ppo: error: {err}", file=sys.stderr)
@@ -403,15 +415,17 @@ def ppo_main(argv: list[str]) -> int:
     same_shape = rm_config.replace(name=config.name, dtype=config.dtype) == config
     # The value model starts from the (helpfulness) reward model when the architectures match, else from
     # the policy.
-    value = rm_params if same_shape else None
+    value = rm_params if same_shape and parts is None else None
     try:
         result = ppo(config, loaded.params, loaded.prompts, loaded.scorer(recipe.ppo.safety_threshold), recipe.ppo,
                      value=value, mesh=loaded.mesh, run_dir=run_dir, stop_ids=template.stop_ids(tok),
-                     pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety, run_lock=run_lock)
+                     pad_id=tok.pad_id, vocab_limit=tok.vocab_size, safety=loaded.safety, run_lock=run_lock,
+                     parts=parts)
     finally:
         run_lock.release()
     if is_primary():
-        _plot(result[2], run_dir / "ppo.png")
+        from jaxllm.rlhf.plot import plot_history
+        plot_history(result[2], run_dir / "ppo.png")
         print(f"policy checkpoint: {run_dir / 'checkpoints'}; metrics: {run_dir / 'ppo_metrics.jsonl'}, "
               f"tensorboard {run_dir / 'tb'}; plot: {run_dir / 'ppo.png'}")
     return result.exit_code
@@ -421,26 +435,10 @@ def _preflight(recipe: RLHFRecipe, args) -> int:
     """`jaxllm ppo --compile-only`: one iteration compiled for --topology, nothing loaded or run."""
     from jaxllm.preflight.ppo import preflight_ppo, recipe_models
     from jaxllm.preflight.cli import finish
+    if recipe.lora is not None:
+        raise ValueError("--compile-only does not lower a lora: PPO recipe yet (docs/rlhf.md)")
 
     policy, reward_models = recipe_models(recipe)
     report = preflight_ppo(policy, reward_models, recipe.ppo, recipe.mesh, args.target, args.prompt_tokens)
     return finish(report, args, "jaxllm ppo")
 
-
-def _plot(history, path):
-    if not history:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = ["reward", "kl", "response_length"] + (["reward_help", "reward_safety"] if "reward_safety" in history[0]
-                                                   else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    steps = [h["iteration"] for h in history]
-    for ax, key in zip(axes, keys):
-        ax.plot(steps, [h[key] for h in history])
-        ax.set_title(key)
-        ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -32,7 +32,8 @@ from jaxllm.rlhf.objectives import gae, kl_penalised_rewards, policy_loss, value
 from jaxllm.rlhf.rewards import as_scores, reward_model_scorer  # noqa: F401  (reward_model_scorer: re-export)
 from jaxllm.rlhf.config import PPOConfig
 from jaxllm.train.config import parse_window
-from jaxllm.rlhf.rollout import generation_params, put_rows, response_rows, sample_responses
+from jaxllm.rlhf.parts import WholePolicy
+from jaxllm.rlhf.rollout import put_rows, response_rows, sample_responses
 from jaxllm.stages import reward
 from jaxllm.stages.losses import token_logprobs
 from jaxllm.train.engine import Run, mesh_context
@@ -53,17 +54,17 @@ class Layout:
     """Shardings of a PPO run on `mesh`: policy and reference like training's params, the value model like
     a reward model's, optimizer moments like their params, rollout rows over the batch axes."""
 
-    def __init__(self, model_config: ModelConfig, mesh, cfg: PPOConfig, policy, value):
+    def __init__(self, parts, mesh, cfg: PPOConfig, policy, value):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from jaxllm import sharding
-        from jaxllm.models import param_logical_axes
 
-        self.mesh = mesh
+        self.mesh, self.parts = mesh, parts
         self.check_batch(cfg, mesh)
-        self.axes = (param_logical_axes(model_config), reward.logical_axes(model_config))
+        self.axes = parts.axes()  # of what trains: (policy, value model)
         self.shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (policy, value))
         self.params = tuple(sharding.tree_shardings(a, s, mesh) for a, s in zip(self.axes, self.shapes))
+        self.frozen = self.params[0] if parts.frozen_sh is None else parts.frozen_sh  # what it only reads
         self.optimizer = _optimizer(cfg, self.axes)
         self.replicated = NamedSharding(mesh, P())
         self.opt_shapes = jax.eval_shape(self.optimizer.init, self.abstract(self.shapes, self.params))
@@ -101,10 +102,10 @@ _UPDATE_FIELDS = ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "clip", 
 _ADVANTAGE_FIELDS = ("beta", "gamma", "lam", "whiten_scores")
 
 
-def _compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "Layout"):
+def compiled(model_config: ModelConfig, cfg: PPOConfig, layout: "Layout"):
     """(rollout statistics, advantages, update) jitted for this run."""
     leaves, tree = jax.tree.flatten(layout.shapes)
-    key = (model_config, layout.mesh, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+    key = (model_config, layout.mesh, layout.parts.key, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
     makers = ((key, lambda: _rollout_stats(model_config, layout)),
               (key + ("advantages",) + tuple(getattr(cfg, f) for f in _ADVANTAGE_FIELDS),
                lambda: _advantages(cfg, layout)),
@@ -123,14 +124,15 @@ ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
 
 def _rollout_stats(model_config: ModelConfig, layout: Layout):
     policy_sh, value_sh = layout.params
+    parts = layout.parts
 
-    @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, policy_sh, layout.rows),
+    @functools.partial(jax.jit, in_shardings=(policy_sh, value_sh, layout.frozen, layout.rows),
                        out_shardings=layout.rows)
-    def stats(policy, value, ref, rows):
+    def stats(policy, value, frozen, rows):
         args = (rows["tokens"], rows["positions"], rows["segment_ids"])
-        logp = token_logprobs(forward(model_config, policy, *args), rows["targets"])
-        ref_logp = token_logprobs(forward(model_config, ref, *args), rows["targets"])
-        values = reward.token_values(model_config, value, *args)
+        logp = token_logprobs(forward(model_config, parts.policy(policy, frozen), *args), rows["targets"])
+        ref_logp = token_logprobs(forward(parts.ref_config, parts.reference(frozen), *args), rows["targets"])
+        values = reward.token_values(model_config, parts.value(value, frozen), *args)
         return logp, ref_logp, values
     return stats
 
@@ -149,10 +151,10 @@ def _advantages(cfg: PPOConfig, layout: Layout):
 
 
 def _update(model_config: ModelConfig, cfg: PPOConfig, layout: Layout):
-    optimizer = layout.optimizer
+    optimizer, parts = layout.optimizer, layout.parts
 
-    def loss_fn(trainable, batch):
-        policy, value = trainable
+    def loss_fn(trainable, frozen, batch):
+        policy, value = parts.policy(trainable[0], frozen), parts.value(trainable[1], frozen)
         args = (batch["tokens"], batch["positions"], batch["segment_ids"])
         mask = batch["response_mask"]
         logp = token_logprobs(forward(model_config, policy, *args), batch["targets"])
@@ -161,13 +163,14 @@ def _update(model_config: ModelConfig, cfg: PPOConfig, layout: Layout):
         vf = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
         return pg + cfg.value_coef * vf, {"policy_loss": pg, "value_loss": vf, **metrics}
 
-    @functools.partial(jax.jit, in_shardings=(layout.params, layout.opt, layout.rows, layout.replicated),
+    @functools.partial(jax.jit, in_shardings=(layout.params, layout.opt, layout.rows, layout.replicated,
+                                              layout.frozen),
                        out_shardings=(layout.params, layout.opt, layout.replicated), donate_argnums=(0, 1))
-    def update(trainable, opt_state, rollout, index):
+    def update(trainable, opt_state, rollout, index, frozen):
         """One optimizer step on the minibatch rollout[index] (index int32[minibatch], the same on every
         process), gathered from the rollout's rows on the devices."""
         batch = jax.lax.with_sharding_constraint(jax.tree.map(lambda v: v[index], rollout), layout.rows)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.global_norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, metrics
@@ -194,7 +197,7 @@ def _mean_metrics(scored: dict) -> dict:
 def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Callable, cfg: PPOConfig, *,
         value=None, mesh=None, run_dir: str | Path | None = None, stop_ids=(), pad_id: int = 0,
         vocab_limit: int | None = None, safety=None, on_iteration: Callable | None = None,
-        run_lock=None, log: Callable = print) -> "PPOResult":
+        run_lock=None, log: Callable = print, parts=None) -> "PPOResult":
     """Run PPO; returns a `PPOResult`: (policy params, value params, list of per-iteration metrics), with
     `stop_reason` and `exit_code`.
 
@@ -211,20 +214,23 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
     RUN/ppo_metrics.jsonl and RUN/tb (cut back to the checkpoint's iteration, so none is written twice), and
     SIGTERM/SIGINT: the iteration in flight finishes, is saved, and the result's `exit_code` is 128 + the
     signal.
-    `on_iteration(metrics)` runs after an iteration's metrics (and checkpoint, if due) are written."""
+    `on_iteration(metrics)` runs after an iteration's metrics (and checkpoint, if due) are written.
+    `parts`: what trains and what is frozen (`jaxllm.rlhf.parts`; default `WholePolicy`; `ppo_lora.LoraPolicy`
+    trains adapters on a frozen base, `policy` and `value` then unused)."""
     cfg.validate()
     if safety is not None and len(safety) != len(prompts):
         raise ValueError(f"{len(safety)} safety tags for {len(prompts)} prompts")
     rng = jax.random.key(cfg.seed)
-    if value is None:
-        value = reward.from_lm_params(policy, model_config, jax.random.fold_in(rng, 7))
-    layout = Layout(model_config, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
+    parts = parts or WholePolicy(model_config)
+    model_config = parts.config
+    policy, value, frozen = parts.start(policy, value, jax.random.fold_in(rng, 7))
+    layout = Layout(parts, mesh if mesh is not None else _single_device_mesh(), cfg, policy, value)
     policy_sh, value_sh = layout.params
     policy, value = _place(policy, policy_sh), _place(value, value_sh)
     # Fresh buffers: the update donates what it trains, which must share none with the caller's arrays, the
-    # frozen reference or each other (the default value backbone *is* the policy's arrays). The reference is
-    # never donated, so it is the caller's policy itself: one policy copy less in device memory.
-    ref = policy
+    # frozen tree or each other (the default value backbone *is* the policy's arrays). The frozen tree is
+    # never donated: by default the reference is the caller's policy itself (one policy copy less).
+    ref = policy if frozen is None else frozen
     trainable = (_copy(policy, policy_sh), _copy(value, value_sh))
     del policy, value
     opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt)(trainable)
@@ -238,6 +244,7 @@ def ppo(model_config: ModelConfig, policy, prompts: list[list[int]], scorer: Cal
                                           metrics_file="ppo_metrics.jsonl", step_key="iteration", log=say,
                                           profile=parse_window(cfg.profile, "ppo.profile")))
             policy_abstract, value_abstract = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
+            parts.record(run.run_dir / "checkpoints", bool(run.steps()))
             restored = run.restore({"params": policy_abstract, "value": value_abstract,
                                     "opt_state": layout.abstract(layout.opt_shapes, layout.opt)})
             if restored is not None:
@@ -268,7 +275,7 @@ def _iterations(model_config, layout, trainable, opt_state, ref, history, start,
     saved = start
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     length = max(len(p) for p in prompts) + cfg.max_new_tokens
-    stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
+    stats_fn, advantages_fn, update = compiled(model_config, cfg, layout)
     for iteration in range(start, cfg.iterations):
         if run is not None:
             run.at_step(iteration, trainable)
@@ -276,7 +283,7 @@ def _iterations(model_config, layout, trainable, opt_state, ref, history, start,
         key = jax.random.fold_in(rng, iteration)
         picked = [(iteration * cfg.batch_size + i) % len(prompts) for i in range(cfg.batch_size)]
         batch_prompts = [prompts[i] for i in picked]
-        weights = generation_params(trainable[0], layout.axes[0], layout.mesh, cfg.generation)
+        weights = layout.parts.generation(trainable[0], ref, layout.axes[0], layout.mesh, cfg.generation)
         responses = []
         part = cfg.batch_size // cfg.generation_chunks
         for c in range(cfg.generation_chunks):  # each part's KV cache is freed before the next
@@ -302,7 +309,7 @@ def _iterations(model_config, layout, trainable, opt_state, ref, history, start,
                 order = order_rng.permutation(cfg.batch_size).astype(np.int32)
                 for s in range(0, cfg.batch_size, cfg.minibatch_size):
                     trainable, opt_state, m = update(trainable, opt_state, rollout,
-                                                     order[s:s + cfg.minibatch_size])
+                                                     order[s:s + cfg.minibatch_size], ref)
                     step_metrics.append(m)
         step_metrics, rollout_metrics, score_metrics = jax.device_get(
             (step_metrics, rollout_metrics, _mean_metrics(scored)))
@@ -373,8 +380,9 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
     from jaxllm.rlhf.rollout import generation_shardings
 
     cfg.validate()
-    layout = Layout(model_config, mesh, cfg, param_shapes(model_config), reward.abstract_params(model_config))
-    stats_fn, advantages_fn, update = _compiled(model_config, cfg, layout)
+    layout = Layout(WholePolicy(model_config), mesh, cfg, param_shapes(model_config),
+                    reward.abstract_params(model_config))
+    stats_fn, advantages_fn, update = compiled(model_config, cfg, layout)
     policy, value = (layout.abstract(s, sh) for s, sh in zip(layout.shapes, layout.params))
     rm_names = ["reward model"] if len(rm_configs) == 1 else ["helpfulness reward model", "safety reward model"]
     state = {"policy (trained)": policy, "value model (trained)": value, "reference policy": policy,
@@ -429,7 +437,7 @@ def iteration_programs(model_config: ModelConfig, rm_configs, cfg: PPOConfig, me
         ("rollout stats", stats_fn, (policy, value, policy, rows(cfg.batch_size, ROW_KEYS)), {}, 1,
          ("policy (trained)", "value model (trained)", "reference policy"), None),
         ("advantages", advantages_fn, (per_row, *stats.values()), {}, 1, (), None),
-        ("update", update, ((policy, value), state["optimizer state"], rollout, index), {}, updates,
-         ("policy (trained)", "value model (trained)", "optimizer state"), None),
+        ("update", update, ((policy, value), state["optimizer state"], rollout, index, policy), {}, updates,
+         ("policy (trained)", "value model (trained)", "optimizer state", "reference policy"), None),
     ]
     return state, programs
