@@ -76,6 +76,18 @@ def path(p):
     return epath.Path(os.fspath(p))
 
 
+def absolute(p):
+    """`p` as an absolute path object (a bucket path is absolute already)."""
+    return path(p) if is_remote(p) else Path(p).absolute()
+
+
+def same(a, b) -> bool:
+    """Whether `a` and `b` name the same file or directory."""
+    if is_remote(a) or is_remote(b):
+        return os.fspath(a).rstrip("/") == os.fspath(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _quiet_clients() -> None:
     # gcsfs's "extended" file system asks a gRPC control API for every bucket's type (hierarchical
     # namespace), waiting up to a minute where that API is absent (emulators, some networks); jaxllm needs
@@ -315,6 +327,17 @@ def create_exclusive(p, data: str | bytes) -> bool:
             return False
         raise _fail(p, err) from None
     return True
+
+
+def copytree(src, dst) -> None:
+    """Copy directory `src` into `dst` (merging, any scheme to any scheme)."""
+    if not is_remote(src) and not is_remote(dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return
+    source = path(src)
+    for child in source.rglob("*"):
+        if child.is_file():
+            copy(child, f"{os.fspath(dst).rstrip('/')}/{os.fspath(child)[len(os.fspath(source).rstrip('/')) + 1:]}")
 
 
 def copy(src, dst) -> None:

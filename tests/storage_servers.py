@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -30,11 +31,14 @@ def _free_port() -> int:
 
 
 def _start(argv: list[str], url: str, probe: str, name: str):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the servers log every request: to a file, never a pipe (a full pipe would block them)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited ({proc.returncode}): {proc.stderr.read().decode()[-500:]}")
+            log.seek(0)
+            raise RuntimeError(f"{name} exited ({proc.returncode}): {log.read().decode()[-500:]}")
         try:
             urllib.request.urlopen(url + probe, timeout=1).read()
             return proc
