@@ -110,6 +110,13 @@ def filesystem(p):
     return fsspec.filesystem(name), os.fspath(p)[len(name) + 3:].rstrip("/")
 
 
+def supports_ocdbt(p) -> bool:
+    """Whether orbax may keep arrays at `p` in an OCDBT database (its default). Local disks, GCS and S3 do;
+    the GCS emulator (STORAGE_EMULATOR_HOST) does not answer the conditional manifest updates OCDBT makes
+    once a database holds several arrays, so there each array is its own zarr store."""
+    return not (scheme(p) == "gs" and os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
 def bucket(p) -> str:
     return os.fspath(p)[len(scheme(p)) + 3:].split("/", 1)[0]
 
@@ -225,6 +232,20 @@ def read_text(p) -> str:
         return path(p).read_text(encoding="utf-8") if not is_remote(p) else path(p).read_text()
 
 
+def mtime(p) -> float:
+    """When `p` was last written (seconds since the epoch); FileNotFoundError when it is absent."""
+    if not is_remote(p):
+        return os.stat(p).st_mtime
+    fs, key = filesystem(p)
+    try:
+        modified = fs.modified(key)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _fail(p, err) from None
+    return modified.timestamp()
+
+
 def listdir(p) -> list[str]:
     """Names directly under directory `p`, sorted."""
     with reporting(p):
@@ -296,6 +317,15 @@ def write_lines_atomic(p, lines) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return count
+
+
+def touch(p) -> None:
+    """Mark existing file `p` as written now (a heartbeat): utime locally, the object rewritten with its
+    own bytes in a bucket."""
+    if not is_remote(p):
+        os.utime(p)
+        return
+    write_atomic(p, read_bytes(p))
 
 
 def create_exclusive(p, data: str | bytes) -> bool:

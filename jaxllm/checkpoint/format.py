@@ -107,7 +107,16 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save, todelete_subdir=retire_to)
-    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=item_names)
+    if storage.supports_ocdbt(directory):
+        return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=item_names)
+    # one zarr store per array instead of an OCDBT database (see storage.supports_ocdbt)
+    from grain.checkpoint import CheckpointHandler as DataHandler
+
+    kinds = {"params": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
+             "opt_state": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
+             "meta": ocp.JsonCheckpointHandler, "data": DataHandler}
+    handlers = {name: kinds[name]() for name in item_names}
+    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
 
 
 # ----------------------------------------------------------------------------------------- kind and digests

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import orbax.checkpoint as ocp
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 from jaxllm import checkpoint as jckpt
+from jaxllm import storage
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data import DataError
 from jaxllm.checkpoint.digests import device_digests
@@ -105,7 +105,7 @@ class RunCheckpoints:
     def __init__(self, directory: str | Path, model_config: ModelConfig, *, keep: int | None = 3,
                  async_save: bool = True, log=print):
         """Open RUN/checkpoints for the run that holds its lock (the start removes debris of earlier runs)."""
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         if jax.process_index() == 0:
             jckpt.write_model_config(self.directory, model_config)
             self._remove_debris(log)
@@ -143,7 +143,7 @@ class RunCheckpoints:
             return
         doomed = list(retired.iterdir())  # only these: orbax may rename another step in meanwhile
         if doomed:
-            self._emptying = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+            self._emptying = threading.Thread(target=lambda: [storage.rmtree(p, ignore_errors=True) for p in doomed],
                                               name="jaxllm-retired-steps", daemon=True)
             self._emptying.start()
 
@@ -242,11 +242,11 @@ class RunCheckpoints:
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
-            target = Path(f"{self.directory}.corrupt") / str(step)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(self.directory / str(step)), str(target))
+            target = storage.path(f"{self.directory}.corrupt") / str(step)
+            storage.makedirs(target.parent)
+            if storage.exists(target):
+                storage.rmtree(target)
+            storage.rename(self.directory / str(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"jaxllm quarantine {step}")
@@ -270,7 +270,7 @@ class RunCheckpoints:
             if complete and step < complete[-1] and step not in complete:
                 removed.append((path, f"incomplete: no {', '.join(_missing(path))}"))
         for path, why in removed:
-            shutil.rmtree(path, ignore_errors=True)
+            storage.rmtree(path, ignore_errors=True)
         if removed:
             log(f"removed unfinished checkpoint files in {self.directory}: "
                 + ", ".join(f"{path.name} ({why})" for path, why in removed))

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
     from jaxllm.data import DataError
+    from jaxllm.storage import StorageError
     from jaxllm.tokenizer import TokenizerError
     from jaxllm.train.config import load_config
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return finish(preflight_train(config, pretraining_objective, args.target), args, "jaxllm train")
         from jaxllm.train.loop import train
         result = train(config)
-    except (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, TokenizerError, StorageError, FileNotFoundError) as err:
         print(f"jaxllm train: error: {err}", file=sys.stderr)
         return 2
     return result.exit_code
