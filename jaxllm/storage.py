@@ -236,14 +236,9 @@ def mtime(p) -> float:
     """When `p` was last written (seconds since the epoch); FileNotFoundError when it is absent."""
     if not is_remote(p):
         return os.stat(p).st_mtime
-    fs, key = filesystem(p)
-    try:
-        modified = fs.modified(key)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise _fail(p, err) from None
-    return modified.timestamp()
+    with reporting(p):  # an absent object stays a FileNotFoundError (MissingPath)
+        fs, key = filesystem(p)
+        return fs.modified(key).timestamp()
 
 
 def listdir(p) -> list[str]:
