@@ -106,8 +106,24 @@ class Record:
 
 
 def _open(path: Path):
-    raw = storage.open(path, "rb")  # a bucket's object streamed in blocks; seek is a ranged read
-    return gzip.open(raw, "rb") if path.name.lower().endswith(".gz") else raw
+    gz = path.name.lower().endswith(".gz")
+    if not storage.is_remote(path):
+        return gzip.open(path, "rb") if gz else open(path, "rb")
+    return _GzipOwning(storage.open(path, "rb")) if gz else storage.open(path, "rb")
+
+
+class _GzipOwning(gzip.GzipFile):
+    """gzip over a bucket object streamed in blocks (seek is a ranged read), closing the object with it."""
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def _cause(err: BaseException) -> str:
