@@ -20,3 +20,5 @@ for var in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IP
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from storage_servers import gcs, gcs_server, s3, s3_server  # noqa: E402,F401 - fixtures

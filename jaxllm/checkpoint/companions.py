@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
+from jaxllm import storage
 from jaxllm.config import ModelConfig
 
 REMOTE_DIR = "remote_code"
@@ -33,13 +33,13 @@ def carry_tokenizer(tokenizer: Path, dst: Path) -> list[str]:
     """Copy `tokenizer` to `dst/tokenizer.model`, with the HF files beside it when it is a
     `tokenizer.model` (added tokens, add_bos_token; those belong to that name). Returns the names written."""
     written = []
-    if tokenizer.resolve() != (dst / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer, dst / "tokenizer.model")
+    if not storage.same(tokenizer, dst / "tokenizer.model"):
+        storage.copy(tokenizer, dst / "tokenizer.model")
         written.append("tokenizer.model")
-    if tokenizer.name == "tokenizer.model" and tokenizer.parent.resolve() != dst.resolve():
+    if tokenizer.name == "tokenizer.model" and not storage.same(tokenizer.parent, dst):
         for name in COMPANION_FILES:
-            if (tokenizer.parent / name).is_file():
-                shutil.copyfile(tokenizer.parent / name, dst / name)
+            if storage.is_file(tokenizer.parent / name):
+                storage.copy(tokenizer.parent / name, dst / name)
                 written.append(name)
     return written
 
@@ -52,9 +52,9 @@ def carry_remote_code(src: Path, hf_config: dict, dst: Path) -> list[str]:
     if not files and not auto_map:
         return []
     out = dst / REMOTE_DIR
-    out.mkdir()
+    storage.makedirs(out)
     for path in files:
-        shutil.copyfile(path, out / path.name)
+        storage.copy(path, out / path.name)
     if auto_map:
         (out / AUTO_MAP).write_text(json.dumps(auto_map, indent=2) + "\n")
     return [p.name for p in files] + (["auto_map"] if auto_map else [])
@@ -73,16 +73,16 @@ def copy_model_files(run_dir: str | Path, tokenizer_path: str | Path | None, ini
     (beside `tokenizer_path`) and the remote code of `init_from`, so that exporting the run gives back the
     model users loaded (same `auto_map`, same code, same added tokens)."""
     from jaxllm.checkpoint import resolve
-    run_dir = Path(run_dir)
-    if tokenizer_path and Path(tokenizer_path).name == "tokenizer.model" \
-            and Path(tokenizer_path).parent.resolve() != run_dir.resolve():
+    run_dir = storage.path(run_dir)
+    tokenizer = storage.path(tokenizer_path) if tokenizer_path else None
+    if tokenizer is not None and tokenizer.name == "tokenizer.model" and not storage.same(tokenizer.parent, run_dir):
         for name in COMPANION_FILES:
-            if (Path(tokenizer_path).parent / name).is_file():
-                shutil.copyfile(Path(tokenizer_path).parent / name, run_dir / name)
-    if init_from and Path(init_from).exists():
+            if storage.is_file(tokenizer.parent / name):
+                storage.copy(tokenizer.parent / name, run_dir / name)
+    if init_from and storage.exists(init_from):
         code = find_remote_code(resolve(init_from))
-        if code is not None and code.resolve() != (run_dir / REMOTE_DIR).resolve():
-            shutil.copytree(code, run_dir / REMOTE_DIR, dirs_exist_ok=True)
+        if code is not None and not storage.same(code, run_dir / REMOTE_DIR):
+            storage.copytree(code, run_dir / REMOTE_DIR)
 
 
 def read_auto_map(code: Path | None) -> dict | None:

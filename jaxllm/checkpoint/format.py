@@ -27,6 +27,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from jaxllm import storage
 from jaxllm.config import ModelConfig
 from jaxllm.checkpoint.failures import one_line
 
@@ -45,17 +46,14 @@ class DamagedCheckpoint(CheckpointError):
 
 
 def write_model_config(directory: str | os.PathLike, config: ModelConfig) -> None:
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tmp.replace(path / MODEL_JSON)
+    storage.write_atomic(storage.path(directory) / MODEL_JSON, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
-    path = Path(directory) / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not a jaxllm checkpoint (no {MODEL_JSON}){_what_it_is(Path(directory))}")
+    path = storage.path(directory) / MODEL_JSON
+    if not storage.is_file(path):
+        raise CheckpointError(f"{directory}: not a jaxllm checkpoint (no {MODEL_JSON})"
+                              f"{_what_it_is(storage.path(directory))}")
     try:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, ValueError, TypeError) as err:
@@ -75,8 +73,9 @@ def _what_it_is(directory: Path) -> str:
 
 def resolve(directory: str | os.PathLike) -> Path:
     """The checkpoint directory for DIR: DIR itself, or DIR/checkpoints for a training run directory."""
-    path = Path(directory)
-    if not path.exists():
+    storage.check_bucket(directory)
+    path = storage.path(directory)
+    if not storage.exists(path):
         raise CheckpointError(f"{directory}: no such directory")
     if path.is_file():
         holder = next((d for d in (path.parent, path.parent.parent) if is_checkpoint(d) or
@@ -90,7 +89,7 @@ def resolve(directory: str | os.PathLike) -> Path:
 
 def find_tokenizer(directory: str | os.PathLike) -> Path | None:
     """`tokenizer.model` stored with a checkpoint (its directory or the run directory above it)."""
-    path = Path(directory)
+    path = storage.path(directory)
     for candidate in (path / "tokenizer.model", path / "checkpoints" / "tokenizer.model",
                       path.parent / "tokenizer.model"):
         if candidate.is_file():
@@ -99,7 +98,7 @@ def find_tokenizer(directory: str | os.PathLike) -> Path | None:
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / MODEL_JSON).is_file()
+    return storage.is_file(storage.path(directory) / MODEL_JSON)
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = False,
@@ -108,7 +107,16 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save, todelete_subdir=retire_to)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=item_names)
+    if storage.supports_ocdbt(directory):
+        return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=item_names)
+    # one zarr store per array instead of an OCDBT database (see storage.supports_ocdbt)
+    from grain.checkpoint import CheckpointHandler as DataHandler
+
+    kinds = {"params": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
+             "opt_state": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
+             "meta": ocp.JsonCheckpointHandler, "data": DataHandler}
+    handlers = {name: kinds[name]() for name in item_names}
+    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
 
 
 # ----------------------------------------------------------------------------------------- kind and digests
@@ -122,7 +130,7 @@ def params_kind(tree) -> str:
 def step_record(directory: str | os.PathLike, step: int) -> dict:
     """What jaxllm recorded about a step: {"kind", "digests": {item: {leaf: hex}}, ...} from its meta item
     (training runs) or record.json (params-only steps); {} for steps written before records."""
-    step_dir = Path(directory) / str(step)
+    step_dir = storage.path(directory) / str(step)
     for path in (step_dir / "meta" / "metadata", step_dir / RECORD_JSON):
         if path.is_file():
             try:
@@ -136,10 +144,7 @@ def step_record(directory: str | os.PathLike, step: int) -> dict:
 
 
 def write_record(directory: Path, step: int, record: dict) -> None:
-    path = directory / str(step) / RECORD_JSON
-    tmp = path.with_name(RECORD_JSON + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(path)
+    storage.write_atomic(storage.path(directory) / str(step) / RECORD_JSON, json.dumps(record) + "\n")
 
 
 def stored_kind(directory: str | os.PathLike, step: int) -> str:
@@ -150,7 +155,7 @@ def stored_kind(directory: str | os.PathLike, step: int) -> str:
     try:
         from etils import epath
 
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(Path(directory) / str(step) / "params")).tree
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(storage.path(directory) / str(step) / "params")).tree
         return params_kind(tree)
     except Exception:  # noqa: BLE001 - no readable metadata: let the restore report it
         return "lm"

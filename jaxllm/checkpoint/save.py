@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxllm import storage
 from jaxllm.config import ModelConfig
 from jaxllm.checkpoint.format import params_kind, write_model_config, write_record
 
@@ -134,7 +134,7 @@ def save_params(directory: str | os.PathLike, params, config: ModelConfig, step:
     save_args = jax.tree_util.tree_map_with_path(
         lambda path, leaf: ocp.SaveArgs(shard_axes=(0,) if is_stacked(path, leaf) else ()), params)
     try:
-        with ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        with ocp.CheckpointManager(storage.absolute(directory), options=options,
                                    item_handlers={"params": handler}) as mngr:
             mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params, save_args=save_args)),
                       force=True)
@@ -148,7 +148,7 @@ def save_params(directory: str | os.PathLike, params, config: ModelConfig, step:
     digests.update({path_name(path): leaf.digest.value() for path, leaf in leaves
                     if isinstance(leaf, StreamedArray)})
     if jax.process_index() == 0:
-        write_record(Path(directory).absolute(), step, {
+        write_record(storage.absolute(directory), step, {
             "kind": params_kind(params), "digests": {"params": {k: v for k, v in digests.items() if v}}})
 
 

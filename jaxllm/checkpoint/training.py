@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 from jaxllm import checkpoint as jckpt
+from jaxllm import storage
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data import DataError
 from jaxllm.checkpoint.digests import device_digests
@@ -108,7 +108,7 @@ class RunCheckpoints:
                  async_save: bool = True, log=print, arrays: tuple[str, ...] = ARRAYS):
         """Open RUN/checkpoints for the run that holds its lock (the start removes debris of earlier runs).
         `arrays`: the names of the run's array items ("params" first: the model a checkpoint exports)."""
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         self.arrays = tuple(arrays)
         self.required = self.arrays + ("meta",)
         if jax.process_index() == 0:
@@ -155,7 +155,7 @@ class RunCheckpoints:
             return
         doomed = list(retired.iterdir())  # only these: orbax may rename another step in meanwhile
         if doomed:
-            self._emptying = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+            self._emptying = threading.Thread(target=lambda: [storage.rmtree(p, ignore_errors=True) for p in doomed],
                                               name="jaxllm-retired-steps", daemon=True)
             self._emptying.start()
 
@@ -262,11 +262,11 @@ class RunCheckpoints:
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
-            target = Path(f"{self.directory}.corrupt") / str(step)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(self.directory / str(step)), str(target))
+            target = storage.path(f"{self.directory}.corrupt") / str(step)
+            storage.makedirs(target.parent)
+            if storage.exists(target):
+                storage.rmtree(target)
+            storage.rename(self.directory / str(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"jaxllm quarantine {step}")
@@ -293,7 +293,7 @@ class RunCheckpoints:
             if complete and step < complete[-1] and step not in complete:
                 removed.append((path, f"incomplete: no {', '.join(_missing(path, self.required))}"))
         for path, why in removed:
-            shutil.rmtree(path, ignore_errors=True)
+            storage.rmtree(path, ignore_errors=True)
         if removed:
             log(f"removed unfinished checkpoint files in {self.directory}: "
                 + ", ".join(f"{path.name} ({why})" for path, why in removed))

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm import storage
 from jaxllm.storage import staging_dir
 from jaxllm.convert.hf_config import hf_config_from_model, model_config_from_hf, model_config_from_meta
 from jaxllm.checkpoint.companions import (COMPANION_FILES, REMOTE_DIR, TOKENIZER_CONFIG, carry_remote_code, carry_tokenizer, find_remote_code,
@@ -49,9 +49,10 @@ def plan_shards(entries, max_shard_bytes: int) -> list[list[tuple[str, tuple, np
 
 
 def check_destination(dst: Path) -> None:
-    if dst.exists():
+    storage.check_bucket(dst)
+    if storage.exists(dst):
         raise ConversionError(f"{dst}: destination exists; remove it or choose another path")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(dst.parent)
 
 
 def _leaf_groups(maps: list[TensorMap]) -> list[list[TensorMap]]:
@@ -101,7 +102,7 @@ def source_tokenizer(src: Path, meta: bool, tokenizer: str | os.PathLike | None)
     given; else the one beside the weights; for Meta's release, the one in the parent folder (Meta keeps
     `tokenizer.model` beside, not inside, `llama-2-7b/`)."""
     if tokenizer is not None:
-        path = Path(tokenizer)
+        path = storage.path(tokenizer)
         if path.is_dir():
             path = path / "tokenizer.model"
         if not path.is_file():
@@ -127,7 +128,8 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
     from jaxllm.tokenizer import Tokenizer, TokenizerError
 
     log = log or (lambda line: None)
-    src, dst = Path(src), Path(dst)
+    storage.check_bucket(src)
+    src, dst = storage.path(src), storage.path(dst)
     check_destination(dst)
     reader = open_source(src)
     meta = isinstance(reader, MetaReader)
@@ -166,9 +168,9 @@ def hf_to_jaxllm(src: str | os.PathLike, dst: str | os.PathLike, *, family: str 
             kept = carry_remote_code(src, read_json(src / "config.json"), out)
             if kept:
                 notes.append(f"remote code: {', '.join(kept)} kept in {dst / REMOTE_DIR}")
-        out.rename(dst)
+        storage.rename(out, dst)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.rmtree(staging, ignore_errors=True)
     for line in notes:
         log(line)
     return config
@@ -213,7 +215,7 @@ class _ShardWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.file = open(self.directory / self.names[shard], "wb")
+        self.file = storage.open(self.directory / self.names[shard], "wb")
         self.file.write(struct.pack("<Q", len(raw)) + raw)
         self.current = shard
 
@@ -250,7 +252,7 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     if hf_arch not in HF_ARCHS:
         raise ConversionError(f"--hf-arch must be one of {', '.join(HF_ARCHS)}, got {hf_arch!r}")
     ckpt = resolve(src)
-    dst = Path(dst)
+    dst = storage.path(dst)
     check_destination(dst)
     config = read_model_config(ckpt)
     if hf_arch == "llama" and config.position != "rope":
@@ -311,16 +313,16 @@ def jaxllm_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         (staging / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
         if code is not None:  # the tokenizer's code too; harmless beside a stock Llama config
             for path in sorted(code.glob("*.py")):
-                shutil.copyfile(path, staging / path.name)
+                storage.copy(path, staging / path.name)
         if tok is not None:
             carry_tokenizer(tok.path, staging)
             if not (staging / TOKENIZER_CONFIG).is_file():
                 (staging / TOKENIZER_CONFIG).write_text(
                     json.dumps(tokenizer_config(config, tok, code), indent=2))
             log(f"tokenizer: {tok.path} (BOS: {'yes' if tok.add_bos else 'no'}, from {tok.add_bos_source})")
-        staging.rename(dst)
+        storage.rename(staging, dst)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.rmtree(staging, ignore_errors=True)
     return config
 
 
@@ -337,7 +339,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os
     """Ziya's release format (spec §8): W = W_base + Δ in float16 for every tensor, except the embedding,
     `lm_head` and `rotary_emb.inv_freq`, taken verbatim (values and dtype) from the delta. Writes an HF
     directory; every other tensor must be in both, with the same shape."""
-    base_dir, delta_dir, dst = Path(base), Path(delta), Path(dst)
+    base_dir, delta_dir, dst = storage.path(base), storage.path(delta), storage.path(dst)
     check_destination(dst)
     base_r, delta_r = open_hf(base_dir), open_hf(delta_dir)
     base_keys, keys = set(base_r.keys()), delta_r.keys()
@@ -370,7 +372,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, dst: str | os
         (staging / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
         for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
             if (delta_dir / name).is_file():
-                shutil.copyfile(delta_dir / name, staging / name)
-        staging.rename(dst)
+                storage.copy(delta_dir / name, staging / name)
+        storage.rename(staging, dst)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+from jaxllm import storage
 from jaxllm.config import FAMILIES, ConfigError, ModelConfig, closest
 from jaxllm.convert.readers import ConversionError, read_json
 from jaxllm.models.presets import GENERATION_DEFAULTS
@@ -90,7 +91,7 @@ def model_config_from_hf(path: str | Path, family: str | None = None, name: str 
                          notes: list[str] | None = None) -> ModelConfig:
     """The ModelConfig of an HF directory (or config.json); `notes` receives one line per decision that
     the file does not state outright (a Baichuan checkpoint's position encoding)."""
-    path = Path(path)
+    path = storage.path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConversionError(f"{file}: no config.json")

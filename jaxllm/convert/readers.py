@@ -14,6 +14,8 @@ import os
 import struct
 from pathlib import Path
 
+from jaxllm import storage
+
 import ml_dtypes
 import numpy as np
 
@@ -30,8 +32,8 @@ class ConversionError(ValueError):
 class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = storage.size(path)
+        with storage.open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ConversionError(f"{path}: truncated safetensors file (no header)")
@@ -71,7 +73,7 @@ class SafetensorsFile:
             raise ConversionError(f"{self.path}: tensor {key} has {end - begin} bytes, expected {out.nbytes} "
                                   f"for shape {tuple(info['shape'])} {info['dtype']}")
         # A read, not a memory map: mapped pages would stay in the process until the file is closed.
-        with open(self.path, "rb") as f:
+        with storage.open(self.path, "rb") as f:
             f.seek(self.start + begin)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
                 raise ConversionError(f"{self.path}: truncated while reading tensor {key}")
@@ -166,7 +168,7 @@ class TensorReader:
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a ConversionError naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(storage.read_text(path))
     except OSError as err:
         raise ConversionError(f"{path}: cannot read ({err.strerror or err})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -187,7 +189,7 @@ def _index_files(directory: Path, index_name: str) -> list[Path]:
 
 def open_hf(directory: str | os.PathLike) -> TensorReader:
     """Reader for an HF directory: safetensors (preferred) or pytorch_model*.bin, sharded or not."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     if not directory.is_dir():
         raise ConversionError(f"{directory}: no such directory")
     if (directory / "model.safetensors.index.json").is_file():
@@ -302,7 +304,7 @@ class MetaReader:
 
 
 def open_source(directory: str | os.PathLike):
-    directory = Path(directory)
+    directory = storage.path(directory)
     if (directory / "params.json").is_file() and list(directory.glob("consolidated.*.pth")):
         return MetaReader(directory)
     return open_hf(directory)

@@ -16,6 +16,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from jaxllm import storage
+
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_SPLITS = ("blank_line", "line", "file")
 ASSETS_PREFIX = "assets:"
@@ -62,11 +64,15 @@ def expand_paths(patterns: str | list[str], what: str = "data") -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         resolved = resolve_path(pattern)
-        matches = sorted(glob.glob(resolved, recursive=True)) if glob.has_magic(resolved) else [resolved]
-        matches = [m for m in matches if os.path.isfile(m)]
+        storage.check_bucket(resolved)  # a missing bucket or no credentials: that line, not "no file"
+        if glob.has_magic(resolved):
+            matches = storage.glob(resolved, must_match=False)
+        else:
+            matches = [resolved]
+        matches = [m for m in matches if storage.is_file(m)]
         if not matches:
             raise DataError(f"{what}: '{pattern}' matches no file")
-        files.extend(Path(m) for m in matches)
+        files.extend(storage.path(m) for m in matches)
     return files
 
 
@@ -100,7 +106,24 @@ class Record:
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    gz = path.name.lower().endswith(".gz")
+    if not storage.is_remote(path):
+        return gzip.open(path, "rb") if gz else open(path, "rb")
+    return _GzipOwning(storage.open(path, "rb")) if gz else storage.open(path, "rb")
+
+
+class _GzipOwning(gzip.GzipFile):
+    """gzip over a bucket object streamed in blocks (seek is a ranged read), closing the object with it."""
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def _cause(err: BaseException) -> str:
@@ -182,7 +205,7 @@ def _parquet_records(path: Path, start: Cursor, text_field: str) -> Iterator[Rec
     import pyarrow.parquet as pq
 
     try:
-        handle = pq.ParquetFile(path)
+        handle = pq.ParquetFile(storage.open(path, "rb") if storage.is_remote(path) else path)
     except (pa.ArrowException, OSError) as err:
         raise DamagedFile(f"{path}: not a readable parquet file (truncated or damaged?): {_cause(err)}") from None
     names = handle.schema_arrow.names
@@ -225,7 +248,7 @@ def read_json_lines(path: str | os.PathLike, *, on_error: str = "skip",
     is accepted). A line that is not UTF-8 or not JSON, and a file that ends early or is not valid gzip,
     raise DataError naming file:line when `on_error` is "raise"; with "skip" they are passed to
     `skip(reason)` ("non-UTF-8", "bad JSON", "damaged file"; the rest of a damaged file is lost)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     try:

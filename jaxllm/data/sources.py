@@ -20,6 +20,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from jaxllm import storage
 from jaxllm.data.files import (Cursor, DamagedFile, DataError, Malformed, decode_json_line, detect_format,
                                read_records, warn_damaged)
 
@@ -117,7 +118,7 @@ class DocumentSource(grain.IterDataset):
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
-        self.files = [Path(f) for f in files]
+        self.files = [storage.path(f) for f in files]
         self.formats = [detect_format(f) if fmt == "auto" else fmt for f in self.files]
         self.name, self.text_field, self.text_split = name, text_field, text_split
         self.shuffle, self.window, self.on_error = shuffle, shuffle_window, on_error

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from jaxllm import storage
+
 from jaxllm.tokenizer.errors import TokenizerError
 
 # BOS when the tokenizer's files say nothing: sentencepiece / Llama convention, Baichuan-7B's
@@ -57,7 +59,7 @@ def _flag(entry: dict, name: str, where: str) -> bool:
 def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
     """The added tokens and `add_bos_token` of the HF files in `directory` (none there: nothing added,
     add_bos None). A malformed file is a TokenizerError naming it and the entry."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     tokens: dict[str, AddedToken] = {}
     source: dict[str, str] = {}
 

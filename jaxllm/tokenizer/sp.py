@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import sentencepiece as spm
 
+from jaxllm import storage
 from jaxllm.tokenizer.errors import TokenizerError
 
 
@@ -27,10 +27,13 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike, *, family: str | None = None):
         from jaxllm.tokenizer.hf_files import FAMILY_ADD_BOS, TokenizerFiles, read_tokenizer_files
 
-        self.path = Path(path)
+        self.path = storage.path(path)
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(self.path))
+            if storage.is_remote(self.path):
+                self.sp.LoadFromSerializedProto(storage.read_bytes(self.path))
+            else:
+                self.sp.Load(str(self.path))
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{self.path}: not a sentencepiece model ({str(err).splitlines()[0]})") from None
         # HF's files belong to a `tokenizer.model` (a bare `llama2.model` beside others has none)
@@ -64,7 +67,7 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike, *, family: str | None = None) -> "Tokenizer":
         """From a `tokenizer.model` file or a directory holding one (an HF model directory). `family`
         gives the BOS default when the HF files do not say."""
-        path = Path(path)
+        path = storage.path(path)
         if path.is_dir():
             if not (path / "tokenizer.model").is_file():
                 raise TokenizerError(f"{path}: directory has no tokenizer.model")

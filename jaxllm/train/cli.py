@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm.checkpoint import CheckpointError
     from jaxllm.config import ConfigError
     from jaxllm.data import DataError
+    from jaxllm.storage import StorageError
     from jaxllm.tokenizer import TokenizerError
     from jaxllm.train.config import load_config
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config)
         if config.train.final_eval and result.stop_reason == "done":
             _final_eval(config, result)
-    except (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, TokenizerError, StorageError, FileNotFoundError) as err:
         print(f"jaxllm train: error: {err}", file=sys.stderr)
         return 2
     return result.exit_code

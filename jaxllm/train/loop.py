@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm import checkpoint as jckpt
 from jaxllm import sharding
+from jaxllm import storage
 from jaxllm.config import ConfigError
 from jaxllm.models import init_params as model_init_params
 from jaxllm.models import param_logical_axes, param_shapes
@@ -228,7 +229,7 @@ def train(config: RunConfig, stage: Stage | None = None, *, devices=None, on_bat
         # directory; the lock is released last, after the final save is committed.
         run_lock = rundir.claim(config.run_dir, config, log=log)
         cleanup.callback(run_lock.release)
-        run_dir = Path(config.run_dir)
+        run_dir = storage.path(config.run_dir)  # gs://… stays a bucket path
         if stage.tokenizer_path:
             rundir.copy_tokenizer(run_dir, stage.tokenizer_path)
         rundir.copy_model_files(run_dir, stage.tokenizer_path, config.init_from)

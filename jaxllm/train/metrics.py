@@ -6,6 +6,8 @@ import math
 import time
 from pathlib import Path
 
+from jaxllm import storage
+
 
 class MetricsLog:
     """Appends one JSON object per logged step; on resume, drops records past the resumed step (they are
@@ -14,42 +16,64 @@ class MetricsLog:
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True,
                  enabled: bool = True, filename: str = "metrics.jsonl", step_key: str = "step"):
         self.enabled, self.step_key = enabled, step_key
-        self.path = Path(run_dir) / filename
-        self.tb_dir = Path(run_dir) / "tb"
-        self._writer = None
+        self.path = storage.path(run_dir) / filename
+        self.tb_dir = storage.path(run_dir) / "tb"
+        self._writer, self._tb_local = None, None
+        # In a bucket objects cannot be appended to: the log is kept here and each write replaces the
+        # object; tensorboardX writes into a local folder whose event files are uploaded on every write.
+        self._remote, self._lines = storage.is_remote(run_dir), []
         if not enabled:
             return
         self._truncate_after(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = None if self._remote else open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+            if self._remote:
+                import tempfile
+                self._tb_local = Path(tempfile.mkdtemp(prefix="jaxllm-tb-"))
+            self._writer = SummaryWriter(str(self._tb_local or self.tb_dir),
+                                         purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not storage.exists(self.path):
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in storage.read_text(self.path).splitlines()
                 if line.strip() and _step_of(line, self.step_key) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._lines = kept
+        storage.write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def _sync_tensorboard(self) -> None:
+        self._writer.flush()
+        for event_file in sorted(self._tb_local.iterdir()):
+            storage.write_atomic(self.tb_dir / event_file.name, event_file.read_bytes())
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         record = {self.step_key: step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._remote:
+            self._lines.append(json.dumps(record))
+            storage.write_atomic(self.path, "".join(line + "\n" for line in self._lines))
+        else:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+            if self._tb_local is not None:
+                self._sync_tensorboard()
 
     def close(self) -> None:
         """Idempotent: the reporter and the run engine may both close it."""
         if not self.enabled or self._file.closed:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._writer is not None:
+            if self._tb_local is not None:
+                self._sync_tensorboard()
             self._writer.close()
 
 
@@ -73,11 +97,10 @@ def last_logged(path: str | Path) -> dict:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path):
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -111,8 +134,9 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
-    return Path(png_path)
+    with storage.open(png_path, "wb") as f:
+        fig.savefig(f, format="png")
+    return storage.path(png_path)
 
 
 # Logged as means over the log interval; every other metric is the interval's last value.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -22,6 +21,7 @@ import jax
 import yaml
 
 from jaxllm import checkpoint as jckpt
+from jaxllm import storage
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.train.config import RunConfig, config_differences
 
@@ -41,12 +41,13 @@ class RunDirLocked(RunDirError):
 def check(run_dir: str | Path, config: RunConfig) -> Path:
     """RunDirError unless RUN is new or holds this run (RUN/config.yaml describes the same run; cadence,
     display, mesh or run length may differ). Creates nothing."""
-    run_dir = Path(run_dir)
+    storage.check_bucket(run_dir)
+    run_dir = storage.path(run_dir)
     path = run_dir / "config.yaml"
     new = config.to_dict()
-    if path.exists():
+    if storage.exists(path):
         try:
-            saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            saved = yaml.safe_load(storage.read_text(path)) or {}
         except yaml.YAMLError as err:
             raise RunDirError(f"{path}: unreadable ({err}); move it away to reuse {run_dir}") from None
         if saved.get("stage_name") is None:  # written before runs recorded their stage
@@ -75,8 +76,8 @@ def _command(stage_name) -> str:
 
 def has_checkpoints(run_dir: str | Path) -> bool:
     """Whether RUN/checkpoints holds a saved step (a resumed run needs no starting checkpoint)."""
-    directory = Path(run_dir) / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    directory = storage.path(run_dir) / "checkpoints"
+    return storage.is_dir(directory) and any(name.isdigit() for name in storage.listdir(directory))
 
 
 def claim(run_dir: str | Path, config: RunConfig, log=print) -> "RunLock":
@@ -85,10 +86,7 @@ def claim(run_dir: str | Path, config: RunConfig, log=print) -> "RunLock":
     run_dir = check(run_dir, config)
     held = lock(run_dir, log=log)
     if jax.process_index() == 0:
-        path = run_dir / "config.yaml"
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(config.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
+        storage.write_atomic(run_dir / "config.yaml", config.to_yaml())
     return held
 
 
@@ -96,9 +94,9 @@ def lock(run_dir: str | Path, log=print) -> "RunLock":
     """Create RUN if needed and lock it for this run until `release()` or the end of the process
     (RunDirLocked, one line naming the holder, when another run holds it). Process 0 of a multi-host run
     takes the lock for all; every process learns the outcome, so none trains alone."""
-    run_dir, held, error = Path(run_dir), None, None
+    run_dir, held, error = storage.path(run_dir), None, None
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run_dir)
         try:
             held = RunLock.acquire(run_dir, log=log)
         except RunDirLocked as err:
@@ -111,7 +109,7 @@ def lock(run_dir: str | Path, log=print) -> "RunLock":
 def prepare(run_dir: str | Path, config: RunConfig) -> Path:
     """`claim` without keeping the lock (for callers that only record a run's config)."""
     claim(run_dir, config).release()
-    return Path(run_dir)
+    return storage.path(run_dir)
 
 
 def _agreed(flag: bool) -> bool:
@@ -123,9 +121,9 @@ def _agreed(flag: bool) -> bool:
 
 
 def copy_tokenizer(run_dir: str | Path, tokenizer_path: str | Path) -> Path:
-    target = Path(run_dir) / "tokenizer.model"
-    if jax.process_index() == 0 and Path(tokenizer_path).resolve() != target.resolve():
-        shutil.copyfile(tokenizer_path, target)
+    target = storage.path(run_dir) / "tokenizer.model"
+    if jax.process_index() == 0 and not storage.same(tokenizer_path, target):
+        storage.copy(tokenizer_path, target)
     return target
 
 
@@ -167,21 +165,20 @@ class RunLock:
     silent (another host: untouched for STALE_AFTER_S seconds) is taken over, with one line saying so."""
 
     def __init__(self, run_dir: Path, token: str | None):
-        self.path, self.token = Path(run_dir) / LOCK, token
+        self.path, self.token = storage.path(run_dir) / LOCK, token
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     @classmethod
     def acquire(cls, run_dir: Path, log=print) -> "RunLock":
-        path = Path(run_dir) / LOCK
+        path = storage.path(run_dir) / LOCK
         token = uuid.uuid4().hex
         info = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
                 "token": token, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
         for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            # create-only: O_EXCL on disk, ifGenerationMatch=0 on GCS, If-None-Match: * on S3
+            if not storage.create_exclusive(path, json.dumps(info)):
                 holder = _read(path)
                 if holder is None:
                     time.sleep(0.2)  # being written right now
@@ -196,10 +193,6 @@ class RunLock:
                     if not reason.startswith("a finished run of this process"):
                         log(f"run directory {run_dir}: taking over the lock of {_describe(holder)} ({reason})")
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-                f.flush()
-                os.fsync(f.fileno())
             lock = cls(run_dir, token)
             lock._start_heartbeat()
             atexit.register(lock.release)
@@ -210,7 +203,7 @@ class RunLock:
         def beat():
             while not self._stop.wait(HEARTBEAT_S):
                 try:
-                    os.utime(self.path)
+                    storage.touch(self.path)
                 except OSError:
                     return
         self._beat = threading.Thread(target=beat, name="jaxllm-run-lock", daemon=True)
@@ -224,16 +217,13 @@ class RunLock:
         atexit.unregister(self.release)
         holder = _read(self.path)
         if holder is not None and holder.get("token") == self.token:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            storage.remove(self.path)
         self.token = None
 
 
 def _read(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(storage.read_text(path))
         return value if isinstance(value, dict) else None
     except (OSError, ValueError):
         return None
@@ -242,7 +232,7 @@ def _read(path: Path) -> dict | None:
 def _stale(path: Path, holder: dict | None) -> str | None:
     """Why the lock at `path` no longer belongs to a live run, or None when it does."""
     try:
-        age = time.time() - path.stat().st_mtime
+        age = time.time() - storage.mtime(path)
     except FileNotFoundError:
         return "released meanwhile"
     if holder is None:
@@ -261,18 +251,16 @@ def _take_away(path: Path, holder: dict | None) -> bool:
     it over first); True when the path is free to be created."""
     aside = path.with_name(f"{LOCK}.stale-{uuid.uuid4().hex[:8]}")
     try:
-        os.replace(path, aside)
+        storage.rename(path, aside)
     except FileNotFoundError:
         return True
     moved = _read(aside)
     if holder is not None and (moved or {}).get("token") != holder.get("token"):
-        try:  # a live lock was moved: put it back unless someone took the path meanwhile
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        aside.unlink(missing_ok=True)
+        # a live lock was moved: put it back unless someone took the path meanwhile
+        storage.create_exclusive(path, storage.read_bytes(aside))
+        storage.remove(aside)
         return False
-    aside.unlink(missing_ok=True)
+    storage.remove(aside)
     return True
 
 

@@ -1,0 +1,135 @@
+"""Real object-store servers for the tests: `gcp-storage-emulator` (GCS's JSON API) and `moto` (S3), each
+started once per test session on a free 127.0.0.1 port, checked to answer before any test uses it, and
+stopped at the end.
+
+The `gcs` fixture sets STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL
+(tensorstore, so orbax writes `gs://` arrays itself); `s3` sets AWS_ENDPOINT_URL and dummy credentials (s3fs,
+botocore). CLI subprocesses inherit them. Each test gets a fresh bucket (`gs://jaxllm-test-<n>`). Only a
+missing package skips; a server that does not start is a failure.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+_counter = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(argv: list[str], url: str, probe: str, name: str):
+    # the servers log every request: to a file, never a pipe (a full pipe would block them)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{name} exited ({proc.returncode}): {log.read().decode()[-500:]}")
+        try:
+            urllib.request.urlopen(url + probe, timeout=1).read()
+            return proc
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{name} did not answer on {url} within 30 s")
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _need(module: str, executable: str) -> str:
+    pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test,cloud]')")
+    path = shutil.which(executable) or os.path.join(os.path.dirname(sys.executable), executable)
+    if not os.path.exists(path):
+        pytest.skip(f"{executable} is not installed (pip install -e '.[test]')")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The GCS emulator's URL, with the environment pointing gcsfs and tensorstore at it."""
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed (pip install -e '.[cloud]')")
+    exe = _need("gcp_storage_emulator", "gcp-storage-emulator")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"], url,
+                  "/storage/v1/b?project=test", "gcp-storage-emulator")
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "FSSPEC_GCS_TOKEN", "NO_GCE_CHECK",
+             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+    saved = {k: os.environ.get(k) for k in names}
+    # anonymous: no search for Google credentials (the metadata server's timeouts)
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, FSSPEC_GCS_TOKEN="anon",
+                      NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    try:
+        yield url
+    finally:
+        _stop(proc)
+        _restore(saved)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The moto server's URL, with AWS_ENDPOINT_URL and dummy credentials set."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[cloud]')")
+    exe = _need("moto", "moto_server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([exe, "-H", "127.0.0.1", "-p", str(port)], url, "/", "moto_server")
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield url
+    finally:
+        _stop(proc)
+        _restore(saved)
+
+
+def _restore(saved: dict) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _new_bucket(protocol: str) -> str:
+    import fsspec
+
+    name = f"jaxllm-test-{os.getpid()}-{next(_counter)}"
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+    fs.mkdir(name)
+    fsspec.filesystem(protocol).invalidate_cache()
+    return f"{protocol}://{name}"
+
+
+@pytest.fixture
+def gcs(gcs_server):
+    """A fresh, empty bucket on the GCS emulator: "gs://jaxllm-test-…"."""
+    return _new_bucket("gs")
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh, empty bucket on the moto server: "s3://jaxllm-test-…"."""
+    return _new_bucket("s3")
