@@ -111,7 +111,7 @@ class Run:
                  keep: int | None = 3, async_save: bool = True, lock: rundir.RunLock | None = None,
                  metrics_file: str = "metrics.jsonl", step_key: str = "step", tensorboard: bool = True,
                  profile: tuple[int, int] | None = None, log: Callable = print):
-        self.run_dir, self.model_config, self.arrays = Path(run_dir), model_config, tuple(arrays)
+        self.run_dir, self.model_config, self.arrays = storage.path(run_dir), model_config, tuple(arrays)
         self.keep, self.async_save, self.log = keep, async_save, log
         self._lock, self._own_lock = lock, lock is None
         self._metrics_args = dict(filename=metrics_file, step_key=step_key, tensorboard=tensorboard)

@@ -18,7 +18,7 @@ class MetricsLog:
         self.enabled, self.step_key = enabled, step_key
         self.path = storage.path(run_dir) / filename
         self.tb_dir = storage.path(run_dir) / "tb"
-        self._writer, self._tb_local = None, None
+        self._writer, self._tb_local, self._closed = None, None, False
         # In a bucket objects cannot be appended to: the log is kept here and each write replaces the
         # object; tensorboardX writes into a local folder whose event files are uploaded on every write.
         self._remote, self._lines = storage.is_remote(run_dir), []
@@ -67,8 +67,9 @@ class MetricsLog:
 
     def close(self) -> None:
         """Idempotent: the reporter and the run engine may both close it."""
-        if not self.enabled or self._file.closed:
+        if not self.enabled or self._closed:
             return
+        self._closed = True
         if self._file is not None:
             self._file.close()
         if self._writer is not None:
