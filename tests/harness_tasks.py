@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -44,13 +48,35 @@ def write_generate_task(directory, name: str, items: list[dict], *, max_gen_toks
                   "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
 
 
-def hf_tokenizer(directory, sentencepiece_model) -> str:
-    """A local Hugging Face tokenizer directory (LlamaTokenizer, no BOS/EOS added) for a sentencepiece
-    model: what the harness's `tokenizer=` loads with AutoTokenizer instead of a hub name."""
+def hf_tokenizer(directory, sentencepiece_model, *, add_bos: bool = False) -> str:
+    """A local Hugging Face tokenizer directory (LlamaTokenizer, no EOS added; BOS with `add_bos`, as jaxllm
+    encodes a Llama prompt) for a sentencepiece model: what the harness's `tokenizer=` loads with
+    AutoTokenizer instead of a hub name."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(sentencepiece_model, directory / "tokenizer.model")
     (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>",
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False, "bos_token": "<s>",
         "eos_token": "</s>", "unk_token": "<unk>"}))
     return str(directory)
+
+
+def start_server(args: list[str], log: Path, within: float = 600):
+    """`jaxllm serve ARGS` as a subprocess (stderr to `log`), once it listens: the process with `.url`, `.log`
+    and `.lines` (its stdout, kept being read: a full pipe of access-log lines would stall the server)."""
+    command = [sys.executable, "-m", "jaxllm.cli", "serve", *args]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
+    url, deadline = None, time.monotonic() + within
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        if "listening on " in line:
+            url = line.split("listening on ")[1].strip()
+    if url is None:
+        proc.kill()
+        raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
+    proc.url, proc.log, proc.lines = url, log, []
+    threading.Thread(target=lambda: proc.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return proc

@@ -3,33 +3,18 @@
 `local-completions` model against `jaxllm serve` (prompts as token ids, log-probs from the server's echo)."""
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 
 import pytest
 
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="jaxllm-test-datasets-"))
 lm_eval = pytest.importorskip("lm_eval")
 
+from harness_tasks import hf_tokenizer, start_server  # noqa: E402
 from evalfiles import CEVAL_SUBJECT, CEVAL_VAL, write_ceval, write_ceval_task, write_tiny_checkpoint  # noqa: E402
 from jaxllm.cli import main as cli  # noqa: E402
 
 TASK = "jaxllm_ceval_tiny"
-
-
-def hf_tokenizer_with_bos(directory, sentencepiece_model) -> str:
-    """A local HF tokenizer directory that starts every text with BOS, as jaxllm encodes a Llama prompt."""
-    import shutil
-
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(sentencepiece_model, directory / "tokenizer.model")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>"}))
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +27,12 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     directory, _, _, root = setup
-    command = [sys.executable, "-m", "jaxllm.cli", "serve", "--checkpoint", str(directory), "--port", "0",
-               "--model-name", "tiny", "--slots", "2", "--max-len", "256", "--mesh", "none"]
-    with open(root / "serve.log", "w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-    url, deadline = None, time.monotonic() + 600
-    while url is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        if "listening on " in line:
-            url = line.split("listening on ")[1].strip()
-    if url is None:
-        proc.kill()
-        pytest.fail(f"the server did not start:\n{(root / 'serve.log').read_text()[-3000:]}")
-    threading.Thread(target=lambda: [None for _ in iter(proc.stdout.readline, "")], daemon=True).start()
-    yield url
+    try:
+        proc = start_server(["--checkpoint", str(directory), "--port", "0", "--model-name", "tiny", "--slots", "2",
+                             "--max-len", "256", "--mesh", "none"], root / "serve.log")
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    yield proc.url
     proc.terminate()
     proc.wait(60)
 
@@ -77,7 +52,7 @@ def test_eval_choice_harness_and_server_agree(setup, server, tmp_path, monkeypat
 
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tokenizer = hf_tokenizer_with_bos(tmp_path / "hf-tokenizer", directory / "tokenizer.model")
+    tokenizer = hf_tokenizer(tmp_path / "hf-tokenizer", directory / "tokenizer.model", add_bos=True)
     served = lm_eval.simple_evaluate(
         model="local-completions", tasks=[TASK], task_manager=TaskManager(include_path=str(tasks)), num_fewshot=2,
         log_samples=True, cache_requests=False,

@@ -11,9 +11,6 @@ import concurrent.futures
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from harness_tasks import start_server
 from jaxllm.lora import files as adapters
 from jaxllm.checkpoint import save_params
 from jaxllm.cli import main as cli
@@ -71,26 +69,13 @@ def adapter(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, adapter, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
-    command = [sys.executable, "-m", "jaxllm.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-               "--model-name", "tiny", "--slots", "4", "--max-len", "256", "--max-prompt-tokens", "48",
-               "--max-requests", "16", "--max-request-bytes", "20000", "--api-key", KEY, "--mesh", "none",
-               "--adapter", str(adapter)]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-    url = None
-    deadline = time.monotonic() + 600
-    while url is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        if "listening on " in line:
-            url = line.split("listening on ")[1].strip()
-    if url is None:
-        proc.kill()
-        pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-    # Keep reading its stdout (an access-log line per request): a full pipe would block the server.
-    proc.url, proc.log, proc.lines = url, log, []
-    threading.Thread(target=lambda: proc.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        proc = start_server(["--checkpoint", str(checkpoint), "--port", "0", "--model-name", "tiny", "--slots", "4",
+                             "--max-len", "256", "--max-prompt-tokens", "48", "--max-requests", "16",
+                             "--max-request-bytes", "20000", "--api-key", KEY, "--mesh", "none",
+                             "--adapter", str(adapter)], log)
+    except RuntimeError as err:
+        pytest.fail(str(err))
     yield proc
     if proc.poll() is None:
         proc.terminate()
