@@ -31,6 +31,7 @@ TARGETS = {
     "baichuan-7b-pretrain": "v5p-32",
     "baichuan-13b-pretrain": "v5p-64",
     "baichuan2-7b-pretrain": "v5p-32",
+    "llama2-7b-ppo-lora": "v5e-8",  # the LoRA recipe is sized for the smallest slice it fits, not by the rule
 }
 # --tiny: each recipe's structure (batch layout, accumulation, stage) on a model and batch a CPU compiles in
 # seconds
@@ -41,7 +42,7 @@ TINY_PPO = {"models": {"policy": {"preset": "llama2-tiny"}}, "ppo.batch_size": 8
 
 def preflight(recipe: str, topology, tiny: bool, log):
     """The pre-flight Report of one shipped recipe on `topology`."""
-    if recipe.endswith("-ppo"):
+    if recipe.endswith(("-ppo", "-ppo-lora")):
         from jaxllm.rlhf.cli import load_recipe
         from jaxllm.preflight.ppo import preflight_ppo, recipe_models
 
@@ -50,7 +51,8 @@ def preflight(recipe: str, topology, tiny: bool, log):
         if tiny:
             loaded.models = TINY_PPO["models"]
         policy, reward_models = recipe_models(loaded)
-        return preflight_ppo(policy, reward_models, loaded.ppo, loaded.mesh, topology, 8 if tiny else None, log=log)
+        return preflight_ppo(policy, reward_models, loaded.ppo, loaded.mesh, topology, 8 if tiny else None, log=log,
+                             lora=loaded.lora, base=loaded.policy)
     from jaxllm.train.config import load_config
     from jaxllm.preflight.train import preflight_train
     from jaxllm.train.stage import pretraining_objective

@@ -151,7 +151,6 @@ def test_ppo_lora_command_resumes_a_killed_run_exactly(tmp_path, capsys):
 
 
 def test_ppo_lora_recipes(capsys):
-    from jaxllm.cli import main as cli
     from jaxllm.rlhf.cli import load_recipe
 
     demo, seven = load_recipe("ppo", "ppo-lora-demo"), load_recipe("ppo", "llama2-7b-ppo-lora")
@@ -159,5 +158,56 @@ def test_ppo_lora_recipes(capsys):
     assert seven.lora.base_dtype == "int8" and seven.lora.rank == 16 and seven.models["policy"]["preset"] == "llama2-7b"
     with pytest.raises(ConfigError, match="lora.rnk"):
         load_recipe("ppo", "ppo-lora-demo", ["lora.rnk=4"])
-    assert cli(["ppo", "llama2-7b-ppo-lora", "--compile-only", "--topology", "v5e-8"]) == 2
-    assert "does not lower a lora: PPO recipe yet" in capsys.readouterr().err
+
+
+def test_lora_ppo_iteration_compiles_without_checkpoints(tmp_path):
+    """`jaxllm ppo --compile-only` of a `lora:` recipe: the iteration on the LoRA split (adapters and the
+    value head train, one frozen int8 base is the reference and serves policy and value model), nothing
+    read; the state it reports is that split's, not two whole models."""
+    import re
+
+    from test_preflight import memory_rows, run_cli
+
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(f"run_dir: {tmp_path}/never\npolicy: /nonexistent/policy\nreward_model: /nonexistent/rm\n"
+                      "models: {policy: {preset: llama2-tiny}}\nmesh: {data: 1, fsdp: -1, tensor: 1}\n"
+                      "lora: {rank: 4, alpha: 8, targets: all, base_dtype: int8}\n"
+                      "ppo: {batch_size: 8, minibatch_size: 4, max_new_tokens: 8}\n")
+    code, out, err = run_cli("ppo", str(recipe), "--compile-only", "--topology", "cpu-1", "--prompt-tokens", "8")
+    assert code == 0, err
+    assert "ppo llama2-tiny policy with rank-4 LoRA on a frozen int8 base, llama2-tiny reward model" in out
+    for name, runs in (("prefill", 1), ("decode", 1), ("scoring (reward model)", 1), ("rollout stats", 1),
+                       ("advantages", 1), ("update", 2)):
+        assert re.search(rf"^  {re.escape(name)}\s+{runs}\s", out, re.M), name
+    assert "gather for generation" not in out and "reference policy" not in out  # the base is the reference
+    rows = memory_rows(out)
+    cfg = get_preset("llama2-tiny")
+    whole = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))))
+    # int8 values (1 byte per weight, plus per-channel scales and the norms/embeddings kept in the compute dtype)
+    assert 0 < rows["frozen base"] < 4 * whole / 2**20 / 2
+    trained = rows["policy adapters (trained)"] + rows["value adapters (trained)"]
+    assert 0 < trained < rows["frozen base"] and abs(rows["optimizer state"] - 2 * trained) <= 0.03  # Adam moments
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: the demo chain, shortened pretraining
+def test_lora_ppo_on_the_demo_chain_learns(tmp_path, monkeypatch, capsys):
+    """The README's chain with the LoRA PPO recipe: pretrain (shortened), `jaxllm sft`, `jaxllm rm`, then
+    `jaxllm ppo ppo-lora-demo` on the SFT policy as an int8 base, scored by the demo reward model: the reward
+    rises, the KL to the base starts at exactly 0 and stays bounded."""
+    from jaxllm.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    quiet_log = ["log.progress=false"]
+    assert cli(["train", "train.steps=100", "checkpoint.every=100", "train.final_eval.heldout=false",
+                "train.final_eval.prompts=[]", *quiet_log]) == 0
+    assert cli(["sft", *quiet_log]) == 0
+    assert cli(["rm", *quiet_log]) == 0
+    capsys.readouterr()
+    assert cli(["ppo", "ppo-lora-demo"]) == 0
+    history = [json.loads(line) for line in (tmp_path / "runs" / "ppo-lora-demo" / "ppo_metrics.jsonl")
+               .read_text().splitlines()]
+    assert len(history) == 20 and history[0]["kl"] == 0.0
+    rewards = [m["reward"] for m in history]
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.2, rewards
+    assert max(abs(m["kl"]) for m in history) < 0.5

@@ -212,7 +212,7 @@ def test_ppo_programs_and_state_without_checkpoints(tmp_path):
     """The PPO iteration's programs, built from the recipe's `models:` and abstract shapes (lowered, not
     compiled: the slow test compiles them), and the state a run keeps on the devices."""
     from jaxllm.rlhf.cli import load_recipe
-    from jaxllm.rlhf.ppo import iteration_programs
+    from jaxllm.rlhf.programs import iteration_programs
     from jaxllm.preflight.ppo import recipe_models
     from jaxllm.preflight.report import device_bytes
 

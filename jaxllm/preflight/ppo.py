@@ -1,4 +1,4 @@
-"""Compile-only pre-flight of a PPO recipe: one iteration's programs (`ppo.iteration_programs`: the policy's
+"""Compile-only pre-flight of a PPO recipe: one iteration's programs (`jaxllm.rlhf.programs.iteration_programs`: the policy's
 copy for generation, rollout prefill and decode, reward scoring, rollout statistics, advantages, update)
 compiled for a topology, on the shardings PPO uses, without checkpoints, prompts or allocating anything.
 
@@ -17,7 +17,8 @@ import jax
 from jaxllm import sharding
 from jaxllm.preflight import topology as topologies
 from jaxllm.config import ConfigError, ModelConfig
-from jaxllm.rlhf.ppo import PPOConfig, iteration_programs
+from jaxllm.rlhf.config import PPOConfig
+from jaxllm.rlhf.programs import iteration_programs
 from jaxllm.preflight.report import Report, compile_program, device_bytes
 
 
@@ -70,10 +71,11 @@ def _stored_config(path: Path) -> ModelConfig | None:
 
 def preflight_ppo(policy: ModelConfig, reward_models: tuple[ModelConfig, ...], cfg: PPOConfig, mesh_config,
                   topology: topologies.Topology, prompt_len: int | None = None, *, suggest: bool = True,
-                  log: Callable = print) -> Report:
+                  log: Callable = print, lora=None, base: str = "policy") -> Report:
     """Compile one PPO iteration for `topology` with prompts of up to `prompt_len` tokens (default: the
     policy's context minus `max_new_tokens`, the longest it can read); with `suggest`, a run that does not
-    fit gets a mesh or slice that would, checked by compiling it too."""
+    fit gets a mesh or slice that would, checked by compiling it too. `lora`: the recipe's LoraConfig (the
+    policy and value model train adapters on one frozen base, `base` the policy checkpoint's path, unread)."""
     if prompt_len is None:
         prompt_len = policy.max_position_embeddings - cfg.max_new_tokens
     if prompt_len < 1:
@@ -84,7 +86,11 @@ def preflight_ppo(policy: ModelConfig, reward_models: tuple[ModelConfig, ...], c
         mesh = sharding.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    state, programs = iteration_programs(policy, reward_models, cfg, mesh, prompt_len)
+    parts = None
+    if lora is not None:
+        from jaxllm.rlhf.ppo_lora import LoraPolicy
+        parts = LoraPolicy(policy, base, lora, mesh, cfg.seed, log=log, abstract=True)
+    state, programs = iteration_programs(policy, reward_models, cfg, mesh, prompt_len, parts=parts)
     state_bytes = {what: device_bytes(tree) for what, tree in state.items()}
     log(f"compiling one PPO iteration of {policy.name} ({len(programs)} programs) for {topology.describe()} ...")
     compiled = []
@@ -97,8 +103,9 @@ def preflight_ppo(policy: ModelConfig, reward_models: tuple[ModelConfig, ...], c
             compiled.append(compile_program(name, fn, args, kwargs, calls=runs, loop_trips=trips,
                                             resident=sum(state_bytes[k] for k in resident)))
     tokens = prompt_len + cfg.max_new_tokens
-    report = Report(title=f"ppo {policy.name} policy, {' + '.join(r.name for r in reward_models)} reward model"
-                          f"{'s' if len(reward_models) > 1 else ''}", topology=topology,
+    adapters = "" if lora is None else (f" with rank-{lora.rank} LoRA on a frozen {parts.layout.base_dtype} base")
+    report = Report(title=f"ppo {policy.name} policy{adapters}, {' + '.join(r.name for r in reward_models)} "
+                          f"reward model{'s' if len(reward_models) > 1 else ''}", topology=topology,
                     devices=devices, mesh=mesh, state=state_bytes, programs=compiled, tokens=cfg.batch_size * tokens,
                     tokens_note=f"{cfg.batch_size} rollouts of up to {prompt_len} prompt + {cfg.max_new_tokens} new "
                                 f"tokens" + (f", sampled in {cfg.generation_chunks} parts" if cfg.generation_chunks > 1
@@ -106,11 +113,11 @@ def preflight_ppo(policy: ModelConfig, reward_models: tuple[ModelConfig, ...], c
     if len(compiled) < len(programs):
         report.notes.append("decode not compiled: the compiler refused prefill")
     if suggest and not report.fits:
-        _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log)
+        _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log, lora, base)
     return report
 
 
-def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log) -> None:
+def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_len, log, lora, base) -> None:
     """More FSDP when data parallelism replicates the state; else, when sampling is the peak, the rollouts
     sampled in twice as many parts; else a larger slice. Each checked by compiling."""
     import dataclasses
@@ -136,7 +143,7 @@ def _suggest(report, policy, reward_models, cfg, mesh_config, topology, prompt_l
         log(f"does not fit; checking {suggestion} ...")
         try:
             check = preflight_ppo(policy, reward_models, cfg_, mesh, target, prompt_len, suggest=False,
-                                  log=lambda *_: None)
+                                  log=lambda *_: None, lora=lora, base=base)
         except ConfigError as err:
             report.suggestion_result = f"not checked: {err}"
             continue

@@ -185,10 +185,11 @@ def format_report(report: Report) -> str:
                                                           if report.suggestion_result else ""))
     lines.append("")
     if len(report.programs) > 1:
-        lines.append(f"  {'program':<18}{'runs':>6}{'inputs ' + name:>12}{'temp ' + name:>10}{'peak ' + name:>10}"
+        w = max(18, max(len(p.name) for p in report.programs) + 1)
+        lines.append(f"  {'program':<{w}}{'runs':>6}{'inputs ' + name:>12}{'temp ' + name:>10}{'peak ' + name:>10}"
                      f"{'compile s':>11}")
         for p in report.programs:
-            lines.append(f"  {p.name:<18}{p.calls:>6}{p.arguments / unit:>12.2f}{p.temporaries / unit:>10.2f}"
+            lines.append(f"  {p.name:<{w}}{p.calls:>6}{p.arguments / unit:>12.2f}{p.temporaries / unit:>10.2f}"
                          f"{(report.state_bytes + p.transient) / unit:>10.2f}{p.lower_s + p.compile_s:>11.1f}")
         lines.append("")
     lines.append(f"  compile  {report.compile_s:.1f} s (trace, lower and compile"

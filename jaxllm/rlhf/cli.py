@@ -435,10 +435,9 @@ def _preflight(recipe: RLHFRecipe, args) -> int:
     """`jaxllm ppo --compile-only`: one iteration compiled for --topology, nothing loaded or run."""
     from jaxllm.preflight.ppo import preflight_ppo, recipe_models
     from jaxllm.preflight.cli import finish
-    if recipe.lora is not None:
-        raise ValueError("--compile-only does not lower a lora: PPO recipe yet (docs/rlhf.md)")
 
     policy, reward_models = recipe_models(recipe)
-    report = preflight_ppo(policy, reward_models, recipe.ppo, recipe.mesh, args.target, args.prompt_tokens)
+    report = preflight_ppo(policy, reward_models, recipe.ppo, recipe.mesh, args.target, args.prompt_tokens,
+                           lora=recipe.lora, base=recipe.policy)
     return finish(report, args, "jaxllm ppo")
 

@@ -26,7 +26,9 @@ class LoraPolicy:
     the base (`frozen_sh` its shardings)."""
 
     def __init__(self, model_config: ModelConfig, base_path, lora_config: LoraConfig, mesh, seed: int = 0,
-                 log=print):
+                 log=print, *, abstract: bool = False):
+        """abstract: lay out the split without reading the base (the compile-only pre-flight's: `start`
+        then gives ShapeDtypeStructs on their shardings)."""
         lora_config.validate()
         if lora_config.train:
             raise ConfigError(f"lora.train={lora_config.train}: PPO's reference is the base with the adapters off, "
@@ -42,8 +44,15 @@ class LoraPolicy:
         self._axes, shapes, self.layout = lora_plan.layout(self.run, (), param_logical_axes(self.config),
                                                            param_shapes(self.config), mesh)
         self.frozen_sh = self.layout.frozen_sh
+        param_sh = sharding.tree_shardings(self._axes, shapes, mesh)
+        if abstract:
+            self.base = self.layout.abstract_frozen()
+            self.adapters = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                         param_sh)
+            self.digest = None
+            return
         plan = SimpleNamespace(frozen=self.layout, param_shapes=shapes, init_key=jax.random.key(seed),
-                               param_sh=sharding.tree_shardings(self._axes, shapes, mesh))
+                               param_sh=param_sh)
         self.base, self.adapters, self.digest = lora_plan.start(self.run, plan, lora_plan.lm_init(self.run), log)
         log(f"PPO LoRA: {sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.3f}M adapter parameters per model on "
             f"a frozen {self.layout.base_dtype} base")
@@ -54,7 +63,10 @@ class LoraPolicy:
     def start(self, policy, value, rng):
         """(initial adapters, initial value model, the frozen base); `policy`/`value` are unused (the base is
         read from the checkpoint; the value model starts as the policy's adapters and a fresh head)."""
-        head = reward.from_lm_params({}, self.config, rng)["head"]
+        if isinstance(jax.tree.leaves(self.adapters)[0], jax.ShapeDtypeStruct):
+            head = jax.eval_shape(lambda key: reward.from_lm_params({}, self.config, key)["head"], rng)
+        else:
+            head = reward.from_lm_params({}, self.config, rng)["head"]
         return self.adapters, {"backbone": self.adapters, "head": head}, self.base
 
     def policy(self, trainable, frozen):
