@@ -80,10 +80,16 @@ def test_the_demo_ends_with_its_heldout_perplexity_and_greedy_samples(tmp_path, 
                      "log.tensorboard=false", "log.plot=false"]) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity " in out and "zh " in out and "en " in out
-    samples = [line for line in out.splitlines() if line.startswith("greedy sample: ")]
+    samples = [line for line in out.splitlines() if line.startswith("greedy sample (repetition penalty 1.3): ")]
     assert [s.split(": ", 1)[1][:5] for s in samples] == ["床前明月光", "In th"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     assert last["final_eval"] and last["step"] == 2 and last["heldout/perplexity"] > 1
     assert [s["prompt"] for s in last["samples"]] == ["床前明月光", "In the beginning God"]
     assert all("loss" in r for r in records[:-1])
+    # the README's command gives the run's sample: greedy with the same penalty
+    assert cli.main(["generate", "--checkpoint", str(run), "--prompt", "In the beginning God", "--temperature", "0",
+                     "--repetition-penalty", "1.3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "In the beginning God" + last["samples"][1]["completion"]
+    with pytest.raises(ConfigError, match="repetition_penalty must be a number >= 1"):
+        load_config(CONFIGS_DIR / "demo.yaml", ["train.final_eval.repetition_penalty=0.5"])

@@ -155,7 +155,7 @@ class RunConfig:
         return self
 
     def _check_final_eval(self, spec: dict) -> None:
-        known = ("heldout", "prompts", "max_new_tokens")
+        known = ("heldout", "prompts", "max_new_tokens", "repetition_penalty")
         for key in spec:
             if key not in known:
                 raise unknown_key(f"train.final_eval.{key}", known)
@@ -167,6 +167,9 @@ class RunConfig:
         tokens = spec.get("max_new_tokens", 48)
         if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1):
             raise ConfigError(f"train.final_eval.max_new_tokens must be an integer >= 1, got {tokens!r}")
+        penalty = spec.get("repetition_penalty", 1.0)
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 1:
+            raise ConfigError(f"train.final_eval.repetition_penalty must be a number >= 1 (1: none), got {penalty!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every value (the model section in full, its adapters in `lora`), as written to

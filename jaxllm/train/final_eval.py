@@ -1,6 +1,7 @@
 """`train.final_eval`: what `jaxllm train` reports after a finished run — the perplexity on the sources'
 held-out slices (`data.sources.N.holdout`: documents training never read) and greedy samples of a few
-prompts. Printed, and written as metrics.jsonl's last record {"step", "final_eval": true, ...} (a rerun of the
+prompts (`repetition_penalty`: HF's, on the greedy logits; a model of a few minutes' training repeats itself
+under plain greedy decoding). Printed, and written as metrics.jsonl's last record {"step", "final_eval": true, ...} (a rerun of the
 finished run replaces it)."""
 from __future__ import annotations
 
@@ -53,16 +54,17 @@ def final_eval(config, params, step: int, run_dir: str | Path, log=print) -> dic
     if prompts:
         # encoded as `jaxllm generate` encodes them (the family's BOS default), so its greedy output matches
         tok = Tokenizer.load(resolve_path(config.data.tokenizer), family=model.family)
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=int(spec.get("max_new_tokens",
-                                                                                DEFAULT_MAX_NEW_TOKENS)))
+        penalty = float(spec.get("repetition_penalty", 1.0))
+        sampling = SamplingParams(temperature=0.0, repetition_penalty=penalty,
+                                  max_new_tokens=int(spec.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)))
         result = generate(model, decoding_layout(params), [tok.encode(p, bos=tok.add_bos) for p in prompts],
                           sampling, jax.random.key(0), stop_ids=[tok.eos_id], pad_id=tok.pad_id,
                           vocab_limit=tok.vocab_size)
-        samples = []
+        samples, label = [], f" (repetition penalty {penalty:g})" if penalty != 1 else ""
         for prompt, ids in zip(prompts, result.tokens):
             text = tok.decode([i for i in ids if i != tok.eos_id])
             samples.append({"prompt": prompt, "completion": text})
-            log(f"greedy sample: {prompt}{text}".rstrip())
+            log(f"greedy sample{label}: {prompt}{text}".rstrip())
         record["samples"] = samples
     record["time"] = round(time.time(), 3)
     path = Path(run_dir) / "metrics.jsonl"
