@@ -209,5 +209,7 @@ def test_lora_ppo_on_the_demo_chain_learns(tmp_path, monkeypatch, capsys):
                .read_text().splitlines()]
     assert len(history) == 20 and history[0]["kl"] == 0.0
     rewards = [m["reward"] for m in history]
-    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.2, rewards
+    # 16 rollouts an iteration make single iterations noisy: halves (0.51 → 1.11 here; 2.70 → 3.04 with the
+    # full 400-step demo)
+    assert np.mean(rewards[10:]) > np.mean(rewards[:10]) + 0.2, rewards
     assert max(abs(m["kl"]) for m in history) < 0.5
