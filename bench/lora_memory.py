@@ -5,6 +5,7 @@ says what one chip must hold. Nothing is allocated, so a 7B plan compiles on a l
 
     python bench/lora_memory.py        # Llama-2-7B SFT, seq 2048, TPU v5e-1 (Colab's TPU)
     python bench/lora_memory.py --settings lora:bfloat16:full:1 lora:int8:full:4 full:-:full:1
+    python bench/lora_memory.py --settings lora:bfloat16:full:1:reference lora:bfloat16:full:1   # einsum vs fused
     python bench/lora_memory.py --preset llama2-tiny --seq-len 64 --topology cpu-1    # the test's tiny run
 
 Each row is the pre-flight of `jaxllm sft … --compile-only --topology v5e-1` (`jaxllm.preflight.train`):
@@ -13,7 +14,8 @@ TPU compiler's HBM limit.
 
 A setting is KIND:BASE_DTYPE:REMAT:BATCH: KIND `lora` (rank --rank on every projection, the frozen base in
 BASE_DTYPE: bfloat16, int8 or int4) or `full` (every weight trains: float32 parameters and AdamW moments).
-Both compute in bfloat16 with one micro-batch of BATCH rows.
+Both compute in bfloat16 with one micro-batch of BATCH rows. An optional fifth field is `model.attention`
+(default auto: the fused splash kernel on TPU; `reference`: the einsum path).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import argparse
 DEFAULT = ["lora:bfloat16:full:1", "lora:bfloat16:full:2", "lora:int8:full:4", "lora:int4:full:8", "full:-:full:1"]
 
 
-def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, seq_len: int, rank: int):
+def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, seq_len: int, rank: int,
+               attention: str = "auto"):
     from jaxllm.train.config import from_dict
 
-    data = {"preset": preset, "remat": remat, "dtype": "bfloat16", "max_position_embeddings": max(seq_len, 128)}
+    data = {"preset": preset, "remat": remat, "dtype": "bfloat16", "max_position_embeddings": max(seq_len, 128),
+            "attention": attention}
     config = {"model": data, "init_from": "base-not-read", "data": {"seq_len": seq_len},
               "train": {"steps": 100, "batch_size": batch}, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
               "optimizer": {"warmup_steps": 0}}
@@ -58,11 +62,12 @@ def main(argv=None) -> None:
     settings = []
     try:  # every setting is checked before the first (slow) compile
         for text in args.settings:
-            kind, base_dtype, remat, batch = text.split(":")
-            if kind not in ("lora", "full"):
-                raise ConfigError(f"setting {text!r}: KIND must be lora or full")
+            kind, base_dtype, remat, batch, *attention = text.split(":")
+            if kind not in ("lora", "full") or len(attention) > 1:
+                raise ConfigError(f"setting {text!r}: KIND must be lora or full, as "
+                                  f"KIND:BASE_DTYPE:REMAT:BATCH[:ATTENTION]")
             settings.append((text, run_config(args.preset, kind, base_dtype, remat, int(batch), args.seq_len,
-                                              args.rank)))
+                                              args.rank, *attention)))
         topology = topologies.parse(args.topology)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"lora_memory: {err}") from None
@@ -70,7 +75,7 @@ def main(argv=None) -> None:
     print(f"{args.preset}, seq {args.seq_len}, bf16 compute, LoRA rank {args.rank} on q/k/v/o/gate/up/down; "
           f"compiled for {topology.describe()}\n")
     u = args.unit
-    print(f"{'setting':<24}  {'trainable ' + u:>13}  {'Adam ' + u:>8}  {'frozen ' + u:>10}  {'temp ' + u:>8}  "
+    print(f"{'setting':<32}  {'trainable ' + u:>13}  {'Adam ' + u:>8}  {'frozen ' + u:>10}  {'temp ' + u:>8}  "
           f"{'total ' + u:>9}  {'fits':>4}  {'compile s':>9}")
     gib, refused = (2**30 if u == "GiB" else 2**20), False
     for text, config in settings:
@@ -78,7 +83,7 @@ def main(argv=None) -> None:
         state, program = report.state, report.programs[0]
         fits = ("yes" if report.fits else "no") if tpu else "-"
         temp = "-" if program.refused else f"{program.temporaries / gib:.3f}"
-        print(f"{text:<24}  {state['parameters'] / gib:>13.3f}  {state['optimizer state'] / gib:>8.3f}  "
+        print(f"{text:<32}  {state['parameters'] / gib:>13.3f}  {state['optimizer state'] / gib:>8.3f}  "
               f"{state.get('frozen base', 0) / gib:>10.3f}  {temp:>8}  {report.peak / gib:>9.3f}  "
               f"{fits:>4}  {report.compile_s:>9.1f}", flush=True)
         refused = refused or report.refused
