@@ -1,7 +1,11 @@
 """`jaxllm sft`, `jaxllm ppo` and `jaxllm rejection-sample` with their run directory / output in a bucket
 (the GCS emulator): everything lands in the bucket, and a rerun resumes from it."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -96,4 +100,45 @@ def test_ppo_into_a_bucket_resumes_like_an_uninterrupted_run(tmp_path, gcs, mode
     for item in ("params", "value"):
         a, b = (restore_item(f"{run}/checkpoints", 3, item) for run in (straight, resumed))
         assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b))), item
+    assert not list(tmp_path.glob("gs*"))
+
+
+# Kill the process for real once two units are committed (tests/test_rejection_resume.py's killer).
+KILLER = """import os, signal, sys
+from jaxllm.train import engine
+commit = engine.Shards.commit
+def commit_then_die(self, index, result):
+    commit(self, index, result)
+    if sum(self._done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+engine.Shards.commit = commit_then_die
+from jaxllm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rejection_sample_from_and_into_a_bucket_resumes_after_sigkill(tmp_path, gcs, models, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, local in zip(("policy", "rm"), models):  # the models are read from the bucket too
+        storage.copytree(local, f"{gcs}/{name}")
+    args = ["rejection-sample", "--policy", f"{gcs}/policy", "--reward-model", f"{gcs}/rm", "--k", "2",
+            "--max-new-tokens", "4", "rejection.batch_size=4"]  # 2 prompts per unit
+    straight, resumed = f"{gcs}/best/straight.jsonl", f"{gcs}/best/resumed.jsonl"
+    assert cli.main(args + ["-o", straight]) == 0
+    assert not storage.glob(f"{straight}.parts/*", must_match=False)  # the units are gone once written
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args, "-o", resumed], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not storage.exists(resumed)
+    assert storage.listdir(f"{resumed}.parts") == ["0.json", "1.json", "lock", "run.json"]
+    from jaxllm.train import engine
+    committed, commit = [], engine.Shards.commit
+    monkeypatch.setattr(engine.Shards, "commit", lambda self, i, r: (committed.append(i), commit(self, i, r)))
+    capsys.readouterr()
+    assert cli.main(args + ["-o", resumed]) == 0
+    assert committed == [2, 3, 4, 5]  # the two finished units are read back from the bucket
+    assert storage.read_bytes(resumed) == storage.read_bytes(straight)
+    assert not storage.glob(f"{resumed}.parts/*", must_match=False)
     assert not list(tmp_path.glob("gs*"))
