@@ -55,7 +55,7 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{directory}: not a jaxllm checkpoint (no {MODEL_JSON})"
                               f"{_what_it_is(storage.path(directory))}")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        return ModelConfig.from_dict(json.loads(storage.read_text(path)))  # a bucket's failures in one line
     except (json.JSONDecodeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: invalid model config: {err}") from None
 
