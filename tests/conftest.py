@@ -21,4 +21,4 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from storage_servers import gcs, gcs_server, s3, s3_server  # noqa: E402,F401 - fixtures
+from storage_servers import gcs, gcs_server, s3, s3_denied, s3_server  # noqa: E402,F401 - fixtures

@@ -10,6 +10,7 @@ missing package skips; a server that does not start is a failure.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -133,3 +134,51 @@ def gcs(gcs_server):
 def s3(s3_server):
     """A fresh, empty bucket on the moto server: "s3://jaxllm-test-…"."""
     return _new_bucket("s3")
+
+
+READ_ONLY, SEALED = "jaxllm-read-only", "jaxllm-sealed"
+
+
+@pytest.fixture
+def s3_denied(monkeypatch):
+    """A moto server of its own that enforces IAM: buckets READ_ONLY (objects may be read, not written or
+    deleted) and SEALED (nothing may be read), each holding `ckpt/model.json`; the environment holds the
+    keys of the user those policies bind. Yields the server's URL."""
+    boto3 = pytest.importorskip("boto3")
+    exe = _need("moto", "moto_server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([exe, "-H", "127.0.0.1", "-p", str(port)], url, "/moto-api/", "moto_server")
+    try:
+        admin = dict(endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1")
+        s3 = boto3.client("s3", **admin)
+        for name in (READ_ONLY, SEALED):
+            s3.create_bucket(Bucket=name)
+            s3.put_object(Bucket=name, Key="ckpt/model.json", Body=b"{}")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        deny = [{"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": f"arn:aws:s3:::{READ_ONLY}/*"},
+                {"Effect": "Deny", "Action": ["s3:GetObject"], "Resource": f"arn:aws:s3:::{SEALED}/*"}]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}, *deny]}
+        iam.put_user_policy(UserName="reader", PolicyName="limits", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        # from here on the server checks every request's signature and the user's policies
+        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
+                                                      headers={"Content-Type": "text/plain"})).read()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        _forget_s3_clients()
+        yield url
+    finally:
+        _stop(proc)
+        _forget_s3_clients()
+
+
+def _forget_s3_clients() -> None:
+    # fsspec caches one S3FileSystem per argument set: one made for another endpoint must not be reused
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -55,7 +55,7 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{directory}: not a jaxllm checkpoint (no {MODEL_JSON})"
                               f"{_what_it_is(storage.path(directory))}")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        return ModelConfig.from_dict(json.loads(storage.read_text(path)))  # a bucket's failures in one line
     except (json.JSONDecodeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: invalid model config: {err}") from None
 
@@ -112,10 +112,10 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     # one zarr store per array instead of an OCDBT database (see storage.supports_ocdbt)
     from grain.checkpoint import CheckpointHandler as DataHandler
 
-    kinds = {"params": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
-             "opt_state": lambda: ocp.StandardCheckpointHandler(use_ocdbt=False),
-             "meta": ocp.JsonCheckpointHandler, "data": DataHandler}
-    handlers = {name: kinds[name]() for name in item_names}
+    # meta and data have their own handlers; every other item is an array tree (params, opt_state, PPO's value)
+    kinds = {"meta": ocp.JsonCheckpointHandler, "data": DataHandler}
+    handlers = {name: kinds.get(name, lambda: ocp.StandardCheckpointHandler(use_ocdbt=False))()
+                for name in item_names}
     return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
 
 

@@ -44,12 +44,15 @@ def load_model(path: str | Path, *, dtype: str | None = None, family: str | None
     from jaxllm.models import param_shardings
     from jaxllm.tokenizer import Tokenizer
 
-    path = Path(path)
-    if not path.exists():
+    from jaxllm import storage
+
+    storage.check_bucket(path)  # a missing bucket or no access: one line naming it
+    path = storage.path(path)  # local, or gs:// / s3:// kept intact
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     record = adapters.read_record(path) if adapter is None and not (path / "config.json").is_file() else None
     if record is not None:  # a LoRA run or adapter: its recorded base, with it on top
-        if not record.get("base") or not Path(record["base"]).exists():
+        if not record.get("base") or not storage.exists(record["base"]):
             raise CheckpointError(f"{path}: a LoRA adapter whose base ({record.get('base')}) is not there; give "
                                   f"the base with --checkpoint BASE --adapter {path}")
         config, params, tok = load_model(record["base"], dtype=dtype, family=family, tokenizer=tokenizer, mesh=mesh,

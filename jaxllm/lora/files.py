@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint as jckpt
+from jaxllm import checkpoint as jckpt, storage
 from jaxllm.config import ModelConfig
 
 ADAPTER_JSON = "adapter.json"
@@ -50,9 +50,9 @@ def write_record(directory: str | os.PathLike, *, base: str | None, base_digest:
 
 def read_record(directory: str | os.PathLike) -> dict | None:
     """adapter.json of a jaxllm adapter checkpoint (or a run directory holding one), or None."""
-    path = Path(directory)
+    path = storage.path(directory)
     for candidate in (path / ADAPTER_JSON, path / "checkpoints" / ADAPTER_JSON):
-        if candidate.is_file():
+        if storage.is_file(candidate):
             try:
                 return json.loads(candidate.read_text())
             except json.JSONDecodeError as err:

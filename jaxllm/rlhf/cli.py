@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -360,6 +359,7 @@ RESUMABLE = ("run_dir", "mesh.", "distributed", "ppo.iterations", "ppo.save_ever
 def _claim_run_dir(recipe: RLHFRecipe):
     """(RUN, its lock): create RUN (or check that RUN/ppo.yaml describes the same run), lock it and write the
     resolved recipe; every process checks, process 0 writes."""
+    from jaxllm import storage
     from jaxllm.config import ConfigError
     from jaxllm.data import resolve_path
     from jaxllm.distributed import is_primary, sync
@@ -367,15 +367,16 @@ def _claim_run_dir(recipe: RLHFRecipe):
     from jaxllm.train.config import config_differences
     from jaxllm.train.engine import write_run_file
 
-    run_dir = Path(resolve_path(recipe.run_dir))
+    storage.check_bucket(recipe.run_dir)
+    run_dir = storage.path(resolve_path(recipe.run_dir))  # pathlib.Path, or epath.Path keeping gs://
     path = run_dir / "ppo.yaml"
     text = to_yaml(recipe)
-    if path.is_file():
-        diffs = config_differences(yaml.safe_load(path.read_text("utf-8")) or {}, yaml.safe_load(text), RESUMABLE)
+    if storage.is_file(path):
+        diffs = config_differences(yaml.safe_load(storage.read_text(path)) or {}, yaml.safe_load(text), RESUMABLE)
         if diffs:
             raise ConfigError(f"run directory {run_dir} holds a PPO run with a different recipe ({'; '.join(diffs[:6])})"
                               f"; choose another run_dir=… or remove {run_dir}")
-    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    elif storage.is_dir(run_dir / "checkpoints") and storage.listdir(run_dir / "checkpoints"):
         raise ConfigError(f"run directory {run_dir} has checkpoints but no ppo.yaml; choose another run_dir=…")
     sync("jaxllm ppo run dir checked")  # no process reads ppo.yaml after process 0 rewrote it
     held = rundir.lock(run_dir)  # one writer per run directory (process 0 holds it for all), for the run

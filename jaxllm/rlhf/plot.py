@@ -17,5 +17,7 @@ def plot_history(history, path) -> None:
         ax.set_title(key)
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from jaxllm import storage
+    with storage.open(path, "wb") as f:  # a local file or an object in a bucket
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -6,10 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from jaxllm import storage
+
 
 def _records(path: Path):
     """(line number, dict) of a jsonl file; a clear error for a line that is not a JSON object."""
-    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -25,8 +27,8 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[bool]]:
     """(prompt texts, safety tags) from a jsonl of {"prompt": str, "safety": bool (optional, default
     false)} or a text file of one prompt per line (none tagged). A tagged prompt is scored by the safety
     reward model whatever its score (Llama 2 §3.2.3)."""
-    file = Path(path)
-    if not file.is_file():
+    file = storage.path(path)  # local, gs:// or s3://
+    if not storage.is_file(file):
         raise ValueError(f"{path}: no such prompts file")
     texts, tags = [], []
     if file.suffix in (".jsonl", ".json"):
@@ -39,7 +41,7 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[bool]]:
             texts.append(record["prompt"])
             tags.append(tag)
     else:
-        texts = [line for line in file.read_text("utf-8").splitlines() if line.strip()]
+        texts = [line for line in storage.read_text(file).splitlines() if line.strip()]
         tags = [False] * len(texts)
     if not texts:
         raise ValueError(f"{path}: no prompts")
@@ -61,8 +63,8 @@ def read_pool(paths) -> list[PooledReply]:
     kept assistant reply), each (prompt, reply) once; `iteration` defaults to 1 where a record has none."""
     pool, seen = [], set()
     for path in paths:
-        file = Path(path)
-        if not file.is_file():
+        file = storage.path(path)
+        if not storage.is_file(file):
             raise ValueError(f"{path}: no such pool file (an earlier rejection-sample output)")
         for number, record in _records(file):
             messages = record.get("messages")

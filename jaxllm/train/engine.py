@@ -197,28 +197,30 @@ class Shards:
     process samples into it) until `remove()` or the end of the process."""
 
     def __init__(self, directory: str | Path, fingerprint: dict, count: int, log: Callable = print):
-        self.directory, self.count = Path(directory), count
+        self.directory, self.count = storage.path(directory), count  # local, or a prefix in a bucket
         self.lock = rundir.lock(self.directory, log=log)  # one writer of these units (and of their output)
         fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples are lists)
         record = self.directory / "run.json"
         primary = jax.process_index() == 0
         same = False
-        if record.is_file():
+        if storage.is_file(record):
             try:
-                same = json.loads(record.read_text(encoding="utf-8")) == fingerprint
+                same = json.loads(storage.read_text(record)) == fingerprint
             except ValueError:
                 same = False
         if not _agreed(same) and primary:
-            if record.is_file() or any(self.directory.glob("*.json")):
+            units = self._units()
+            if storage.is_file(record) or units:
                 log(f"{self.directory}: finished units of another run discarded")
-            for path in self.directory.glob("*.json"):
-                path.unlink()
+            for path in units:
+                storage.remove(path)
         if primary:
             write_run_file(record, json.dumps(fingerprint, sort_keys=True))
         self._done = self._finished()
 
     def _finished(self) -> np.ndarray:
-        done = np.array([(self.directory / f"{i}.json").is_file() for i in range(self.count)], np.int32)
+        names = set(storage.listdir(self.directory)) if storage.is_dir(self.directory) else set()  # one listing
+        done = np.array([f"{i}.json" in names for i in range(self.count)], np.int32)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             done = np.asarray(multihost_utils.broadcast_one_to_all(done))
@@ -228,7 +230,7 @@ class Shards:
         return bool(self._done[index])
 
     def load(self, index: int):
-        return json.loads((self.directory / f"{index}.json").read_text(encoding="utf-8"))
+        return json.loads(storage.read_text(self.directory / f"{index}.json"))
 
     def commit(self, index: int, result) -> None:
         if jax.process_index() == 0:
@@ -238,11 +240,15 @@ class Shards:
     def remove(self) -> None:
         """Once the run's output is written: the units are no longer needed."""
         if jax.process_index() == 0:
-            for path in self.directory.glob("*.json"):
-                path.unlink()
+            for path in self._units():
+                storage.remove(path)
             self.lock.release()
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()
+            if not storage.is_remote(self.directory):  # a bucket has no empty directories to remove
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
+
+    def _units(self) -> list[str]:
+        return storage.glob(f"{self.directory}/*.json", must_match=False)
 
 
 def write_run_file(path: str | Path, text: str) -> None:

@@ -288,6 +288,8 @@ def producer_hint(path: str | Path) -> str:
     chain: train → sft → dpo / rm → ppo), else ""."""
     from jaxllm.train.config import CONFIGS_DIR
 
+    if storage.is_remote(path):  # the shipped recipes train into local directories
+        return ""
     target = Path(path).resolve()
     for recipe in sorted(CONFIGS_DIR.glob("*.yaml")):
         try:
@@ -311,10 +313,11 @@ def check_init_from(path: str, model_config: ModelConfig) -> None:
     from jaxllm.models import param_shapes
 
     label = f"init_from {path}"
-    if not Path(path).exists():
+    storage.check_bucket(path)  # no such bucket, no access: one line naming it
+    if not storage.exists(path):
         raise jckpt.CheckpointError(f"{label}: no such checkpoint{producer_hint(path)}")
     directory = jckpt.resolve(path)
-    if (Path(path) / "config.yaml").is_file() and not jckpt.is_checkpoint(directory):
+    if storage.is_file(storage.path(path) / "config.yaml") and not jckpt.is_checkpoint(directory):
         raise jckpt.CheckpointError(f"{label}: its run has not saved a checkpoint yet{producer_hint(path)}")
     source = jckpt.read_model_config(directory)
     try:
