@@ -178,7 +178,10 @@ def s3_denied(monkeypatch):
 
 
 def _forget_s3_clients() -> None:
-    # fsspec caches one S3FileSystem per argument set: one made for another endpoint must not be reused
+    # fsspec caches one S3FileSystem per argument set, and etils.epath one filesystem per scheme: one made
+    # for another endpoint or other keys must not be reused
     import s3fs
+    from etils.epath import backend
 
     s3fs.S3FileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
