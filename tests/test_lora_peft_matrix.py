@@ -21,6 +21,7 @@ from jaxllm.models import get_preset
 from reference import random_hf_state_dict
 from test_convert import save_baichuan, save_llama
 from test_lora_peft import baichuan_torch, jax_logits, rel_err
+from hf_modules import private_module_cache
 
 TOKENS = np.random.default_rng(5).integers(3, 250, size=(2, 10))
 GREEDY = 12
@@ -45,7 +46,7 @@ def models(tmp_path_factory):
     hf_to_jaxllm(root / "hf", root / "base")
     cache = tmp_path_factory.mktemp("hf_modules")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
+        private_module_cache(patch, cache)
         out["baichuan2"] = root, lambda path=root / "hf": _causal(transformers.AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=True, dtype=torch.float32).eval())
         yield out

@@ -71,7 +71,10 @@ def test_only_adapters_and_value_parts_are_checkpointed(straight, base):
     step = max(p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     size = sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
     base_size = sum(f.stat().st_size for f in base[1].rglob("*") if f.is_file())
-    assert size < base_size  # adapters + value adapters/head + AdamW moments, not the base
+    # adapters + value adapters/head + AdamW moments, not the base: with the base (policy, value backbone and
+    # their moments) it would be 4× the base's; at this tiny size the four items' OCDBT overhead is about the
+    # adapters' bytes, so the bound is 2×, not 1× (the on-disk size moved by 0.5 % between runs)
+    assert size < 2 * base_size
     record = json.loads((run_dir / "checkpoints" / "adapter.json").read_text())
     assert record["base"] == str(base[1].absolute()) and record["base_digest"]
 

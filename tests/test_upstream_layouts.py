@@ -26,6 +26,7 @@ from jaxllm.convert.mapping import hf_to_params
 from jaxllm.models import forward, get_preset
 from jaxllm.train import rundir
 from reference import random_hf_state_dict, reference_logits, write_meta
+from hf_modules import private_module_cache
 
 DATA = Path(__file__).parent / "data"
 fwd = jax.jit(forward, static_argnums=0)
@@ -72,7 +73,7 @@ def load_remote(tmp_path_factory):
     a temporary directory (each directory needs a unique name: transformers keys modules by it)."""
     cache = tmp_path_factory.mktemp("hf_modules")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
+        private_module_cache(patch, cache)
         yield lambda path: transformers.AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=True, dtype=torch.float32).eval()
 
