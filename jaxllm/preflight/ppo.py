@@ -1,6 +1,6 @@
-"""Compile-only pre-flight of a PPO recipe: one iteration's programs (`jaxllm.rlhf.programs.iteration_programs`: the policy's
-copy for generation, rollout prefill and decode, reward scoring, rollout statistics, advantages, update)
-compiled for a topology, on the shardings PPO uses, without checkpoints, prompts or allocating anything.
+"""Compile-only pre-flight of a PPO recipe: one iteration's programs (`rlhf.programs.iteration_programs`:
+the policy's copy for generation, rollout prefill and decode, reward scoring, rollout statistics, advantages,
+update) compiled for a topology, on the shardings PPO uses, without checkpoints, prompts or allocating anything.
 
 Memory: the run keeps the trained policy and value model, the frozen reference, the reward model(s) and the
 optimizer state on the devices throughout; its peak is that state plus the largest of what one program
