@@ -112,7 +112,6 @@ def test_lora_ppo_refuses_trained_base_weights(base):
 def test_ppo_lora_command_resumes_a_killed_run_exactly(tmp_path, capsys):
     """`jaxllm ppo ppo-lora-demo` on an int8 base: kill -9 after iteration 2's checkpoint, rerun, and the
     adapters and every iteration's metrics equal an uninterrupted run's; the run's checkpoint generates."""
-    import shutil
     import subprocess
     import sys
     import time
@@ -120,15 +119,9 @@ def test_ppo_lora_command_resumes_a_killed_run_exactly(tmp_path, capsys):
 
     from jaxllm.cli import main as cli
     from jaxllm.lora import files as adapters
-    from jaxllm.stages import reward
+    from tiny_chain import save_policy_and_reward_model
 
-    assets = Path(__file__).resolve().parent.parent / "jaxllm" / "assets"
-    cfg = get_preset("llama2-tiny", vocab_size=4096)
-    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
-    params = init_params(cfg, jax.random.key(3))
-    save_params(policy_dir, jax.tree.map(np.asarray, params), cfg)
-    shutil.copy(assets / "demo" / "tokenizer.model", policy_dir / "tokenizer.model")
-    save_params(rm_dir, jax.tree.map(np.asarray, reward.from_lm_params(params, cfg, jax.random.key(4))), cfg)
+    cfg, policy_dir, rm_dir = save_policy_and_reward_model(tmp_path)
     args = ["ppo-lora-demo", "--policy", str(policy_dir), "--reward-model", str(rm_dir), "ppo.iterations=4",
             "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=4", "ppo.save_every=1", "mesh.fsdp=1",
             "mesh.tensor=8"]

@@ -3,30 +3,19 @@ writing the same output while the first holds it exits 2 with one line, as `jaxl
 run directory, and touches nothing."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 
-from jaxllm.checkpoint import save_params
-from jaxllm.models import get_preset, init_params
-from jaxllm.stages import reward
 from jaxllm.train import rundir
+from tiny_chain import save_policy_and_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "jaxllm" / "assets"
 
 
 def test_a_second_rejection_sample_into_a_held_output_is_refused_in_one_line(tmp_path):
-    cfg = get_preset("llama2-tiny", vocab_size=4096)
-    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
-    params = init_params(cfg, jax.random.key(3))
-    save_params(policy_dir, jax.tree.map(np.asarray, params), cfg)
-    shutil.copy(ASSETS / "demo" / "tokenizer.model", policy_dir / "tokenizer.model")
-    save_params(rm_dir, jax.tree.map(np.asarray, reward.from_lm_params(params, cfg, jax.random.key(4))), cfg)
+    cfg, policy_dir, rm_dir = save_policy_and_reward_model(tmp_path)
     output = tmp_path / "best.jsonl"
     parts = Path(f"{output}.parts")
     held = rundir.lock(parts)  # the first command, still sampling into OUTPUT.parts (this process holds it)

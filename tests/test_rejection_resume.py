@@ -1,42 +1,18 @@
 """`jaxllm rejection-sample` resumes: a run SIGKILLed part-way, run again, writes the bytes an uninterrupted
 run writes (finished units of prompts are committed whole beside the output and skipped on the rerun)."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-
-from jaxllm.checkpoint import save_params
 from jaxllm.cli import main as cli
-from jaxllm.models import get_preset, init_params
-from jaxllm.stages import reward
+from tiny_chain import KILLER, save_policy_and_reward_model
 
-ASSETS = Path(__file__).resolve().parent.parent / "jaxllm" / "assets"
-# Kill the process for real once two units are committed (no handler runs, nothing is cleaned up).
-KILLER = """import os, signal, sys
-from jaxllm.train import engine
-commit = engine.Shards.commit
-def commit_then_die(self, index, result):
-    commit(self, index, result)
-    if sum(self._done) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-engine.Shards.commit = commit_then_die
-from jaxllm.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_a_sigkilled_rejection_sample_run_again_writes_the_same_bytes(tmp_path, capsys, monkeypatch):
-    cfg = get_preset("llama2-tiny", vocab_size=4096)
-    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
-    params = init_params(cfg, jax.random.key(3))
-    save_params(policy_dir, jax.tree.map(np.asarray, params), cfg)
-    shutil.copy(ASSETS / "demo" / "tokenizer.model", policy_dir / "tokenizer.model")
-    save_params(rm_dir, jax.tree.map(np.asarray, reward.from_lm_params(params, cfg, jax.random.key(4))), cfg)
+    cfg, policy_dir, rm_dir = save_policy_and_reward_model(tmp_path)
     args = ["rejection-sample", "--policy", str(policy_dir), "--reward-model", str(rm_dir), "--k", "2",
             "--max-new-tokens", "4", "rejection.batch_size=4"]  # 2 prompts per unit
 

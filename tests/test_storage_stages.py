@@ -2,7 +2,6 @@
 (the GCS emulator): everything lands in the bucket, and a rerun resumes from it."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,7 @@ import pytest
 import yaml
 
 from jaxllm import cli, storage
-from jaxllm.checkpoint import save_params
-from jaxllm.models import get_preset, init_params
-from jaxllm.stages import reward
+from tiny_chain import KILLER, save_policy_and_reward_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "jaxllm" / "assets"
 MODEL = {"preset": "llama2-tiny", "vocab_size": 4096}
@@ -64,13 +61,7 @@ def restore_item(directory, step, item):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny policy (with the demo tokenizer) and a reward model grown from it, saved locally."""
-    root = tmp_path_factory.mktemp("models")
-    cfg = get_preset("llama2-tiny", vocab_size=4096)
-    params = init_params(cfg, jax.random.key(3))
-    save_params(root / "policy", jax.tree.map(np.asarray, params), cfg)
-    shutil.copy(ASSETS / "demo" / "tokenizer.model", root / "policy" / "tokenizer.model")
-    save_params(root / "rm", jax.tree.map(np.asarray, reward.from_lm_params(params, cfg, jax.random.key(4))), cfg)
-    return root / "policy", root / "rm"
+    return save_policy_and_reward_model(tmp_path_factory.mktemp("models"))[1:]
 
 
 def ppo_args(models, run_dir, iterations):
@@ -103,18 +94,6 @@ def test_ppo_into_a_bucket_resumes_like_an_uninterrupted_run(tmp_path, gcs, mode
     assert not list(tmp_path.glob("gs*"))
 
 
-# Kill the process for real once two units are committed (tests/test_rejection_resume.py's killer).
-KILLER = """import os, signal, sys
-from jaxllm.train import engine
-commit = engine.Shards.commit
-def commit_then_die(self, index, result):
-    commit(self, index, result)
-    if sum(self._done) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-engine.Shards.commit = commit_then_die
-from jaxllm.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_rejection_sample_from_and_into_a_bucket_resumes_after_sigkill(tmp_path, gcs, models, capsys, monkeypatch):
