@@ -45,6 +45,7 @@ class LoraPolicy:
                                                            param_shapes(self.config), mesh)
         self.frozen_sh = self.layout.frozen_sh
         param_sh = sharding.tree_shardings(self._axes, shapes, mesh)
+        self.abstract = abstract
         if abstract:
             self.base = self.layout.abstract_frozen()
             self.adapters = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -63,10 +64,8 @@ class LoraPolicy:
     def start(self, policy, value, rng):
         """(initial adapters, initial value model, the frozen base); `policy`/`value` are unused (the base is
         read from the checkpoint; the value model starts as the policy's adapters and a fresh head)."""
-        if isinstance(jax.tree.leaves(self.adapters)[0], jax.ShapeDtypeStruct):
-            head = jax.eval_shape(lambda key: reward.from_lm_params({}, self.config, key)["head"], rng)
-        else:
-            head = reward.from_lm_params({}, self.config, rng)["head"]
+        make_head = lambda key: reward.from_lm_params({}, self.config, key)["head"]
+        head = jax.eval_shape(make_head, rng) if self.abstract else make_head(rng)
         return self.adapters, {"backbone": self.adapters, "head": head}, self.base
 
     def policy(self, trainable, frozen):
