@@ -359,10 +359,14 @@ def copytree(src, dst) -> None:
     if not is_remote(src) and not is_remote(dst):
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return
-    source = path(src)
-    for child in source.rglob("*"):
-        if child.is_file():
-            copy(child, f"{os.fspath(dst).rstrip('/')}/{os.fspath(child)[len(os.fspath(source).rstrip('/')) + 1:]}")
+    root, target = os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/")
+    files = [] if is_remote(src) else [os.fspath(p) for p in Path(root).rglob("*") if p.is_file()]
+    if is_remote(src):  # fsspec's find: epath's rglob refuses `**` in a bucket
+        with reporting(src):
+            fs, key = filesystem(src)
+            files = [f"{scheme(src)}://{name}" for name in fs.find(key)]
+    for name in files:
+        copy(name, f"{target}/{name[len(root) + 1:]}")
 
 
 def copy(src, dst) -> None:
@@ -401,8 +405,7 @@ def rename(src, dst) -> None:
 
 
 def _remove_objects(fs, key: str) -> None:
-    """Delete every object under `key`, one request each (batch deletes are not in every GCS-compatible
-    server)."""
+    """Delete every object under `key`, one request each (not every GCS-compatible server batches)."""
     for name in fs.find(key):
         fs.rm_file(name)
     fs.invalidate_cache()

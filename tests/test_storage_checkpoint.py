@@ -31,7 +31,9 @@ def all_tensors(directory):
     return {k: np.asarray(reader.get(k)) for k in reader.keys()}
 
 
-def test_convert_round_trip_through_a_bucket(tmp_path, gcs):
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_convert_round_trip_through_a_bucket(tmp_path, store, request):
+    gcs = request.getfixturevalue(store)  # the bucket
     cfg = get_preset("llama2-tiny")
     write_hf(tmp_path / "hf", cfg)
     storage.copytree(tmp_path / "hf", f"{gcs}/hf")
@@ -39,7 +41,7 @@ def test_convert_round_trip_through_a_bucket(tmp_path, gcs):
     hf_to_jaxllm(f"{gcs}/hf", f"{gcs}/jx")
     assert storage.is_file(f"{gcs}/jx/model.json") and storage.is_file(f"{gcs}/jx/0/record.json")
     assert not storage.glob(f"{gcs}/.jx.partial-*", must_match=False)  # the staging prefix is gone
-    assert not list(tmp_path.glob("gs*"))  # nothing staged locally
+    assert not list(tmp_path.glob("gs*")) and not list(tmp_path.glob("s3*"))  # nothing staged locally
     params, jcfg = load_params(f"{gcs}/jx")
     hf_to_jaxllm(tmp_path / "hf", tmp_path / "jx")
     local, _ = load_params(tmp_path / "jx")

@@ -1,5 +1,5 @@
 """`jaxllm sft`, `jaxllm ppo` and `jaxllm rejection-sample` with their run directory / output in a bucket
-(the GCS emulator): everything lands in the bucket, and a rerun resumes from it."""
+(the GCS emulator; S3 on moto in the slow suite): everything lands in the bucket, and a rerun resumes from it."""
 import json
 import os
 import signal
@@ -32,7 +32,9 @@ def sft_recipe(tmp_path, name, run_dir, steps):
     return str(path)
 
 
-def test_sft_into_a_bucket_and_resume(tmp_path, gcs, capsys, monkeypatch):
+@pytest.mark.parametrize("store", ["gcs", pytest.param("s3", marks=pytest.mark.slow)])
+def test_sft_into_a_bucket_and_resume(tmp_path, store, request, capsys, monkeypatch):
+    gcs = request.getfixturevalue(store)  # the bucket
     # (bit-identical resume is tests/test_stages.py's; here: that it all goes through the bucket)
     monkeypatch.chdir(tmp_path)  # a local folder named "gs:" would appear here
     run = f"{gcs}/sft/run"
@@ -47,7 +49,7 @@ def test_sft_into_a_bucket_and_resume(tmp_path, gcs, capsys, monkeypatch):
     steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
     assert steps == [1, 2, 3, 4]
     assert storage.is_file(f"{run}/checkpoints/4/meta/metadata")
-    assert not list(tmp_path.glob("gs*"))
+    assert not list(tmp_path.glob("gs*")) and not list(tmp_path.glob("s3*"))
 
 
 def restore_item(directory, step, item):
@@ -72,7 +74,9 @@ def ppo_args(models, run_dir, iterations):
 
 
 @pytest.mark.slow
-def test_ppo_into_a_bucket_resumes_like_an_uninterrupted_run(tmp_path, gcs, models, capsys, monkeypatch):
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_ppo_into_a_bucket_resumes_like_an_uninterrupted_run(tmp_path, store, request, models, capsys, monkeypatch):
+    gcs = request.getfixturevalue(store)  # the bucket
     monkeypatch.chdir(tmp_path)
     straight, resumed = f"{gcs}/ppo/straight", f"{gcs}/ppo/resumed"
     assert cli.main(ppo_args(models, straight, 3)) == 0
@@ -91,12 +95,15 @@ def test_ppo_into_a_bucket_resumes_like_an_uninterrupted_run(tmp_path, gcs, mode
     for item in ("params", "value"):
         a, b = (restore_item(f"{run}/checkpoints", 3, item) for run in (straight, resumed))
         assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b))), item
-    assert not list(tmp_path.glob("gs*"))
+    assert not list(tmp_path.glob("gs*")) and not list(tmp_path.glob("s3*"))
 
 
 
 
-def test_rejection_sample_from_and_into_a_bucket_resumes_after_sigkill(tmp_path, gcs, models, capsys, monkeypatch):
+@pytest.mark.parametrize("store", ["gcs", pytest.param("s3", marks=pytest.mark.slow)])
+def test_rejection_sample_from_and_into_a_bucket_resumes_after_sigkill(tmp_path, store, request, models, capsys,
+                                                                       monkeypatch):
+    gcs = request.getfixturevalue(store)  # the bucket
     monkeypatch.chdir(tmp_path)
     for name, local in zip(("policy", "rm"), models):  # the models are read from the bucket too
         storage.copytree(local, f"{gcs}/{name}")
@@ -120,4 +127,4 @@ def test_rejection_sample_from_and_into_a_bucket_resumes_after_sigkill(tmp_path,
     assert committed == [2, 3, 4, 5]  # the two finished units are read back from the bucket
     assert storage.read_bytes(resumed) == storage.read_bytes(straight)
     assert not storage.glob(f"{resumed}.parts/*", must_match=False)
-    assert not list(tmp_path.glob("gs*"))
+    assert not list(tmp_path.glob("gs*")) and not list(tmp_path.glob("s3*"))

@@ -5,6 +5,7 @@ import socket
 
 import jax
 import numpy as np
+import pytest
 
 from jaxllm import cli, storage
 from jaxllm.checkpoint import load_params
@@ -19,10 +20,12 @@ def recipe(tmp_path, name, run, steps):
     return str(path)
 
 
-def test_train_into_a_bucket_and_resume_bit_identically(tmp_path, gcs, capsys):
-    straight, resumed = f"{gcs}/runs/straight", f"{gcs}/runs/resumed"
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_train_into_a_bucket_and_resume_bit_identically(tmp_path, store, request, capsys):
+    bucket = request.getfixturevalue(store)
+    straight, resumed = f"{bucket}/runs/straight", f"{bucket}/runs/resumed"
     assert cli.main(["train", recipe(tmp_path, "a", straight, 4), *QUIET]) == 0
-    assert not list(tmp_path.glob("gs*"))  # no local folder named "gs:"
+    assert not list(tmp_path.glob("gs*")) and not list(tmp_path.glob("s3*"))  # no local folder "gs:"
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "tokenizer.model", "checkpoints/model.json"):
         assert storage.is_file(f"{straight}/{name}"), name
     assert storage.glob(f"{straight}/tb/events.out.tfevents.*")

@@ -29,7 +29,10 @@ import orbax.checkpoint as ocp
 
 from jaxllm import storage
 from jaxllm.config import ModelConfig
+from jaxllm.checkpoint import s3
 from jaxllm.checkpoint.failures import one_line
+
+s3.install()  # every reader and writer of a checkpoint imports this module
 
 MODEL_JSON = "model.json"
 RECORD_JSON = "record.json"
@@ -104,9 +107,12 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = False,
             item_names=("params",), retire_to: str | None = None) -> ocp.CheckpointManager:
     """An orbax manager of DIR. `retire_to`: steps dropped by `max_to_keep` are renamed into DIR/<retire_to>
-    (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step."""
+    (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step. In a
+    bucket a rename is a copy, so orbax deletes there (a half-deleted step is older than the kept ones)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save, todelete_subdir=retire_to)
+                                           enable_async_checkpointing=async_save,
+                                           todelete_subdir=None if storage.is_remote(directory) else retire_to,
+                                           **s3.manager_options(directory))
     if storage.supports_ocdbt(directory):
         return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=item_names)
     # one zarr store per array instead of an OCDBT database (see storage.supports_ocdbt)

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 
 from jaxllm import storage
 from jaxllm.config import ModelConfig
+from jaxllm.checkpoint import s3
 from jaxllm.checkpoint.format import params_kind, write_model_config, write_record
 
 
@@ -124,7 +125,8 @@ def save_params(directory: str | os.PathLike, params, config: ModelConfig, step:
     digests.update({path_name(path): host_digest(leaf) for path, leaf in leaves
                     if not isinstance(leaf, (jax.Array, StreamedArray))})
     write_model_config(directory, config)
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                           **s3.manager_options(directory))
     handler_ = _StreamingNumpyHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, handler_), (StreamedArray, handler_), (jax.Array, ocp.type_handlers.ArrayHandler()))
