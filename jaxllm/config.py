@@ -151,6 +151,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    # tokens per chunk of the output layer + loss in training (each chunk's logits recomputed in the backward
+    # pass instead of all [batch, len, vocab] float32 logits kept); 0: the whole sequence at once
+    loss_chunk: int = 0
     # "none": the backbone alone returns hidden states (reward and value models add their own heads).
     head: str = "lm"
     # LoRA adapters next to the base weights (their leaves are in the parameter tree); None: the base alone.
@@ -189,6 +192,8 @@ class ModelConfig:
             raise ConfigError(f"model.hidden_size/num_heads={self.head_dim} must be even for RoPE")
         check_choice("model.family", self.family, FAMILIES)
         check_choice("model.remat", self.remat, REMAT_POLICIES)
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk={self.loss_chunk}: expected tokens per chunk (> 0) or 0 (no chunks)")
         check_choice("model.attention", self.attention, ATTENTION_IMPLS)
         check_choice("model.head", self.head, HEADS)
         for name in ("dtype", "param_dtype"):

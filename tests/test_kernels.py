@@ -154,6 +154,17 @@ def test_kernels_per_shard_under_a_mesh():
     np.testing.assert_allclose(got_alibi, reference(q, k, v, seg, pos, slopes), **TOL)
 
 
+def test_a_forced_kernel_leaves_the_parameter_shapes_alone():
+    # the shapes come from a length-1 dummy forward, which splash cannot tile: `jaxllm train … attention=splash`
+    import dataclasses
+
+    from jaxllm.models import param_logical_axes, param_shapes
+
+    cfg = presets.get_preset("llama2-tiny")
+    forced = dataclasses.replace(cfg, attention="splash")
+    assert param_shapes(forced) == param_shapes(cfg) and param_logical_axes(forced) == param_logical_axes(cfg)
+
+
 def test_auto_chooses_by_the_mesh_devices():
     assert choose("auto", "rope", jnp.bfloat16, True, 256, 256, 64) == "reference"  # CPU host, no mesh
     assert choose("splash", "alibi", jnp.float32, True, 256, 256, 64) == "splash"

@@ -1,6 +1,7 @@
 """Functional model API: parameters are a plain pytree; the model a pure function of them."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -14,7 +15,7 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
-__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward",
+__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward", "head_logits",
            "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "param_shardings",
            "count_params", "unroll_layers", "is_unrolled", "decoding_layout"]
 
@@ -23,10 +24,15 @@ def _dummy_tokens():
     return jnp.zeros((1, 1), jnp.int32)
 
 
+def _for_init(config: ModelConfig) -> ModelConfig:
+    # the parameters do not depend on the attention path, and a forced fused kernel refuses the dummy length 1
+    return dataclasses.replace(config, attention="reference") if config.attention != "reference" else config
+
+
 @functools.lru_cache(maxsize=64)
 def _boxed_shapes(config: ModelConfig):
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return jax.eval_shape(lambda r: Decoder(config).init(jax.random.wrap_key_data(r), _dummy_tokens()),
+    return jax.eval_shape(lambda r: Decoder(_for_init(config)).init(jax.random.wrap_key_data(r), _dummy_tokens()),
                           rng)["params"]
 
 
@@ -52,7 +58,7 @@ def count_params(config: ModelConfig) -> int:
 def init_params(config: ModelConfig, rng: jax.Array, shardings=None):
     """Random parameters (normal(initializer_range), norms at one). With `shardings` (a pytree of
     `NamedSharding` matching `param_shapes`) each device materialises only its own shard."""
-    init = jax.jit(lambda r: nn.unbox(Decoder(config).init(r, _dummy_tokens())["params"]),
+    init = jax.jit(lambda r: nn.unbox(Decoder(_for_init(config)).init(r, _dummy_tokens())["params"]),
                    out_shardings=shardings)
     return init(rng)
 
@@ -64,6 +70,12 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
     return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, tokens, positions, segment_ids, kv_cache,
                                  return_hidden=return_hidden, last_only=last_only,
                                  rngs=None if rng is None else {"dropout": rng})
+
+
+def head_logits(config: ModelConfig, params, hidden):
+    """What `forward` ends with: float32 logits of `forward(..., return_hidden=True)`'s hidden states."""
+    return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, hidden,
+                                                               method=Decoder.head_logits)
 
 
 def is_unrolled(params) -> bool:

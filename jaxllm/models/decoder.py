@@ -242,16 +242,17 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        if return_hidden or cfg.head == "none":
-            out = x
-        else:
-            out = _dense("bte,ev->btv", x, self.output_matrix())
-            out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        out = x if return_hidden or cfg.head == "none" else self.head_logits(x)
         if kv_cache is None:
             return out
         new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "positions": kv_positions,
                      "index": index + length}
         return out, new_cache
+
+    def head_logits(self, x) -> jax.Array:
+        """float32 logits [batch, len, vocab] of final (normed) hidden states."""
+        out = _dense("bte,ev->btv", x, self.output_matrix())
+        return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def output_matrix(self) -> jax.Array:
         """[embed, vocab] in the compute dtype. NormHead rows (HF `lm_head.weight[v]`) are unit-normalised

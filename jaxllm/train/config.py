@@ -126,6 +126,9 @@ class RunConfig:
             raise ConfigError(f"train.epochs must be > 0 or null, got {t.epochs}")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
+        chunk = self.model.loss_chunk
+        if chunk and chunk < self.data.seq_len and self.data.seq_len % chunk:
+            raise ConfigError(f"model.loss_chunk={chunk} does not divide data.seq_len={self.data.seq_len}")
         check_choice("optimizer.schedule", o.schedule, SCHEDULES)
         if o.warmup_fraction is not None and not 0 <= o.warmup_fraction < 1:
             raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1) or null, got {o.warmup_fraction}")
