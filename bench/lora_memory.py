@@ -25,11 +25,11 @@ DEFAULT = ["lora:bfloat16:full:1", "lora:bfloat16:full:2", "lora:int8:full:4", "
 
 
 def run_config(preset: str, kind: str, base_dtype: str, remat: str, batch: int, seq_len: int, rank: int,
-               attention: str = "auto"):
+               attention: str = "auto", loss_chunk: int = 0):
     from jaxllm.train.config import from_dict
 
     data = {"preset": preset, "remat": remat, "dtype": "bfloat16", "max_position_embeddings": max(seq_len, 128),
-            "attention": attention}
+            "attention": attention, "loss_chunk": loss_chunk}
     config = {"model": data, "init_from": "base-not-read", "data": {"seq_len": seq_len},
               "train": {"steps": 100, "batch_size": batch}, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
               "optimizer": {"warmup_steps": 0}}
@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--topology", default="v5e-1", help="a pre-flight topology (v5e-1, v5p-8, cpu-1, ...)")
     parser.add_argument("--settings", nargs="+", default=DEFAULT, help="KIND:BASE_DTYPE:REMAT:BATCH ...")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk of every setting (0: off)")
     parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="of the table (MiB for tiny models)")
     args = parser.parse_args(argv)
 
@@ -67,13 +68,13 @@ def main(argv=None) -> None:
                 raise ConfigError(f"setting {text!r}: KIND must be lora or full, as "
                                   f"KIND:BASE_DTYPE:REMAT:BATCH[:ATTENTION]")
             settings.append((text, run_config(args.preset, kind, base_dtype, remat, int(batch), args.seq_len,
-                                              args.rank, *attention)))
+                                              args.rank, *(attention or ["auto"]), loss_chunk=args.loss_chunk)))
         topology = topologies.parse(args.topology)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"lora_memory: {err}") from None
     tpu = topology.platform == "tpu"
-    print(f"{args.preset}, seq {args.seq_len}, bf16 compute, LoRA rank {args.rank} on q/k/v/o/gate/up/down; "
-          f"compiled for {topology.describe()}\n")
+    print(f"{args.preset}, seq {args.seq_len}, bf16 compute, LoRA rank {args.rank} on q/k/v/o/gate/up/down, "
+          f"loss_chunk {args.loss_chunk}; compiled for {topology.describe()}\n")
     u = args.unit
     print(f"{'setting':<32}  {'trainable ' + u:>13}  {'Adam ' + u:>8}  {'frozen ' + u:>10}  {'temp ' + u:>8}  "
           f"{'total ' + u:>9}  {'fits':>4}  {'compile s':>9}")

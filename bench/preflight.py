@@ -10,6 +10,8 @@ that does not fit makes this script exit 1: fix the recipe, not the table.
     python bench/preflight.py                              # every recipe (an hour or more on a 2-core CPU)
     python bench/preflight.py --only llama2-7b-pretrain ctllm-2b-pretrain
     python bench/preflight.py --tiny --topology cpu-4      # the tiny preset in each recipe (the test suite)
+    python bench/preflight.py --attention einsum fused     # a row per attention path for pretraining recipes
+    python bench/preflight.py --only llama2-7b-pretrain --attention einsum fused --set data.seq_len=8192
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ TINY_PPO = {"models": {"policy": {"preset": "llama2-tiny"}}, "ppo.batch_size": 8
             "ppo.max_new_tokens": 8}
 
 
-def preflight(recipe: str, topology, tiny: bool, log):
+ATTENTION = {"einsum": "reference", "fused": "splash"}  # --attention: the path a pretraining recipe compiles
+
+
+def preflight(recipe: str, topology, tiny: bool, log, overrides=()):
     """The pre-flight Report of one shipped recipe on `topology`."""
     if recipe.endswith(("-ppo", "-ppo-lora")):
         from jaxllm.rlhf.cli import load_recipe
@@ -57,10 +62,11 @@ def preflight(recipe: str, topology, tiny: bool, log):
     from jaxllm.preflight.train import preflight_train
     from jaxllm.train.stage import pretraining_objective
 
-    return preflight_train(load_config(recipe, TINY_TRAIN if tiny else []), pretraining_objective, topology, log=log)
+    return preflight_train(load_config(recipe, (TINY_TRAIN if tiny else []) + list(overrides)), pretraining_objective,
+                           topology, log=log)
 
 
-def row(recipe: str, report) -> str:
+def row(recipe: str, report, attention: str = "auto") -> str:
     gib = 2**30
     state = report.state
     params = state.get("parameters", sum(v for k, v in state.items() if "optimizer" not in k))
@@ -69,7 +75,7 @@ def row(recipe: str, report) -> str:
     counts = [sum(p.calls * p.collectives.by_kind[k].count for p in compiled) for k in KINDS]
     moved = sum(p.calls * p.collectives.total_bytes for p in compiled) / gib
     margin = (report.hbm - report.peak) / gib
-    return (f"{recipe:<24}{report.topology.name:>10}{len(report.devices):>6}{params / gib:>9.2f}{opt / gib:>9.2f}"
+    return (f"{recipe:<24}{attention:>8}{report.topology.name:>10}{len(report.devices):>6}{params / gib:>9.2f}{opt / gib:>9.2f}"
             f"{(report.peak - report.state_bytes) / gib:>10.2f}{report.peak / gib:>9.2f}{report.hbm / gib:>8.2f}"
             f"{'yes' if report.fits else 'NO':>6}{margin:>9.2f}{report.tokens:>12,}{report.compile_s:>10.1f}"
             f"{'/'.join(map(str, counts)) if compiled else '-':>26}{moved:>9.1f}")
@@ -81,6 +87,11 @@ def main(argv=None) -> int:
     parser.add_argument("--topology", help="compile every recipe for this topology instead of its own (e.g. cpu-4)")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset in each recipe (seconds per recipe)")
     parser.add_argument("--tables", action="store_true", help="print each recipe's full pre-flight table too")
+    parser.add_argument("--attention", nargs="+", choices=sorted(ATTENTION),
+                        help="pretraining recipes: compile with these attention paths (a row each) instead of "
+                             "model.attention=auto (fused on TPU)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every pretraining recipe, e.g. data.seq_len=8192 train.grad_accum=16")
     args = parser.parse_args(argv)
     recipes = args.only or list(TARGETS)
     unknown = [r for r in recipes if r not in TARGETS]
@@ -103,23 +114,30 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}; memory per device from XLA's analysis of each compiled executable; PPO: one "
           f"iteration (prefill, decode, scoring, statistics, update), prompts up to the context minus "
           f"max_new_tokens{'; tiny preset' if args.tiny else ''}\n")
-    header = (f"{'recipe':<24}{'topology':>10}{'chips':>6}{'params':>9}{'opt':>9}{'temp+io':>10}{'total':>9}"
+    header = (f"{'recipe':<24}{'attn':>8}{'topology':>10}{'chips':>6}{'params':>9}{'opt':>9}{'temp+io':>10}{'total':>9}"
               f"{'HBM':>8}{'fits':>6}{'margin':>9}{'tokens/step':>12}{'compile s':>10}{'AG/RS/AR/A2A/CP':>26}"
               f"{'coll GiB':>9}")
     rows, failed = [], []
-    for recipe, topology in targets.items():
+    runs = [(recipe, topology, path) for recipe, topology in targets.items()
+            for path in (args.attention if args.attention and not recipe.endswith(("-ppo", "-ppo-lora")) else ["auto"])]
+    for recipe, topology, path in runs:
+        overrides = [] if path == "auto" else [f"model.attention={ATTENTION[path]}"]
+        if not recipe.endswith(("-ppo", "-ppo-lora")):
+            overrides += args.set
         try:
-            report = preflight(recipe, topology, args.tiny, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            report = preflight(recipe, topology, args.tiny, log=lambda *a: print(*a, file=sys.stderr, flush=True),
+                               overrides=overrides)
         except ConfigError as err:
             raise SystemExit(f"preflight: {recipe}: {err}") from None
         if args.tables:
             print(report.table(), flush=True)
-        rows.append(row(recipe, report))
+        rows.append(row(recipe, report, path))
         for program in report.programs:  # executables of big models hold host memory
             program.compiled = None
         print(rows[-1], file=sys.stderr, flush=True)
         if not report.fits:
-            failed.append(f"{recipe}: {report.verdict()}" + (f"; try {report.suggestion}" if report.suggestion else ""))
+            failed.append(f"{recipe} ({path}): {report.verdict()}"
+                          + (f"; try {report.suggestion}" if report.suggestion else ""))
     print("GiB per chip; temp+io: temporaries and unaliased inputs/outputs (PPO: of its largest program); "
           "AG/RS/AR/A2A/CP: all-gathers, reduce-scatters, all-reduces, all-to-alls, collective-permutes per step "
           "(PPO: per iteration, every program), loops unrolled; coll GiB: their bytes per chip\n")

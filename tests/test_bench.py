@@ -162,12 +162,13 @@ def test_attention_memory_table():
 def test_preflight_table():
     """A shipped recipe's pre-flight on the tiny preset (CPU devices; PPO's programs are tested in
     test_preflight.py): a row per recipe that fits; an unknown recipe is a one-line error."""
-    out = run_bench("preflight.py", "--tiny", "--topology", "cpu-1", "--only", "ctllm-2b-pretrain")
+    out = run_bench("preflight.py", "--tiny", "--topology", "cpu-1", "--only", "ctllm-2b-pretrain", "--attention",
+                    "einsum")
     rows = table_rows(out, "recipe")
     assert set(rows) == {"ctllm-2b-pretrain"}
     for cells in rows.values():
-        assert cells[:2] == ["cpu-1", "1"] and cells[7] == "yes"  # topology, chips, fits
-        assert float(cells[10]) > 0 and re.fullmatch(r"\d+(/\d+){4}", cells[11])  # compile s, collectives
+        assert cells[:3] == ["einsum", "cpu-1", "1"] and cells[8] == "yes"  # attention, topology, chips, fits
+        assert float(cells[11]) > 0 and re.fullmatch(r"\d+(/\d+){4}", cells[12])  # compile s, collectives
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight.py"), "--only", "gpt2"], cwd=ROOT,
                          capture_output=True, check=False, text=True, timeout=600)
     assert bad.returncode != 0 and "not a shipped pretraining or PPO recipe: gpt2" in bad.stderr

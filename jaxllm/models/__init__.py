@@ -15,7 +15,7 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
-__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward", "head_logits",
+__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward", "head_logits", "output_matrix",
            "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "param_shardings",
            "count_params", "unroll_layers", "is_unrolled", "decoding_layout"]
 
@@ -72,10 +72,16 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
                                  rngs=None if rng is None else {"dropout": rng})
 
 
-def head_logits(config: ModelConfig, params, hidden):
-    """What `forward` ends with: float32 logits of `forward(..., return_hidden=True)`'s hidden states."""
-    return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, hidden,
+def head_logits(config: ModelConfig, params, hidden, matrix=None):
+    """What `forward` ends with: float32 logits of `forward(..., return_hidden=True)`'s hidden states;
+    `matrix`: `output_matrix(config, params)` computed once by the caller."""
+    return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, hidden, matrix,
                                                                method=Decoder.head_logits)
+
+
+def output_matrix(config: ModelConfig, params):
+    """The output layer's [embed, vocab] matrix in the compute dtype (NormHead rows normalised)."""
+    return Decoder(config, unrolled=is_unrolled(params)).apply({"params": params}, method=Decoder.output_matrix)
 
 
 def is_unrolled(params) -> bool:

@@ -23,10 +23,13 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate pairs (i, i + d/2) of every head; computed in float32 and cast back (Meta, Baichuan2)."""
-    x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    # each half cast back before the one concatenate: XLA then keeps no float32 copy of the rotated q / k
+    # (the same products and sums as x·cos + rotate_half(x)·sin, so the same bits)
+    return jnp.concatenate([(x1 * cos[..., :half] - x2 * sin[..., :half]).astype(x.dtype),
+                            (x2 * cos[..., half:] + x1 * sin[..., half:]).astype(x.dtype)], axis=-1)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

@@ -249,9 +249,9 @@ class Decoder(nn.Module):
                      "index": index + length}
         return out, new_cache
 
-    def head_logits(self, x) -> jax.Array:
+    def head_logits(self, x, matrix=None) -> jax.Array:
         """float32 logits [batch, len, vocab] of final (normed) hidden states."""
-        out = _dense("bte,ev->btv", x, self.output_matrix())
+        out = _dense("bte,ev->btv", x, self.output_matrix() if matrix is None else matrix)
         return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def output_matrix(self) -> jax.Array:

@@ -7,11 +7,12 @@ accumulated micro-batches give the loss and gradient of one batch of k.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import forward, head_logits
+from jaxllm.models import forward, head_logits, output_matrix
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -69,9 +70,12 @@ def _chunked(config: ModelConfig, params, hidden, targets, mask, chunk: int, z: 
     float32 logits alive at a time: each slice is rematerialised in the backward pass (one more output
     matmul, ~1 % of a 7B step) instead of keeping [batch, len, vocab] logits and their softmax."""
 
+    # gathered once, outside the loop (inside, XLA re-gathers the FSDP-sharded head for every slice)
+    matrix = nn.with_logical_constraint(output_matrix(config, params), (None, "vocab"))
+
     @jax.checkpoint
     def one(h, t, m):
-        logits = head_logits(config, params, h)
+        logits = head_logits(config, params, h, matrix)
         z_part = jnp.sum(jnp.square(jnp.max(logits, axis=-1))) if z else jnp.float32(0.0)
         return jnp.sum(token_nll(logits, t) * m), z_part
 
