@@ -18,7 +18,7 @@ import yaml
 
 from jaxllm import storage
 from jaxllm.checkpoint import load_params
-from multihost import FATAL, launch, ok, report
+from multihost import FATAL, ROOT, launch, ok, report
 from test_multihost import MESH, PPO_KEYS, PROMPTS, SAFETY, _HostsAsOne, assert_close, in_process
 from tiny_chain import save_policy_and_reward_model
 
@@ -30,11 +30,11 @@ ALLOWED = {"cwd": (r"recipe\.yaml",), "home": (r"\.config/matplotlib/.*", r"\.ca
 
 
 class Hosts:
-    """Per-process places for each launch: ROOT/launch-N/process-I/{cwd,home,tmp}; the XLA cache of process
-    I (ROOT/xla-I) outlives launches, as a machine's disk would."""
+    """Per-process places for each launch: root/launch-N/process-I/{cwd,home,tmp}; the XLA cache of process
+    I (root/xla-I) outlives launches, as a machine's disk would. `extra`: more variables for every process."""
 
     def __init__(self, root: Path, count: int = 2):
-        self.root, self.count, self.launches = root, count, []
+        self.root, self.count, self.launches, self.extra = root, count, [], {}
 
     def new_launch(self) -> list[Path]:
         n = len(self.launches)
@@ -47,7 +47,7 @@ class Hosts:
 
     def env(self, i: int, d: Path) -> dict:
         # the suite's shared scratch dirs (conftest) are not this host's: back to the HOME defaults
-        return {"HOME": str(d / "home"), "TMPDIR": str(d / "tmp"), "JAX_COMPILATION_CACHE_DIR": str(self.root / f"xla-{i}"),
+        return {**self.extra, "HOME": str(d / "home"), "TMPDIR": str(d / "tmp"), "JAX_COMPILATION_CACHE_DIR": str(self.root / f"xla-{i}"),
                 "MPLCONFIGDIR": "", "IPYTHONDIR": "", "JUPYTER_CONFIG_DIR": "", "JUPYTER_DATA_DIR": "",
                 "JUPYTER_RUNTIME_DIR": ""}
 
@@ -250,6 +250,17 @@ def rejection_args(world, output):
             "rejection.batch_size=4", *MESH]  # 2 prompts per unit: 8 units
 
 
+# Imported by every Python process started with HOOK on its path: each committed unit of sampling work is
+# named on stderr, so a test sees which units a restarted run computed again.
+HOOK = """from jaxllm.train import engine
+commit = engine.Shards.commit
+def told(self, index, result):
+    commit(self, index, result)
+    import sys; print(f"committed unit {index}", file=sys.stderr, flush=True)
+engine.Shards.commit = told
+"""
+
+
 @pytest.mark.slow
 def test_rejection_sample_killed_on_both_hosts_resumes_from_the_bucket_like_one_process(world, tmp_path):
     out = f"{world}/best.jsonl"
@@ -259,8 +270,15 @@ def test_rejection_sample_killed_on_both_hosts_resumes_from_the_bucket_like_one_
     on_two_hosts(hosts, rejection_args(world, out), kill_when=every(0.3, lambda: len(units()) >= 2),
                  redo=lambda: storage.rmtree(parts, True))
     assert not storage.exists(out) and 2 <= len(units()) < 8 and storage.exists(f"{parts}/lock")
-    printed = on_two_hosts(hosts, rejection_args(world, out))[0].stdout
-    assert f"wrote {len(PROMPTS) * 2} best-of-2 examples" in printed, printed[-3000:]
+    done = sorted(int(n.split(".")[0]) for n in units())
+    (tmp_path / "hook" / "sitecustomize.py").parent.mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(HOOK)
+    hosts.extra = {"PYTHONPATH": f"{tmp_path / 'hook'}:{ROOT}"}
+    again = on_two_hosts(hosts, rejection_args(world, out))
+    assert f"wrote {len(PROMPTS) * 2} best-of-2 examples" in again[0].stdout, again[0].stdout[-3000:]
+    for r in again:  # both processes skip the units the killed run committed, and only those
+        redone = [int(i) for i in re.findall(r"committed unit (\d+)", r.stderr)]
+        assert redone == [i for i in range(8) if i not in done], (done, redone)
     one = tmp_path / "one.jsonl"
     in_process(rejection_args(world, str(one)))
     assert storage.read_bytes(out) == one.read_bytes()  # as the multihost test on disk: the same bytes
