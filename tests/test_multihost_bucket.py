@@ -47,9 +47,9 @@ class Hosts:
 
     def env(self, i: int, d: Path) -> dict:
         # the suite's shared scratch dirs (conftest) are not this host's: back to the HOME defaults
-        return {**self.extra, "HOME": str(d / "home"), "TMPDIR": str(d / "tmp"), "JAX_COMPILATION_CACHE_DIR": str(self.root / f"xla-{i}"),
-                "MPLCONFIGDIR": "", "IPYTHONDIR": "", "JUPYTER_CONFIG_DIR": "", "JUPYTER_DATA_DIR": "",
-                "JUPYTER_RUNTIME_DIR": ""}
+        return {**self.extra, "HOME": str(d / "home"), "TMPDIR": str(d / "tmp"),
+                "JAX_COMPILATION_CACHE_DIR": str(self.root / f"xla-{i}"), "MPLCONFIGDIR": "", "IPYTHONDIR": "",
+                "JUPYTER_CONFIG_DIR": "", "JUPYTER_DATA_DIR": "", "JUPYTER_RUNTIME_DIR": ""}
 
     def assert_clean(self) -> None:
         """Nothing but ALLOWED on any process's disk, in any launch."""
@@ -314,5 +314,6 @@ def test_ppo_killed_on_both_hosts_resumes_from_the_bucket_like_one_process(world
         assert_close(a, b, keys, where=f"iteration {a['iteration']}")
     assert_same_params(f"{run}/checkpoints", tmp_path / "one" / "checkpoints")
     assert steps_in(f"{run}/checkpoints") == [2, 4]
-    assert "lock" not in storage.listdir(run)
+    # what the local single-process run holds (no lock, nothing a second process added)
+    assert sorted(storage.listdir(run)) == sorted(p.name for p in (tmp_path / "one").iterdir())
     hosts.assert_clean()
