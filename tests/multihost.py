@@ -62,9 +62,11 @@ def _tail(file, size: int = 65536) -> str:
     return os.pread(file.fileno(), size, max(0, end - size)).decode("utf-8", "replace")
 
 
-def launch(argv: list[str], *, processes: int = 2, devices: int = 4, timeout: float = 300, env: dict | None = None,
-           cwd: str | Path | None = None, grace: float = 20, kill_when=None) -> list[Result]:
+def launch(argv: list[str], *, processes: int = 2, devices: int = 4, timeout: float = 300,
+           env: dict | list[dict] | None = None, cwd: str | Path | list | None = None, grace: float = 20,
+           kill_when=None) -> list[Result]:
     """Run `jaxllm ARGV` as `processes` processes of `devices` devices each; their results in process order.
+    `env` (extra variables) and `cwd` may be lists, one per process (hosts that share no disk).
 
     When a process exits with an error, the others get `grace` seconds to finish before they are killed;
     all are killed after `timeout` seconds, at once when a process reports a FATAL error, or at once
@@ -72,12 +74,14 @@ def launch(argv: list[str], *, processes: int = 2, devices: int = 4, timeout: fl
     port = free_port()
     logs, procs = [], []
     try:
+        envs = env if isinstance(env, list) else [env] * processes
+        cwds = cwd if isinstance(cwd, list) else [cwd] * processes
         for i in range(processes):
             out = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
             err = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
             logs.append((out, err))
             procs.append(subprocess.Popen([sys.executable, "-m", "jaxllm.cli", *argv], stdout=out, stderr=err,
-                                          env=process_env(i, processes, devices, port, env), cwd=cwd,
+                                          env=process_env(i, processes, devices, port, envs[i]), cwd=cwds[i],
                                           start_new_session=True))
         deadline = time.monotonic() + timeout
         polls = 0

@@ -54,3 +54,15 @@ def test_bucket_errors_are_one_line(gcs):
         expand_paths(f"{gcs}/corpus/*.jsonl.gz")
     with pytest.raises(storage.StorageError, match="gs://no-such-bucket-jaxllm does not exist"):
         expand_paths("gs://no-such-bucket-jaxllm/corpus/*.jsonl.gz")
+
+
+def test_data_tokenizer_in_a_bucket(gcs):
+    from pathlib import Path
+
+    from jaxllm.data.tokenize import load_tokenizer
+
+    local = Path(__file__).resolve().parent.parent / "jaxllm" / "assets" / "demo" / "tokenizer.model"
+    storage.copy(local, f"{gcs}/tok/tokenizer.model")
+    assert load_tokenizer(f"{gcs}/tok/tokenizer.model").encode("hello") == load_tokenizer(str(local)).encode("hello")
+    with pytest.raises(DataError, match="no tokenizer model at"):
+        load_tokenizer(f"{gcs}/tok/missing.model")

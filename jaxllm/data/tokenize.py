@@ -1,10 +1,9 @@
 """Tokenizer loading and the document → token-ids map of the pipeline."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from jaxllm import storage
 from jaxllm.data.files import DataError, resolve_path
 
 
@@ -13,7 +12,7 @@ def load_tokenizer(path: str):
     from jaxllm.tokenizer import Tokenizer
 
     resolved = resolve_path(str(path))
-    if not Path(resolved).is_file():
+    if not storage.is_file(resolved):  # gs://… and s3://… too
         raise DataError(f"data.tokenizer: no tokenizer model at '{path}'")
     return Tokenizer.load(resolved)
 

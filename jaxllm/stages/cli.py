@@ -70,8 +70,8 @@ def run(kind: str, argv: list[str]) -> int:
                     pairs = len(held_out["tokens"])
                     print(f"reward model: held-out accuracy {accuracy:.3f} on {pairs} pairs (chance: 0.5 ± "
                           f"{0.5 / pairs ** 0.5:.2f})")
-                    from pathlib import Path
-                    (Path(config.run_dir) / "eval.json").write_text(json.dumps(
+                    from jaxllm import storage  # run_dir may be gs://… (a Path would make a local "gs:")
+                    storage.write_atomic(storage.path(config.run_dir) / "eval.json", json.dumps(
                         {"heldout_accuracy": accuracy, "heldout_pairs": pairs}) + "\n")
     except (ConfigError, DataError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as err:
         print(f"jaxllm {kind}: error: {err}", file=sys.stderr)
