@@ -105,6 +105,7 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
             item_names=("params",), retire_to: str | None = None) -> ocp.CheckpointManager:
     """An orbax manager of DIR. `retire_to`: steps dropped by `max_to_keep` are renamed into DIR/<retire_to>
     (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step."""
+    _bound_gcs_retries()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save, todelete_subdir=retire_to)
     if storage.supports_ocdbt(directory):
@@ -117,6 +118,25 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     handlers = {name: kinds.get(name, lambda: ocp.StandardCheckpointHandler(use_ocdbt=False))()
                 for name in item_names}
     return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
+
+
+# TensorStore (the arrays) retries a failed GCS request 32 times, backing off to 32 s: ~15 minutes before a
+# save into an unreachable bucket fails. Bounded as gcsfs bounds the other files' requests (6 tries, ~30 s).
+GCS_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
+
+
+def _bound_gcs_retries() -> None:
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    # orbax builds every TensorStore context from these two dicts (no option reaches them)
+    for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        context.setdefault("gcs_request_retries", dict(GCS_RETRIES))
+
+
+def step_finished(step_dir: str | os.PathLike) -> bool:
+    """Whether orbax finished saving the step in `step_dir`: on disk the step was renamed into place; in a
+    gs:// bucket, where it is written in place, its commit_success.txt (written last) is there."""
+    return ocp.step.is_path_finalized(storage.path(step_dir))
 
 
 # ----------------------------------------------------------------------------------------- kind and digests
