@@ -3,6 +3,7 @@
 and refuses new ones: a network that fails in the middle of a conversation, no client library mocked."""
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -80,19 +81,20 @@ class CutProxy:
         self.cut.set()
         _close(self._listener)
         for s in self._sockets:
-            _close(s)
+            _close(s, abort=True)
 
     def close(self) -> None:
         with self._lock:
             self._cut()
 
 
-def _close(s: socket.socket) -> None:
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+def _close(s: socket.socket, abort: bool = False) -> None:
+    # shutdown() first: close() alone would not wake a thread blocked in recv() or accept() on `s`, and the
+    # kernel would keep the connection (or the listening socket) open for as long as it waits
+    if abort:  # an RST, not a FIN: the connection is cut
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         s.close()
-    except OSError:
-        pass

@@ -9,6 +9,7 @@
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,9 +27,18 @@ from test_storage_train import QUIET, recipe
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def jaxllm_train(config, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jaxllm.cli", "train", config, *QUIET], env=env, text=True,
-                          capture_output=True, timeout=timeout)
+def jaxllm_train(config, env, timeout=400):
+    """`jaxllm train CONFIG` in a process of its own; one that outlives `timeout` is stopped with SIGABRT (its
+    threads' stacks: faulthandler) and fails the test."""
+    command = [sys.executable, "-X", "faulthandler", "-m", "jaxllm.cli", "train", config, *QUIET]
+    proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        raise AssertionError(f"jaxllm train still ran after {timeout} s:\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_a_network_cut_mid_save_stops_in_one_line_and_the_rerun_resumes_from_the_step_before(

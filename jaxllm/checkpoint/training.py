@@ -348,7 +348,8 @@ class RunCheckpoints:
                     raise
             if self._emptying is not None:
                 self._emptying.join()
-            self._empty_retired()  # what the last save's retention moved away
+            if self._failure is None:  # after a failed save the bucket may not answer: the next start empties it
+                self._empty_retired()  # what the last save's retention moved away
             if self._emptying is not None:
                 self._emptying.join()
 
