@@ -128,9 +128,12 @@ GCS_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
 def _bound_gcs_retries() -> None:
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
-    # orbax builds every TensorStore context from these two dicts (no option reaches them)
-    for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
-        context.setdefault("gcs_request_retries", dict(GCS_RETRIES))
+    # orbax builds every TensorStore context from these two dicts (no option reaches them); an orbax without
+    # them keeps its own retries rather than failing every save
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        context = getattr(tensorstore_utils, name, None)
+        if isinstance(context, dict):
+            context.setdefault("gcs_request_retries", dict(GCS_RETRIES))
 
 
 def step_finished(step_dir: str | os.PathLike) -> bool:
