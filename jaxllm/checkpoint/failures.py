@@ -48,6 +48,23 @@ def is_storage_failure(err: BaseException) -> bool:
 # TensorStore status codes that mean the stored bytes (not the request) are at fault.
 _TS_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED", "UNAVAILABLE")
 _quiet_installed = False
+_quiet_saves_installed = False
+
+
+def quiet_failed_saves() -> None:
+    """Mute orbax's error logs (each with a traceback) of a failed background save: the save's failure is
+    reported by the caller, on one line (`RunCheckpoints`). Idempotent, process-wide."""
+    global _quiet_saves_installed
+    if _quiet_saves_installed:
+        return
+    _quiet_saves_installed = True
+    import logging
+
+    class _OrbaxErrors(logging.Filter):
+        def filter(self, record):
+            return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname.replace("\\", "/"))
+
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
 
 
 def quiet_failed_reads() -> None:

@@ -109,6 +109,7 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     """An orbax manager of DIR. `retire_to`: steps dropped by `max_to_keep` are renamed into DIR/<retire_to>
     (one atomic rename) instead of deleted file by file, so a kill never leaves a half-deleted step. In a
     bucket a rename is a copy, so orbax deletes there (a half-deleted step is older than the kept ones)."""
+    _bound_gcs_retries()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            todelete_subdir=None if storage.is_remote(directory) else retire_to,
@@ -123,6 +124,28 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, asy
     handlers = {name: kinds.get(name, lambda: ocp.StandardCheckpointHandler(use_ocdbt=False))()
                 for name in item_names}
     return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
+
+
+# TensorStore (the arrays) retries a failed GCS request 32 times, backing off to 32 s: ~15 minutes before a
+# save into an unreachable bucket fails. Bounded as gcsfs bounds the other files' requests (6 tries, ~30 s).
+GCS_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
+
+
+def _bound_gcs_retries() -> None:
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    # orbax builds every TensorStore context from these two dicts (no option reaches them); an orbax without
+    # them keeps its own retries rather than failing every save
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        context = getattr(tensorstore_utils, name, None)
+        if isinstance(context, dict):
+            context.setdefault("gcs_request_retries", dict(GCS_RETRIES))
+
+
+def step_finished(step_dir: str | os.PathLike) -> bool:
+    """Whether orbax finished saving the step in `step_dir`: on disk the step was renamed into place; in a
+    bucket, where it is written in place, its commit_success.txt (written last) is there."""
+    return ocp.step.is_path_finalized(storage.path(step_dir), temporary_path_cls=s3.temporary_path_class(step_dir))
 
 
 # ----------------------------------------------------------------------------------------- kind and digests

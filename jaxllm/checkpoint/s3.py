@@ -63,10 +63,11 @@ def install() -> bool:
     return True
 
 
-def manager_options(directory) -> dict:
-    """Extra `CheckpointManagerOptions` for a run directory at `directory`."""
+def temporary_path_class(directory):
+    """orbax's TemporaryPath class for steps under `directory`: commit by marker file on S3, else None
+    (orbax's default: a rename on disk, the marker on GCS)."""
     if not os.fspath(directory).startswith("s3://"):
-        return {}
+        return None
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.path import atomicity
 
@@ -75,4 +76,10 @@ def manager_options(directory) -> dict:
     if not install():
         raise StorageError(f"{os.fspath(directory)}: checkpoints on s3:// need orbax-checkpoint 0.12 "
                            f"(installed: {ocp.__version__}); use a gs:// or local run directory")
-    return {"temporary_path_class": atomicity.CommitFileTemporaryPath}
+    return atomicity.CommitFileTemporaryPath
+
+
+def manager_options(directory) -> dict:
+    """Extra `CheckpointManagerOptions` for a run directory at `directory`."""
+    cls = temporary_path_class(directory)
+    return {} if cls is None else {"temporary_path_class": cls}

@@ -13,8 +13,10 @@ Resume takes the newest step that restores and verifies; a newer damaged step is
 (step, file, cause), moved to RUN/checkpoints.corrupt/<step>, and the one before it is used. When no step
 restores, the run stops with an error and moves nothing (the cause may be the environment, not the files).
 Retention renames old steps into RUN/checkpoints/.retired (atomic) before deleting them, and a start
-removes what earlier runs provably left unfinished: interrupted saves (`*.orbax-checkpoint-tmp*`) and
-steps older than a complete one that lack an item or their commit metadata.
+removes what earlier runs provably left unfinished: interrupted saves (`*.orbax-checkpoint-tmp*` on disk;
+in a gs:// bucket, where orbax writes a step in place, a step without its commit_success.txt) and steps
+older than a complete one that lack an item or their commit metadata. A save that fails (the bucket cannot
+be reached: the storage clients retry for about 30 s) stops the run with one line naming the step.
 """
 from __future__ import annotations
 
@@ -120,6 +122,10 @@ class RunCheckpoints:
         self.manager = jckpt.manager(self.directory, max_to_keep=keep, async_save=async_save,
                                      item_names=self.arrays + ("meta", "data"), retire_to=RETIRED)
         self._emptying: threading.Thread | None = None
+        self._pending: int | None = None  # the step saving in the background
+        self._finished = max(self.steps(), default=None)  # the newest step known to be finished
+        self._failure: jckpt.CheckpointError | None = None
+        jckpt.quiet_failed_saves()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -145,8 +151,35 @@ class RunCheckpoints:
         items["meta"] = ocp.args.JsonSave(meta)
         if data_state is not None:
             items["data"] = CheckpointSave(_StateSnapshot(data_state))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._settle()  # a failure of the previous save names that step, not this one
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001 - orbax, tensorstore and the storage clients raise many types
+            raise self._failed(step, err) from None
+        self._pending = step
         self._empty_retired()
+
+    def _settle(self) -> None:
+        """Wait for the save in flight; a failure becomes a one-line CheckpointError naming its step."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._failed(self._pending, err) from None
+        if self._pending is not None:
+            self._finished, self._pending = self._pending, None
+
+    def _failed(self, step: int | None, err: BaseException) -> jckpt.CheckpointError:
+        # orbax writes the step's commit marker last (commit_success.txt in a bucket, the rename on disk), so
+        # an unfinished step is never listed, and the next start removes its files
+        cause = storage.unreachable(err)
+        cause = f"the storage server cannot be reached ({cause})" if cause else jckpt.describe_failure(err)
+        then = f"resumes from step {self._finished}" if self._finished is not None else "starts over"
+        self._failure = jckpt.CheckpointError(
+            f"{self.directory / str(step) if step is not None else self.directory}: the checkpoint was not saved "
+            f"({cause}); the step is not marked finished, so rerunning the command {then}")
+        return self._failure
 
     def _empty_retired(self) -> None:
         """Delete steps retention renamed away, in the background (process 0)."""
@@ -288,6 +321,9 @@ class RunCheckpoints:
         elif retired.is_dir():
             removed.append((retired, "steps retired by retention"))
         steps = sorted((int(p.name), p) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        unfinished = [path for _, path in steps if not jckpt.step_finished(path)]  # a bucket's: no commit marker
+        removed += [(path, "an interrupted save") for path in unfinished]
+        steps = [(step, path) for step, path in steps if path not in unfinished]
         complete = [step for step, path in steps if not _missing(path, self.required)]
         for step, path in steps:
             if complete and step < complete[-1] and step not in complete:
@@ -299,16 +335,21 @@ class RunCheckpoints:
                 + ", ".join(f"{path.name} ({why})" for path, why in removed))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._settle()
 
     def close(self) -> None:
         try:
-            self.manager.wait_until_finished()
+            self._settle()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the same failure again: _settle reported it
+                if self._failure is None:
+                    raise
             if self._emptying is not None:
                 self._emptying.join()
-            self._empty_retired()  # what the last save's retention moved away
+            if self._failure is None:  # after a failed save the bucket may not answer: the next start empties it
+                self._empty_retired()  # what the last save's retention moved away
             if self._emptying is not None:
                 self._emptying.join()
 

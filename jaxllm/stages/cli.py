@@ -41,6 +41,7 @@ def run(kind: str, argv: list[str]) -> int:
     from jaxllm.data import DataError
     from jaxllm.stages.data import DataFormatError
     from jaxllm.stages.stages import dpo_stage, load_stage_recipe, reward_accuracy, rm_stage, sft_stage
+    from jaxllm.storage import StorageError
     from jaxllm.tokenizer import TokenizerError
 
     try:
@@ -73,7 +74,8 @@ def run(kind: str, argv: list[str]) -> int:
                     from jaxllm import storage  # run_dir may be gs://… (a Path would make a local "gs:")
                     storage.write_atomic(storage.path(config.run_dir) / "eval.json", json.dumps(
                         {"heldout_accuracy": accuracy, "heldout_pairs": pairs}) + "\n")
-    except (ConfigError, DataError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as err:
+    except (ConfigError, DataError, DataFormatError, CheckpointError, TokenizerError, StorageError,
+            FileNotFoundError) as err:
         print(f"jaxllm {kind}: error: {err}", file=sys.stderr)
         return 2
     return result.exit_code

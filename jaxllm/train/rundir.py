@@ -75,9 +75,11 @@ def _command(stage_name) -> str:
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
-    """Whether RUN/checkpoints holds a saved step (a resumed run needs no starting checkpoint)."""
+    """Whether RUN/checkpoints holds a saved step (a resumed run needs no starting checkpoint); a step whose
+    save never finished (in a bucket: no commit marker) does not count."""
     directory = storage.path(run_dir) / "checkpoints"
-    return storage.is_dir(directory) and any(name.isdigit() for name in storage.listdir(directory))
+    return storage.is_dir(directory) and any(name.isdigit() and jckpt.step_finished(directory / name)
+                                             for name in storage.listdir(directory))
 
 
 def claim(run_dir: str | Path, config: RunConfig, log=print) -> "RunLock":

@@ -28,6 +28,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from jaxllm.storage.failures import describe, unreachable  # noqa: F401 - for callers
+
 SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 INSTALL = "pip install 'jaxllm[cloud]'"
@@ -73,6 +75,7 @@ def path(p):
     from etils import epath
 
     _quiet_clients()
+    _require_credentials(p)
     return epath.Path(os.fspath(p))
 
 
@@ -93,7 +96,7 @@ def _quiet_clients() -> None:
     # namespace), waiting up to a minute where that API is absent (emulators, some networks); jaxllm needs
     # none of it. Must be decided before gcsfs is first imported.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # its "out of retries" tracebacks: we report in one line
     # No cached listings: another host (or a lock's other holder) changes the bucket between our calls.
     from fsspec.config import conf
 
@@ -107,7 +110,17 @@ def filesystem(p):
 
     name = scheme(p)
     _quiet_clients()
+    _require_credentials(p)
     return fsspec.filesystem(name), os.fspath(p)[len(name) + 3:].rstrip("/")
+
+
+def _require_credentials(p) -> None:
+    # before the client exists: gcsfs would fall back to anonymous requests (see storage/credentials.py)
+    from jaxllm.storage.credentials import missing
+
+    why = missing(scheme(p))
+    if why is not None:
+        raise StorageError(f"{os.fspath(p)}: {why}")
 
 
 def supports_ocdbt(p) -> bool:
@@ -123,24 +136,6 @@ def bucket(p) -> str:
 
 # ----------------------------------------------------------------------------------------- errors
 
-def describe(err: BaseException) -> str:
-    """What went wrong with a bucket request, in a few words."""
-    code = getattr(err, "code", None) or getattr(err, "status", None)
-    text = str(err)
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):
-        code = code or response.get("Error", {}).get("Code")
-    name = type(err).__name__
-    if name in ("NoCredentialsError", "DefaultCredentialsError", "RefreshError") or code in (401, "401") \
-            or "credentials" in text.lower() and "not found" in text.lower():
-        return "no credentials (see docs/storage.md: gcloud auth application-default login, or AWS_* settings)"
-    if code in (403, "403", "AccessDenied", "AllAccessDisabled") or isinstance(err, PermissionError):
-        return "permission denied"
-    if code in ("NoSuchBucket",) or "bucket does not exist" in text.lower() or "nosuchbucket" in text.lower():
-        return "the bucket does not exist"
-    return (text.splitlines() or [name])[0][:200]
-
-
 def _fail(p, err: BaseException) -> StorageError:
     if isinstance(err, StorageError):
         return err
@@ -148,7 +143,7 @@ def _fail(p, err: BaseException) -> StorageError:
         return StorageError(f"{os.fspath(p)}: the bucket {scheme(p)}://{bucket(p)} does not exist")
     if isinstance(err, FileNotFoundError):
         return MissingPath(f"{os.fspath(p)}: no such file or directory")
-    return StorageError(f"{os.fspath(p)}: {describe(err)}")
+    return StorageError(f"{os.fspath(p)}: {describe(err, scheme(p))}")
 
 
 def _bucket_exists(p) -> bool:
