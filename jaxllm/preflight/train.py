@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 
 from jaxllm import sharding
+from jaxllm.models.attention import choose
 from jaxllm.preflight import topology as topologies
 from jaxllm.config import ConfigError
 
@@ -36,6 +37,16 @@ def _abstract_batch(stage, config):
         raise ConfigError(f"the {stage.name} stage does not describe its batch (Stage.batch_shapes)")
     return {k: jax.ShapeDtypeStruct((accum, rows // accum, *s.shape[1:]), s.dtype)
             for k, s in stage.batch_shapes(rows).items()}
+
+
+# what `models.attention.choose` returns, as the report names it
+ATTENTION_PATHS = {"reference": "einsum", "cudnn": "cuDNN flash", "xla": "XLA dot_product_attention"}
+
+
+def _named(path: str, position: str) -> str:
+    if path == "splash":
+        return "fused: ALiBi flash kernel" if position == "alibi" else "fused: splash kernel"
+    return ATTENTION_PATHS.get(path, path)
 
 
 def preflight_train(config, make_stage: Callable, topology: topologies.Topology, *, suggest: bool = True,
@@ -56,13 +67,16 @@ def preflight_train(config, make_stage: Callable, topology: topologies.Topology,
     log(f"compiling the {stage.name} step of {config.model.name} for {topology.describe()} ...")
     with jax.set_mesh(plan.mesh), sharding.axis_rules():
         program = compile_program(f"{stage.name} step", plan.step_fn, args, resident=sum(state.values()))
+        m = config.model  # the path the step's attention took on these devices (`auto` resolved)
+        path = choose(m.attention, m.position, m.dtype, True, config.data.seq_len, config.data.seq_len, m.head_dim)
     t = config.train
     seq_len = stage.tokens_per_row or config.data.seq_len
     rows = "pairs" if seq_len == 2 * config.data.seq_len else "rows"  # DPO and RM rows hold two sequences
     shards = math.prod(plan.mesh.shape[a] for a in ("data", "fsdp"))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.param_shapes))
     report = Report(
-        title=f"{stage.name} {config.model.name} ({human(n_params)} parameters, remat {config.model.remat})",
+        title=f"{stage.name} {config.model.name} ({human(n_params)} parameters, remat {config.model.remat}, "
+              f"attention {_named(path, m.position)})",
         topology=topology, devices=devices, mesh=plan.mesh, state=state, programs=[program],
         tokens=t.batch_size * seq_len,
         tokens_note=f"{t.batch_size} {rows} x {seq_len} tokens in {t.grad_accum} micro-batch(es) of "
