@@ -62,8 +62,8 @@ def preflight(recipe: str, topology, tiny: bool, log, overrides=()):
     from jaxllm.preflight.train import preflight_train
     from jaxllm.train.stage import pretraining_objective
 
-    return preflight_train(load_config(recipe, (TINY_TRAIN if tiny else []) + list(overrides)), pretraining_objective,
-                           topology, log=log)
+    config = load_config(recipe, (TINY_TRAIN if tiny else []) + list(overrides))
+    return preflight_train(config, pretraining_objective, topology, log=log)
 
 
 def row(recipe: str, report, attention: str = "auto") -> str:

@@ -15,8 +15,9 @@ from jaxllm.models.decoder import Decoder
 from jaxllm.models.kv_cache import KV_CACHE_AXES, init_kv_cache, kv_cache_axes
 from jaxllm.models.presets import PRESETS, PUBLISHED, get_preset
 
-__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward", "head_logits", "output_matrix",
-           "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes", "param_shardings",
+__all__ = ["Decoder", "ModelConfig", "PRESETS", "PUBLISHED", "get_preset", "init_params", "forward", "head_logits",
+           "output_matrix", "init_kv_cache", "kv_cache_axes", "KV_CACHE_AXES", "param_shapes", "param_logical_axes",
+           "param_shardings",
            "count_params", "unroll_layers", "is_unrolled", "decoding_layout"]
 
 
